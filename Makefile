@@ -1,0 +1,42 @@
+# The two commands a fresh machine needs: `make run` (the pipeline) and `make test` (the suite).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run smoke test test-all install serve mlflow-ui clean-outputs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, exactly: the CPU wheel on local disk (a looser spec downloads CUDA builds).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: the pipeline on params.yaml; a re-run with nothing changed does no work.
+run: $(STAMP)
+	test -d .git || git init -q
+	test -d .dvc || $(BIN)/dvc init -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
+
+## make smoke: the whole pipeline with profiles/smoke.yaml, as a DVC experiment (params.yaml untouched).
+smoke: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m lmpipe.cli smoke --profile profiles/smoke.yaml
+
+## make test: the default suite (slow tests excluded).
+test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
+
+serve: $(STAMP)
+	$(BIN)/lmpipe serve
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -1,0 +1,408 @@
+"""Typed params: one pydantic model per params.yaml section, validated all at once.
+
+    python -m lmpipe.config params.yaml     # validate a params file, print every problem
+
+Every section forbids unknown keys, so a typo (`lerning_rate`) is an error, not a silent default.
+All problems are collected and raised together, one line each, naming file, section and key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmpipe.errors import ConfigError
+
+STAGES = ("clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy")
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class Common(Section):
+    seed: int = 1337
+    """Global seed for python, numpy and torch; every split and init derives from it."""
+    data_dir: str | None = "../shared/data"
+    """Where input data lives, relative to the repo root. Env LMPIPE_DATA_DIR overrides; null = ../shared/data."""
+    experiment: str = "lmpipe"
+    """MLflow experiment name."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when present, else cpu. Env LMPIPE_DEVICE overrides."""
+
+
+class TextSource(Section):
+    path: str
+    """File under the data dir (txt, csv, tsv, jsonl, parquet) or `hf:<dataset id>[:split]`."""
+    text_column: str | None = None
+    """Column holding the text (tabular files); txt files have none."""
+    unit: Literal["line", "paragraph"] = "line"
+    """For txt: one document per line, or per blank-line separated paragraph."""
+    encoding: str = "utf-8"
+    """File encoding; decoding errors are reported, never replaced."""
+    header: bool = True
+    """Tabular files: first row is a header. Without one, columns are named by `columns`."""
+    columns: list[str] | None = None
+    """Column names for header-less tabular files."""
+
+
+class LabeledSource(TextSource):
+    label_column: str
+    """Column holding the class label (int or string)."""
+
+
+class Labeled(Section):
+    train: LabeledSource
+    """Labelled training file; a seeded `validation_fraction` of it becomes the validation split."""
+    test: LabeledSource
+    """Held-out labelled file used only by evaluate (SST-2 dev by default)."""
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of the labelled train file held out for model selection."""
+    label_names: list[str] | None = None
+    """Human names for the classes, in the sorted order of the raw label values (default: the values)."""
+
+
+class Clean(Section):
+    corpus: list[TextSource]
+    """Unlabelled pretraining sources, concatenated."""
+    labeled: Labeled
+    """The classification task."""
+    min_chars: int = Field(20, ge=1)
+    """Drop documents shorter than this after normalisation (characters)."""
+    max_chars: int = Field(20000, ge=1)
+    """Drop documents longer than this after normalisation (characters)."""
+    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    """Share of corpus documents held out for validation / perplexity."""
+    out_dir: str = "data/clean"
+    """Output folder for the parquet splits."""
+    metrics: str = "metrics/clean.json"
+    """Rows in/out per rule, and the MLflow run id."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "Clean":
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars: {self.max_chars} is below min_chars ({self.min_chars})")
+        return self
+
+
+class Tokenize(Section):
+    kind: Literal["bpe", "wordpiece", "char"] = "bpe"
+    """Tokenizer model: byte-level BPE, WordPiece, or one token per character."""
+    vocab_size: int = Field(4096, ge=1)
+    """Vocabulary size including special tokens (ignored by char, which uses the corpus alphabet)."""
+    min_frequency: int = Field(2, ge=1)
+    """Minimum pair frequency for a merge."""
+    block_size: int = Field(128, ge=2)
+    """Tokens per packed training block."""
+    tokenizer_dir: str = "models/tokenizer"
+    """Output: a transformers fast-tokenizer directory."""
+    out_dir: str = "data/tokens"
+    """Output: packed blocks, one .npy per split (memory-mappable)."""
+    metrics: str = "metrics/tokenize.json"
+    """Tokens per split, tokens/s, MLflow run id."""
+
+    @model_validator(mode="after")
+    def _vocab(self) -> "Tokenize":
+        if self.kind != "char" and self.vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(
+                f"vocab_size: {self.vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens "
+                f"{', '.join(SPECIAL_TOKENS)}")
+        if self.kind == "bpe" and self.vocab_size <= 256 + len(SPECIAL_TOKENS):
+            raise ValueError(
+                f"vocab_size: {self.vocab_size} must exceed 256 byte tokens + {len(SPECIAL_TOKENS)} special tokens for bpe")
+        return self
+
+
+class Pretrain(Section):
+    objective: Literal["clm", "mlm"] = "clm"
+    """clm = causal LM (next token); mlm = masked LM (BERT style)."""
+    arch: Literal["llama", "gpt2", "bert"] = "llama"
+    """transformers architecture for the model config."""
+    hidden_size: int = Field(192, ge=8)
+    """Model width."""
+    num_layers: int = Field(4, ge=1)
+    """Transformer blocks."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads; must divide hidden_size."""
+    intermediate_size: int = Field(768, ge=1)
+    """MLP width."""
+    max_position_embeddings: int = Field(256, ge=2)
+    """Longest sequence the model accepts; block_size and finetune.max_length must fit."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout in attention and MLP (0 for short pretraining runs)."""
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    """Share of tokens masked per batch (mlm only)."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak AdamW learning rate."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Cosine decay floor as a share of the peak."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup steps."""
+    max_steps: int = Field(1500, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(16, ge=1)
+    """Blocks per device per micro-batch."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    eval_every: int = Field(250, ge=1)
+    """Validation loss/perplexity every N steps."""
+    eval_batches: int = Field(50, ge=1)
+    """At most this many validation batches per evaluation (the final one uses all)."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Checkpoint every N steps."""
+    keep_last: int = Field(2, ge=1)
+    """Checkpoints kept on disk."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on CUDA that supports it, fp32 on CPU."""
+    log_every: int = Field(10, ge=1)
+    """Log loss/lr/tokens-per-s to MLflow every N steps."""
+    out_dir: str = "models/pretrain"
+    """Output: final model (HF format, safetensors)."""
+    checkpoint_dir: str = "checkpoints/pretrain"
+    """Checkpoints (DVC persist: survives re-runs, used for resume)."""
+    metrics: str = "metrics/pretrain.json"
+    """Final losses, perplexity, throughput, MLflow run id."""
+    plot: str = "plots/pretrain_loss.csv"
+    """Loss curve (step, split, loss) as a DVC plot."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Pretrain":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads ({self.num_heads})")
+        if self.objective == "mlm" and self.arch != "bert":
+            raise ValueError(f"objective: mlm needs arch bert (got {self.arch})")
+        if self.objective == "clm" and self.arch == "bert":
+            raise ValueError("objective: clm needs arch llama or gpt2 (got bert)")
+        return self
+
+
+class Finetune(Section):
+    init: str = "pretrained"
+    """pretrained (the pretrain stage's model), scratch (same architecture, random init), or a local HF model dir."""
+    scratch_baseline: bool = True
+    """Also fine-tune a randomly initialised copy with the same budget (evaluate reports the benefit)."""
+    max_length: int = Field(64, ge=2)
+    """Truncate inputs to this many tokens."""
+    learning_rate: float = Field(3e-4, gt=0)
+    """Peak AdamW learning rate."""
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    """Share of steps spent in linear warmup."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = Field(32, ge=1)
+    """Examples per step."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training split (fractions allowed)."""
+    max_steps: int = Field(-1, ge=-1)
+    """If > 0, overrides epochs: the fixed step budget for every model."""
+    eval_every: int = Field(200, ge=1)
+    """Validation accuracy every N steps; the best checkpoint is kept."""
+    out_dir: str = "models/finetune"
+    """Output: the selected classifier (HF format)."""
+    scratch_dir: str = "models/finetune_scratch"
+    """Output: the scratch baseline classifier."""
+    metrics: str = "metrics/finetune.json"
+    """Validation metrics and MLflow run id."""
+
+
+class Evaluate(Section):
+    batch_size: int = Field(64, ge=1)
+    """Inference batch size."""
+    metrics: str = "metrics/eval.json"
+    """Output: lm.perplexity, classifier.*, scratch_baseline.*."""
+    confusion: str = "plots/confusion.csv"
+    """Output: one row per test example (actual, predicted) for the DVC confusion plot."""
+    confusion_png: str = "plots/confusion.png"
+    """Output: the confusion matrix as an image (also an MLflow artifact)."""
+
+
+class Deploy(Section):
+    min_accuracy: float = Field(0.6, ge=0, le=1)
+    """Quality gate: register only when test accuracy reaches this."""
+    model_name: str = "lmpipe-sst2"
+    """MLflow registered model name."""
+    alias: str = "champion"
+    """Alias moved to a new version only if it beats the current holder."""
+    out_dir: str = "models/deploy"
+    """Output: the deployable model (HF dir + labels)."""
+    metrics: str = "metrics/deploy.json"
+    """Gate outcome, registered version, MLflow run id."""
+
+
+class Params(Section):
+    common: Common
+    clean: Clean
+    tokenize: Tokenize
+    pretrain: Pretrain
+    finetune: Finetune
+    evaluate: Evaluate
+    deploy: Deploy
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Params":
+        issues = []
+        if self.tokenize.block_size > self.pretrain.max_position_embeddings:
+            issues.append(
+                f"tokenize.block_size: {self.tokenize.block_size} exceeds pretrain.max_position_embeddings "
+                f"({self.pretrain.max_position_embeddings})")
+        if self.finetune.init in ("pretrained", "scratch") and self.finetune.max_length > self.pretrain.max_position_embeddings:
+            issues.append(
+                f"finetune.max_length: {self.finetune.max_length} exceeds pretrain.max_position_embeddings "
+                f"({self.pretrain.max_position_embeddings})")
+        if issues:
+            raise ValueError("\n".join(issues))
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            msgs = ["unknown key"]
+        elif e["type"] == "missing":
+            msgs = ["missing key"]
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list, type(None))):
+                msg += f" (got {e['input']!r})"
+            msgs = msg.splitlines()
+        for msg in msgs:
+            # validators name their own field as "field: ..." -> section.field: ...
+            m = re.match(r"^([A-Za-z_][\w.]*): (.*)$", msg)
+            if m and loc:
+                lines.append(f"{source}: {loc}.{m.group(1)}: {m.group(2)}")
+            elif m or not loc:
+                lines.append(f"{source}: {msg}")
+            else:
+                lines.append(f"{source}: {loc}: {msg}")
+    return lines
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set `a.b.c = value` in a nested dict, creating levels as needed."""
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'pretrain.learning_rate=3e-4' -> ('pretrain.learning_rate', 0.0003) (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_raw(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    return raw
+
+
+def validate(raw: dict, source: str = "params.yaml") -> Params:
+    """Validate a params tree; raise ConfigError listing every problem, one per line."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("\n".join(_format_errors(err, source))) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
+                profile: str | Path | None = None) -> Params:
+    """Load params.yaml, then a profile (a partial params tree), then dotted overrides; validate once."""
+    raw = load_raw(path)
+    if profile:
+        prof = load_raw(profile)
+        for key, value in flatten(prof).items():
+            set_dotted(raw, key, copy.deepcopy(value))
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return validate(raw, str(path))
+
+
+def repo_root() -> Path:
+    """The project root: LMPIPE_ROOT, else the current directory (DVC runs stages from the repo root)."""
+    return Path(os.environ.get("LMPIPE_ROOT") or os.getcwd()).resolve()
+
+
+def data_dir(common: Common, root: Path | None = None) -> Path:
+    """Resolve the data directory: env LMPIPE_DATA_DIR, then common.data_dir, then ../shared/data."""
+    root = root or repo_root()
+    env = os.environ.get("LMPIPE_DATA_DIR")
+    chosen = env or common.data_dir or "../shared/data"
+    path = Path(chosen)
+    if not path.is_absolute():
+        path = (Path.cwd() if env else root) / path
+    path = path.resolve()
+    if not path.is_dir():
+        origin = "LMPIPE_DATA_DIR" if env else "common.data_dir"
+        raise ConfigError(f"{origin}: data directory {path} does not exist")
+    return path
+
+
+def device(common: Common) -> str:
+    """auto -> cuda when available; env LMPIPE_DEVICE wins over params."""
+    import torch
+
+    choice = os.environ.get("LMPIPE_DEVICE") or common.device
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"LMPIPE_DEVICE: expected auto, cpu or cuda (got {choice!r})")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("common.device: cuda requested but torch sees no CUDA device")
+    return choice
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv else "params.yaml"
+    try:
+        load_params(path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Data cleaning: read sources, normalise, filter, deduplicate, split.
+
+Pure functions over plain values; stages/clean.py does the I/O around them.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+from lmpipe.config import LabeledSource, TextSource
+from lmpipe.errors import DataError
+
+_WS = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """NFKC, control characters dropped (tabs/newlines become spaces), whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if ch in "\t\n\r\v\f" else ch for ch in text
+                   if ch in "\t\n\r\v\f" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co"))
+    return _WS.sub(" ", text).strip()
+
+
+def _resolve(src: TextSource, data_dir: Path) -> Path:
+    path = Path(src.path)
+    if not path.is_absolute():
+        path = data_dir / path
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (source {src.path!r}, data dir {data_dir})")
+    return path
+
+
+def _decode_error(path: Path, encoding: str, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not valid {encoding} (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                     f"set the source's encoding")
+
+
+def _read_hf(src: TextSource) -> pd.DataFrame:
+    """`hf:<dataset id>[#<config>][@<split>]` through `datasets` (needs network or a local HF cache)."""
+    import datasets
+
+    spec = src.path[3:]
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition("#")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # offline, unknown id, ...: one line, not a traceback
+        raise DataError(f"{src.path}: cannot load Hugging Face dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return ds.to_pandas()
+
+
+def read_table(src: TextSource, data_dir: Path) -> pd.DataFrame:
+    """Read a tabular source (csv, tsv, jsonl, parquet, hf:) into a DataFrame of strings."""
+    if src.path.startswith("hf:"):
+        return _read_hf(src)
+    path = _resolve(src, data_dir)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tsv", ".csv"):
+            sep = "\t" if suffix == ".tsv" else ","
+            df = pd.read_csv(path, sep=sep, encoding=src.encoding, dtype=str, keep_default_na=False,
+                             header=0 if src.header else None, names=src.columns,
+                             # GLUE-style TSVs carry bare quotes inside sentences: no quoting there
+                             quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+        elif suffix in (".jsonl", ".json"):
+            df = pd.read_json(path, lines=suffix == ".jsonl", encoding=src.encoding, dtype=False)
+        elif suffix == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            raise DataError(f"{path}: unsupported tabular format {suffix!r} (csv, tsv, jsonl, json, parquet)")
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, src.encoding, e) from None
+    except (pd.errors.ParserError, ValueError) as e:
+        raise DataError(f"{path}: malformed {suffix[1:]} ({str(e).splitlines()[0]})") from None
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _column(df: pd.DataFrame, column: str | None, src: TextSource, role: str) -> pd.Series:
+    if column is None:
+        raise DataError(f"{src.path}: tabular source needs {role} (set it in params.yaml)")
+    if column not in df.columns:
+        raise DataError(f"{src.path}: no column {column!r} ({role}); columns are {', '.join(map(repr, df.columns))}")
+    return df[column]
+
+
+def read_texts(src: TextSource, data_dir: Path) -> list[str]:
+    """Raw documents of one unlabelled source (before normalisation)."""
+    is_txt = not src.path.startswith("hf:") and Path(src.path).suffix.lower() in (".txt", ".raw", "")
+    if not is_txt:
+        df = read_table(src, data_dir)
+        return ["" if v is None else str(v) for v in _column(df, src.text_column, src, "text_column")]
+    path = _resolve(src, data_dir)
+    try:
+        text = path.read_bytes().decode(src.encoding)
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, src.encoding, e) from None
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {src.encoding!r}") from None
+    if src.unit == "paragraph":
+        return re.split(r"\n\s*\n", text)
+    return text.splitlines()
+
+
+def clean_documents(docs: list[str], min_chars: int, max_chars: int) -> tuple[list[str], dict[str, int]]:
+    """1) normalise 2) drop empty 3) length filters 4) exact dedup (first occurrence wins)."""
+    stats = Counter(rows_in=len(docs))
+    seen: set[str] = set()
+    kept = []
+    for raw in docs:
+        text = normalize(raw)
+        if not text:
+            stats["dropped_empty"] += 1
+        elif len(text) < min_chars:
+            stats["dropped_too_short"] += 1
+        elif len(text) > max_chars:
+            stats["dropped_too_long"] += 1
+        elif text in seen:
+            stats["dropped_duplicate"] += 1
+        else:
+            seen.add(text)
+            kept.append(text)
+    stats["rows_out"] = len(kept)
+    for key in ("dropped_empty", "dropped_too_short", "dropped_too_long", "dropped_duplicate"):
+        stats.setdefault(key, 0)
+    return kept, dict(stats)
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded shuffle, then the first ceil-ish share is validation; both sides non-empty when n >= 2."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    n_val = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
+    return sorted(idx[n_val:]), sorted(idx[:n_val])
+
+
+def read_labeled(src: LabeledSource, data_dir: Path) -> pd.DataFrame:
+    """Columns text, label (raw strings), empty rows dropped later."""
+    df = read_table(src, data_dir)
+    text = _column(df, src.text_column, src, "text_column")
+    label = _column(df, src.label_column, src, "label_column")
+    return pd.DataFrame({"text": text.astype(str).tolist(), "label": label.astype(str).str.strip().tolist()})
+
+
+def label_vocabulary(raw_labels: list[str]) -> list[str]:
+    """Sorted unique raw labels; numerically when they are all integers (so '10' sorts after '9')."""
+    values = sorted(set(raw_labels))
+    if all(re.fullmatch(r"-?\d+", v) for v in values):
+        values = sorted(values, key=int)
+    return values
+
+
+def clean_labeled(df: pd.DataFrame, vocab: list[str] | None, min_chars: int, max_chars: int,
+                  source: str) -> tuple[pd.DataFrame, list[str], dict[str, int]]:
+    """Normalise text, drop empty rows, map labels to ints 0..K-1. Duplicates are kept (they are labels)."""
+    stats = Counter(rows_in=len(df))
+    texts = [normalize(t) for t in df["text"]]
+    labels = list(df["label"])
+    keep = [i for i, (t, lab) in enumerate(zip(texts, labels)) if t and lab]
+    stats["dropped_empty"] = len(df) - len(keep)
+    texts = [texts[i][:max_chars] for i in keep]
+    labels = [labels[i] for i in keep]
+    if vocab is None:
+        vocab = label_vocabulary(labels)
+    index = {v: i for i, v in enumerate(vocab)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise DataError(f"{source}: labels {unknown[:5]} do not occur in the training file")
+    out = pd.DataFrame({"text": texts, "label": [index[lab] for lab in labels]})
+    stats["rows_out"] = len(out)
+    if len(out) == 0:
+        raise DataError(f"{source}: no labelled rows left after cleaning ({stats['rows_in']} in)")
+    return out, vocab, dict(stats)

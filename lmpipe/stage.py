@@ -1,0 +1,72 @@
+"""The shared entry point of every DVC stage: params -> seed -> MLflow run -> body -> outputs.
+
+User errors (LmpipeError) print one line and exit non-zero; nothing is half written because
+bodies write through lmpipe.io's atomic helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from lmpipe.config import Params, load_params, parse_override, repo_root
+from lmpipe.errors import LmpipeError
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    # CPU runs are bitwise reproducible; on CUDA ask for deterministic kernels where they exist
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "httpx", "filelock", "transformers.modeling_utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+Body = Callable[[Params, Path, Any], Any]
+
+
+def run_stage(name: str, body: Body, argv: list[str] | None = None) -> int:
+    """Parse `--params/--set`, validate, open the stage's MLflow run, call body(params, root, run)."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"lmpipe {name} stage")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted params key for this run only")
+    args = parser.parse_args(argv)
+    _quiet()
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        params = load_params(args.params, overrides=overrides)
+        root = repo_root()
+        seed_everything(params.common.seed)
+        from lmpipe.tracking import stage_run
+
+        with stage_run(name, params, root) as run:
+            try:
+                body(params, root, run)
+            except LmpipeError as e:
+                import mlflow
+
+                mlflow.set_tag("lmpipe.error", str(e).splitlines()[0][:500])
+                raise
+    except LmpipeError as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,97 @@
+"""Tokenizer training (Hugging Face `tokenizers`) and packing into fixed-size blocks.
+
+Blocks are stored as one .npy per split, shape (n_blocks, block_size), uint16 when the vocabulary
+fits (else uint32), so training memory-maps them (`np.load(path, mmap_mode="r")`) without copies.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from lmpipe.config import SPECIAL_TOKENS
+
+PAD, BOS, EOS, UNK, MASK = SPECIAL_TOKENS
+
+
+def train_tokenizer(texts: list[str], kind: str, vocab_size: int, min_frequency: int,
+                    model_max_length: int) -> PreTrainedTokenizerFast:
+    """Train on `texts` and wrap as a transformers fast tokenizer: `<s> text </s>` per sequence."""
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=list(SPECIAL_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    elif kind == "char":
+        # one token per character of the training text (nanoGPT shakespeare_char style)
+        alphabet = sorted(set("".join(texts)))
+        vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *alphabet])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        trainer = None
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    if trainer is not None:
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", pair=f"{BOS} $A {EOS} $B:1 {EOS}:1",
+        special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD, mask_token=MASK,
+        cls_token=BOS, sep_token=EOS, model_max_length=model_max_length, padding_side="right")
+
+
+def encode_stream(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], total: int,
+                  batch: int = 1000, desc: str = "encode") -> np.ndarray:
+    """All documents encoded (each `<s> ... </s>`) and concatenated into one 1-D int64 array."""
+    chunks: list[np.ndarray] = []
+    buf: list[str] = []
+    with tqdm(total=total, desc=desc, unit="doc", mininterval=2) as bar:
+        for text in texts:
+            buf.append(text)
+            if len(buf) == batch:
+                chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(buf)["input_ids"])
+                bar.update(len(buf))
+                buf = []
+        if buf:
+            chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(buf)["input_ids"])
+            bar.update(len(buf))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def pack_blocks(ids: np.ndarray, block_size: int, vocab_size: int) -> np.ndarray:
+    """(n_tokens,) -> (n_blocks, block_size); the tail shorter than one block is dropped."""
+    n = len(ids) // block_size
+    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    return ids[: n * block_size].reshape(n, block_size).astype(dtype)
+
+
+def load_blocks(path: str | Path) -> np.ndarray:
+    """Memory-mapped (n_blocks, block_size) array."""
+    return np.load(path, mmap_mode="r")
+
+
+class Throughput:
+    """Tokens/s over a wall-clock window."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def rate(self, tokens: int) -> float:
+        return tokens / max(time.perf_counter() - self.start, 1e-9)

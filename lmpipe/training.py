@@ -1,0 +1,225 @@
+"""Training on `transformers.Trainer`: pretraining on packed blocks, fine-tuning a classifier.
+
+Trainer owns the loop (AdamW, warmup + cosine, accumulation, clipping, mixed precision,
+checkpoints with optimizer/scheduler/RNG state); this module only wires data, params and MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedModel,
+                          PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
+
+from lmpipe.config import Finetune, Pretrain
+from lmpipe.errors import ConfigError
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Rows of a memory-mapped (n_blocks, block_size) token array; labels = inputs for causal LM."""
+
+    def __init__(self, blocks: np.ndarray, with_labels: bool, limit: int | None = None) -> None:
+        self.blocks = blocks if limit is None else blocks[:limit]
+        self.with_labels = with_labels
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))  # (T,)
+        return {"input_ids": ids, "labels": ids} if self.with_labels else {"input_ids": ids}
+
+
+def precision_flags(precision: str, device: str) -> dict[str, bool]:
+    """auto: bf16 on a CUDA device that supports it, fp32 elsewhere (CPU bf16 autocast measured slower here)."""
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ConfigError("pretrain.precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short stable hash of everything that makes a checkpoint resumable (config, data, params)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """Newest complete Trainer checkpoint (trainer_state.json is written last)."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+@dataclass
+class MlflowCallback(TrainerCallback):
+    """Logs Trainer's log dicts to the active MLflow run (rate bounded by logging_steps) and keeps the curve."""
+
+    prefix: str = ""
+    tokens_per_step: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    _t: float = 0.0
+    _step: int = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t, self._step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        import mlflow
+
+        if not state.is_world_process_zero or not logs:
+            return
+        step = state.global_step
+        out: dict[str, float] = {}
+        for key, value in logs.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            name = {"loss": "train_loss", "learning_rate": "lr"}.get(key, key)
+            out[self.prefix + name] = float(value)
+            if key == "loss":
+                self.curve.append({"step": step, "split": "train", "loss": float(value)})
+            if key == "eval_loss":
+                self.curve.append({"step": step, "split": "validation", "loss": float(value)})
+                out[self.prefix + "eval_perplexity"] = math.exp(min(float(value), 50))
+        if "loss" in logs and self.tokens_per_step:
+            now = time.perf_counter()
+            if step > self._step:
+                out[self.prefix + "tokens_per_s"] = (step - self._step) * self.tokens_per_step / (now - self._t)
+            self._t, self._step = now, step
+        if out:
+            mlflow.log_metrics(out, step=step)
+
+
+def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
+    from lmpipe.io import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "split", "loss"])
+        w.writeheader()
+        w.writerows(curve)
+
+
+@dataclass
+class PretrainResult:
+    model: PreTrainedModel
+    metrics: dict[str, float]
+    curve: list[dict[str, Any]]
+    resumed_from: str | None
+
+
+def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_blocks: np.ndarray,
+             val_blocks: np.ndarray, cfg: Pretrain, device: str, seed: int, ckpt_dir: Path) -> PretrainResult:
+    """Train `model` from scratch on packed blocks; resumes from the newest checkpoint in ckpt_dir."""
+    # 1) data: clm labels are the inputs (the model shifts them); mlm masks dynamically per batch
+    clm = cfg.objective == "clm"
+    train_ds = BlockDataset(train_blocks, with_labels=clm)
+    val_small = BlockDataset(val_blocks, with_labels=clm, limit=cfg.eval_batches * cfg.batch_size)
+    val_full = BlockDataset(val_blocks, with_labels=clm)
+    collator = None if clm else DataCollatorForLanguageModeling(tokenizer, mlm=True,
+                                                                mlm_probability=cfg.mlm_probability)
+    block = train_blocks.shape[1]
+    # 2) Trainer owns optimizer, schedule, accumulation, clipping, precision and checkpoints
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        adam_beta1=0.9, adam_beta2=0.95, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
+        save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed,
+        use_cpu=device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False, **precision_flags(cfg.precision, device))
+    logger = MlflowCallback(tokens_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * block
+                            * max(1, args.world_size))
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_small,
+                      data_collator=collator, callbacks=[logger])
+    resume = latest_checkpoint(ckpt_dir)
+    # 3) train (resuming restores model, optimizer, scheduler, RNG and data position)
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    # 4) final evaluation on the whole validation split
+    final = trainer.evaluate(eval_dataset=val_full)
+    metrics = {"train_loss": float(out.training_loss), "val_loss": float(final["eval_loss"]),
+               "val_perplexity": math.exp(min(float(final["eval_loss"]), 50)), "train_seconds": seconds,
+               "steps": int(trainer.state.global_step),
+               "tokens_per_s": (trainer.state.global_step - (int(resume.name.split("-")[1]) if resume else 0))
+               * logger.tokens_per_step / max(seconds, 1e-9),
+               "parameters": int(sum(p.numel() for p in model.parameters()))}
+    logger.curve.append({"step": trainer.state.global_step, "split": "validation", "loss": metrics["val_loss"]})
+    return PretrainResult(trainer.model, metrics, logger.curve, str(resume) if resume else None)
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "f1_macro": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
+                                       zero_division=0)),
+            "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(num_labels))).tolist()}
+
+
+def _compute_metrics(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    preds = np.asarray(logits).argmax(-1)
+    m = classification_metrics(np.asarray(labels), preds, np.asarray(logits).shape[-1])
+    return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+
+
+def encode_labeled(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: list[int], max_length: int):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
+                  remove_columns=["text"], desc="tokenize")
+
+
+def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
+             device: str, seed: int, ckpt_dir: Path, prefix: str) -> tuple[PreTrainedModel, dict[str, float]]:
+    """Fine-tune a sequence classifier; evaluate every eval_every steps and keep the best by accuracy."""
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
+        save_steps=cfg.eval_every, save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="accuracy", greater_is_better=True, logging_steps=max(1, cfg.eval_every // 5),
+        report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda", disable_tqdm=False)
+    logger = MlflowCallback(prefix=prefix)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_compute_metrics,
+                      callbacks=[logger])
+    t0 = time.perf_counter()
+    resume = latest_checkpoint(ckpt_dir)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    best = trainer.evaluate()
+    metrics = {"val_accuracy": best["eval_accuracy"], "val_f1_macro": best["eval_f1_macro"],
+               "val_loss": best["eval_loss"], "train_seconds": time.perf_counter() - t0,
+               "steps": int(trainer.state.global_step)}
+    return trainer.model, metrics
+
+
+def clear_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)

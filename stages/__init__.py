@@ -1,0 +1,1 @@
+"""Thin DVC entry points, one per stage: `python -m stages.<name>`."""

@@ -1,0 +1,84 @@
+"""Pretrain a small language model from scratch on the packed token blocks.
+
+    python -m stages.pretrain         # what `dvc repro pretrain` runs
+
+Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`,
+trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (DVC persist, so a
+re-run after a crash resumes), and saves the final model (safetensors) + tokenizer to pretrain.out_dir.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+
+from lmpipe.config import Params, device
+from lmpipe.errors import ConfigError, DataError
+from lmpipe.io import atomic_dir, write_json
+from lmpipe.modeling import build_lm, build_lm_config, check_vocab, load_tokenizer, max_positions
+from lmpipe.stage import run_stage
+from lmpipe.tokenizer import load_blocks
+from lmpipe.tracking import log_metrics_bounded
+from lmpipe.training import fingerprint, pretrain as train_lm, write_curve
+
+
+def pretrain(params: Params, root: Path, run) -> None:
+    cfg = params.pretrain
+    tok_dir, blocks_dir = root / params.tokenize.tokenizer_dir, root / params.tokenize.out_dir
+    tokenizer = load_tokenizer(tok_dir)
+    blocks = {}
+    for split in ("train", "validation"):
+        path = blocks_dir / f"{split}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; run the tokenize stage first (dvc repro tokenize)")
+        blocks[split] = load_blocks(path)
+
+    # 1) model from a transformers config; refuse shapes the model cannot take
+    config = build_lm_config(cfg, tokenizer)
+    block = blocks["train"].shape[1]
+    if block > max_positions(config):
+        raise ConfigError(f"tokenize.block_size: {block} exceeds pretrain.max_position_embeddings ({max_positions(config)})")
+    check_vocab(config, tokenizer, "pretrain")
+    model = build_lm(config, cfg.objective)
+
+    # 2) checkpoints live under a fingerprint of everything that makes them resumable
+    fp = fingerprint(config.to_dict(), cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every"}),
+                     params.common.seed, (root / params.tokenize.metrics).read_text() if
+                     (root / params.tokenize.metrics).is_file() else None)
+    ckpt_root = root / cfg.checkpoint_dir
+    ckpt_dir = ckpt_root / fp
+    if ckpt_root.is_dir():  # checkpoints of other configs cannot be resumed by this one
+        for other in ckpt_root.iterdir():
+            if other.name != fp:
+                shutil.rmtree(other, ignore_errors=True)
+    mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters())})
+
+    # 3) train
+    dev = device(params.common)
+    result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
+    if result.resumed_from:
+        mlflow.set_tag("pretrain.resumed_from", result.resumed_from)
+
+    # 4) outputs: model + tokenizer (self-contained HF dir), curve, metrics
+    with atomic_dir(root / cfg.out_dir) as out:
+        result.model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+    write_curve(root / cfg.plot, result.curve)
+    metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()},
+               "device": dev, "mlflow_run_id": run.info.run_id}
+    write_json(root / cfg.metrics, metrics)
+    log_metrics_bounded({f"final.{k}": v for k, v in result.metrics.items()})
+    mlflow.log_artifact(str(root / cfg.plot))
+    print(f"pretrain: {result.metrics['steps']} steps, val loss {result.metrics['val_loss']:.4f} "
+          f"(ppl {result.metrics['val_perplexity']:.1f}), {result.metrics['tokens_per_s']:.0f} tok/s on {dev}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("pretrain", pretrain, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Train the tokenizer on the clean training split and pack the LM splits into blocks.
+
+    python -m stages.tokenize         # what `dvc repro tokenize` runs
+
+Writes a transformers fast-tokenizer directory (tokenize.tokenizer_dir) and
+{train,validation}.npy blocks of shape (n_blocks, block_size) under tokenize.out_dir.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lmpipe.config import Params
+from lmpipe.errors import DataError
+from lmpipe.io import atomic_dir, write_json
+from lmpipe.stage import run_stage
+from lmpipe.tokenizer import Throughput, encode_stream, pack_blocks, train_tokenizer
+from lmpipe.tracking import log_metrics_bounded
+
+
+def tokenize(params: Params, root: Path, run) -> None:
+    cfg = params.tokenize
+    clean_dir = root / params.clean.out_dir
+    splits = {}
+    for split in ("train", "validation"):
+        path = clean_dir / f"corpus_{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
+        splits[split] = pd.read_parquet(path)["text"].tolist()
+
+    # 1) train on the training split only (validation stays unseen)
+    timer = Throughput()
+    tok = train_tokenizer(splits["train"], cfg.kind, cfg.vocab_size, cfg.min_frequency,
+                          params.pretrain.max_position_embeddings)
+    train_seconds = timer.rate(1) ** -1
+    vocab = len(tok)
+    max_len, tok.model_max_length = tok.model_max_length, int(1e12)  # documents are packed, not truncated
+
+    # 2) encode + pack each split
+    stats: dict = {"vocab_size": vocab, "kind": cfg.kind, "block_size": cfg.block_size,
+                   "tokenizer_train_seconds": round(train_seconds, 2)}
+    blocks = {}
+    for split, texts in splits.items():
+        timer = Throughput()
+        ids = encode_stream(tok, texts, total=len(texts), desc=f"tokenize {split}")
+        blocks[split] = pack_blocks(ids, cfg.block_size, vocab)
+        if len(blocks[split]) == 0:
+            raise DataError(f"tokenize.block_size: {cfg.block_size} is longer than the whole {split} split "
+                            f"({len(ids)} tokens); lower it or add data")
+        stats[split] = {"documents": len(texts), "tokens": int(len(ids)), "blocks": int(len(blocks[split])),
+                        "tokens_per_s": round(timer.rate(len(ids)))}
+
+    # 3) write atomically: tokenizer dir, then blocks dir
+    tok.model_max_length = max_len
+    with atomic_dir(root / cfg.tokenizer_dir) as out:
+        tok.save_pretrained(str(out))
+    with atomic_dir(root / cfg.out_dir) as out:
+        for split, arr in blocks.items():
+            np.save(out / f"{split}.npy", arr)
+
+    stats["mlflow_run_id"] = run.info.run_id
+    write_json(root / cfg.metrics, stats)
+    log_metrics_bounded({"vocab_size": vocab, **{f"{s}.{k}": v for s in blocks for k, v in stats[s].items()}})
+    print(f"tokenize: vocab {vocab}; train {stats['train']['tokens']} tokens -> {stats['train']['blocks']} blocks "
+          f"({stats['train']['tokens_per_s']} tok/s); validation {stats['validation']['tokens']} tokens")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("tokenize", tokenize, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
