@@ -170,16 +170,9 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     return PretrainResult(trainer.model, metrics, logger.curve, str(resume) if resume else None)
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-    return {"accuracy": float(accuracy_score(labels, preds)),
-            "f1_macro": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
-                                       zero_division=0)),
-            "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(num_labels))).tolist()}
-
-
 def _compute_metrics(eval_pred) -> dict[str, float]:
+    from lmpipe.evaluation import classification_metrics
+
     logits, labels = eval_pred
     preds = np.asarray(logits).argmax(-1)
     m = classification_metrics(np.asarray(labels), preds, np.asarray(logits).shape[-1])

@@ -1,0 +1,88 @@
+"""Evaluation: LM perplexity on held-out blocks, classifier accuracy / macro-F1 / confusion matrix."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DataCollatorForLanguageModeling, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, device: str,
+               tokenizer: PreTrainedTokenizerBase | None = None, mlm_probability: float = 0.15,
+               seed: int = 0) -> dict[str, float]:
+    """Token-weighted mean loss over all blocks -> perplexity. For masked LMs the masking is seeded
+    (a fixed mask per run), so the figure is comparable between runs."""
+    model.eval().to(device)
+    is_mlm = not getattr(model.config, "is_decoder", False) and model.config.model_type == "bert"
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability) if is_mlm else None
+    gen = torch.Generator().manual_seed(seed)
+    total_loss, total_tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(np.asarray(blocks[start:start + batch_size], dtype=np.int64))  # (B, T)
+        if collator is not None:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            batch = collator([{"input_ids": row} for row in ids])
+            labels = batch["labels"]
+            ids = batch["input_ids"]
+            n = int((labels != -100).sum())
+        else:
+            labels = ids
+            n = ids.numel() - ids.shape[0]  # causal LM predicts T-1 tokens per block
+        out = model(input_ids=ids.to(device), labels=labels.to(device))
+        total_loss += float(out.loss) * n
+        total_tokens += n
+    loss = total_loss / max(total_tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens}
+
+
+@torch.no_grad()
+def predict_proba(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
+                  max_length: int, device: str) -> np.ndarray:
+    """(N, num_labels) class probabilities."""
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt").to(device)
+        logits = model(**enc).logits  # (B, num_labels)
+        out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels))
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "f1_macro": float(f1_score(labels, preds, average="macro", labels=list(range(num_labels)),
+                                       zero_division=0)),
+            "confusion_matrix": confusion_matrix(labels, preds, labels=list(range(num_labels))).tolist()}
+
+
+def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmpipe.io import atomic_path
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, int(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

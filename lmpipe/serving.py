@@ -1,0 +1,111 @@
+"""Serving: an MLflow pyfunc wrapper for the classifier and a FastAPI app around any predictor.
+
+    lmpipe serve --port 8000 --model-uri models:/lmpipe-sst2@champion
+    curl -s localhost:8000/predict -H 'content-type: application/json' -d '{"texts": ["a gem of a film"]}'
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+MAX_TEXTS = 256
+MAX_CHARS = 10_000
+
+
+class HFClassifier:
+    """A transformers sequence classifier from a local directory: texts -> [{label, score}]."""
+
+    def __init__(self, model_dir: str | Path, max_length: int = 128, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(device)
+        self.max_length = max_length
+        self.device = device
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        out = []
+        with self.torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                enc = self.tokenizer(texts[start:start + batch_size], truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt").to(self.device)
+                probs = self.torch.softmax(self.model(**enc).logits.float(), dim=-1)  # (B, num_labels)
+                score, idx = probs.max(dim=-1)
+                out.extend({"label": self.model.config.id2label[int(i)], "score": float(s)}
+                           for i, s in zip(idx.tolist(), score.tolist()))
+        return out
+
+
+class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc flavour: input a DataFrame with a `text` column (or a list of strings)."""
+
+    def load_context(self, context) -> None:
+        max_length = int(context.model_config.get("max_length", 128)) if context.model_config else 128
+        self.clf = HFClassifier(context.artifacts["model_dir"], max_length=max_length)
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, pd.DataFrame):
+            texts = model_input["text" if "text" in model_input.columns else model_input.columns[0]].astype(str).tolist()
+        else:
+            texts = [str(t) for t in model_input]
+        return pd.DataFrame(self.clf.predict(texts))
+
+
+class PyfuncPredictor:
+    def __init__(self, uri: str) -> None:
+        self.model = mlflow.pyfunc.load_model(uri)
+
+    def predict(self, texts: list[str]) -> list[dict[str, Any]]:
+        df = self.model.predict(pd.DataFrame({"text": texts}))
+        return [{"label": str(r["label"]), "score": float(r["score"])} for r in df.to_dict("records")]
+
+
+def load_predictor(uri: str):
+    """A local HF model dir, or any MLflow model URI (models:/NAME@alias, runs:/ID/model, ...)."""
+    path = Path(uri)
+    if path.is_dir() and (path / "config.json").is_file():
+        return HFClassifier(path)
+    return PyfuncPredictor(uri)
+
+
+def create_app(predictor, model_uri: str):
+    from fastapi import FastAPI
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+
+    app = FastAPI(title="lmpipe classifier", version="1")
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "model_uri": model_uri}
+
+    @app.post("/predict")
+    def predict(req: PredictRequest) -> dict[str, list[dict[str, Any]]]:
+        from fastapi import HTTPException
+
+        for i, t in enumerate(req.texts):
+            if not t.strip():
+                raise HTTPException(status_code=422, detail=f"texts[{i}]: empty text")
+            if len(t) > MAX_CHARS:
+                raise HTTPException(status_code=422, detail=f"texts[{i}]: longer than {MAX_CHARS} characters")
+        return {"predictions": predictor.predict(req.texts)}
+
+    return app
+
+
+def serve(model_uri: str, host: str, port: int) -> None:
+    import uvicorn
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    predictor = load_predictor(model_uri)
+    uvicorn.run(create_app(predictor, model_uri), host=host, port=port, log_level="info")
