@@ -30,7 +30,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path in the target's folder; on success rename it over `path`."""
     path = Path(path)
     _ensure_parent(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise LmpipeError(f"{path.parent}: cannot create output directory or file ({e.strerror})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -46,7 +49,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp dir next to `path`; on success it replaces `path` whole."""
     path = Path(path)
     _ensure_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise LmpipeError(f"{path.parent}: cannot create output directory ({e.strerror})") from None
     try:
         yield tmp
         old = None

@@ -66,6 +66,10 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None) -> int:
     except LmpipeError as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except OSError as e:  # disk full, permissions, ... on a path the user configured
+        where = e.filename or "output"
+        print(f"{name}: error: {where}: {e.strerror or e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,68 @@
+"""Params validation: every shipped config parses; every problem is listed, one line each, exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_module
+from lmpipe.config import ConfigError, load_params, validate
+
+
+@pytest.mark.parametrize("profile", [None, *sorted((ROOT / "profiles").glob("*.yaml"))])
+def test_shipped_params_and_profiles_validate(profile):
+    params = load_params(ROOT / "params.yaml", profile=profile)
+    assert params.pretrain.max_steps >= 1
+
+
+def _raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_unknown_key_and_wrong_type_listed_together():
+    raw = _raw()
+    raw["pretrain"]["lerning_rate"] = 0.1
+    raw["pretrain"]["learning_rate"] = "abc"
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    lines = str(err.value).splitlines()
+    assert "params.yaml: pretrain.lerning_rate: unknown key" in lines
+    assert any(line.startswith("params.yaml: pretrain.learning_rate:") and "abc" in line for line in lines)
+    assert len(lines) == 2
+
+
+def test_vocab_too_small_for_special_tokens():
+    raw = _raw()
+    raw["tokenize"]["vocab_size"] = 4
+    with pytest.raises(ConfigError, match=r"tokenize\.vocab_size: 4 must exceed"):
+        validate(raw)
+
+
+def test_block_size_beyond_model_positions():
+    raw = _raw()
+    raw["tokenize"]["block_size"] = 512
+    raw["pretrain"]["max_position_embeddings"] = 256
+    with pytest.raises(ConfigError, match=r"tokenize\.block_size: 512 exceeds pretrain\.max_position_embeddings"):
+        validate(raw)
+
+
+def test_override_applies_dotted_keys():
+    p = load_params(ROOT / "params.yaml", overrides={"pretrain.learning_rate": 3e-4})
+    assert p.pretrain.learning_rate == 3e-4
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda r: r["pretrain"].__setitem__("lerning_rate", 1), "pretrain.lerning_rate: unknown key"),
+    (lambda r: r["pretrain"].__setitem__("learning_rate", "abc"), "pretrain.learning_rate"),
+])
+def test_stage_cli_rejects_bad_params_with_exit_2_and_no_outputs(tmp_path: Path, edit, expected):
+    raw = _raw()
+    edit(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    res = run_module("stages.clean", tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,0 +1,92 @@
+"""Cleaning: pure functions, and bad input through the clean stage's CLI (one line, non-zero, no outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_module
+from lmpipe import data
+
+
+def test_normalize_nfkc_controls_whitespace():
+    assert data.normalize("ﬁne\u00a0 film\x07\t\n ok\u200b ") == "fine film ok"
+
+
+def test_clean_documents_counts_every_rule():
+    docs = ["", "   ", "short", "a long enough document", "a  long enough document", "x" * 50]
+    kept, stats = data.clean_documents(docs, min_chars=10, max_chars=40)
+    assert kept == ["a long enough document"]
+    assert stats == {"rows_in": 6, "dropped_empty": 2, "dropped_too_short": 1, "dropped_too_long": 1,
+                     "dropped_duplicate": 1, "rows_out": 1}
+
+
+def test_split_is_seeded_and_disjoint():
+    a = data.split_indices(100, 0.1, seed=1)
+    assert a == data.split_indices(100, 0.1, seed=1)
+    assert a != data.split_indices(100, 0.1, seed=2)
+    train, val = a
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
+
+
+def test_labels_map_to_ints_in_numeric_order():
+    df = pd.DataFrame({"text": ["a", "b", "", "c"], "label": ["10", "9", "9", "10"]})
+    out, vocab, stats = data.clean_labeled(df, None, 1, 100, "t.tsv")
+    assert vocab == ["9", "10"] and out["label"].tolist() == [1, 0, 1]
+    assert stats["dropped_empty"] == 1
+
+
+def test_clean_stage_writes_splits_and_stats(workdir: Path):
+    res = run_module("stages.clean", workdir)
+    assert res.returncode == 0, res.stderr
+    out = workdir / "data" / "clean"
+    for name in ("corpus_train", "corpus_validation", "labeled_train", "labeled_validation", "labeled_test"):
+        assert len(pd.read_parquet(out / f"{name}.parquet")) > 0
+    stats = yaml.safe_load((workdir / "metrics" / "clean.json").read_text())
+    assert stats["corpus"]["dropped_duplicate"] > 0  # the tiny corpus repeats lines
+    assert stats["mlflow_run_id"]
+
+
+def _edit_params(workdir: Path, fn) -> None:
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    fn(raw)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def _expect_failure(workdir: Path, *needles: str) -> None:
+    res = run_module("stages.clean", workdir)
+    assert res.returncode != 0
+    err = [line for line in res.stderr.strip().splitlines() if line.startswith("clean: error:")]
+    assert len(err) == 1, res.stderr
+    for needle in needles:
+        assert needle in err[0], err[0]
+    assert not (workdir / "data").exists() and not (workdir / "metrics").exists()
+
+
+def test_missing_data_file(workdir: Path):
+    _edit_params(workdir, lambda r: r["clean"]["corpus"][0].__setitem__("path", "corpus/nope.txt"))
+    _expect_failure(workdir, "nope.txt", "not found")
+
+
+def test_missing_label_column(workdir: Path):
+    _edit_params(workdir, lambda r: r["clean"]["labeled"]["train"].__setitem__("label_column", "sentiment"))
+    _expect_failure(workdir, "train.tsv", "'sentiment'")
+
+
+def test_non_utf8_file(workdir: Path, tiny_data: Path):
+    (tiny_data / "corpus" / "text.txt").write_bytes("caf\xe9 au lait is a fine drink\n".encode("latin-1"))
+    _expect_failure(workdir, "text.txt", "not valid utf-8")
+
+
+def test_corpus_empty_after_cleaning(workdir: Path):
+    _edit_params(workdir, lambda r: r["clean"].update(min_chars=10_000, max_chars=20_000))
+    _expect_failure(workdir, "clean.corpus", "min_chars=10000")
+
+
+def test_unwritable_output_dir(workdir: Path):
+    _edit_params(workdir, lambda r: r["clean"].update(out_dir="/proc/lmpipe-out"))
+    res = run_module("stages.clean", workdir)
+    assert res.returncode != 0 and "cannot create output directory" in res.stderr

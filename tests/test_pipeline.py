@@ -1,0 +1,152 @@
+"""End to end on the real tools: a temporary git + DVC repo built from the project, `dvc repro`,
+MLflow runs per stage, the registry alias, the HTTP server, and a no-op second `dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import ROOT, SHARED_DATA, free_port, mlflow_runs, tiny_params
+
+STAGES = ["clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy"]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", **extra)
+    return env
+
+
+def make_repo(dest: Path, params: dict | None) -> Path:
+    """Copy the project's tracked files into a fresh git repo (with .dvc) and commit."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith("tests/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(dest, "git", "init", "-q")
+    if not (dest / ".dvc").is_dir():
+        sh(dest, "dvc", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "init")
+    return dest
+
+
+def sh(cwd: Path, *cmd: str, timeout: int = 900, **env) -> subprocess.CompletedProcess:
+    res = subprocess.run(list(cmd), cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def stage_runs(repo: Path) -> dict[str, list]:
+    runs = mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
+    out: dict[str, list] = {s: [] for s in STAGES}
+    for r in runs:
+        stage = r.data.tags.get("lmpipe.stage")
+        if stage:
+            out[stage].append(r)
+    return out
+
+
+def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
+    repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
+    head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
+
+    first = sh(repo, "dvc", "repro")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    # outputs
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    for key in ("perplexity",):
+        assert ev["lm"][key] > 1
+    for section in ("classifier", "scratch_baseline"):
+        assert 0 <= ev[section]["accuracy"] <= 1 and 0 <= ev[section]["f1_macro"] <= 1
+    assert (repo / "models" / "pretrain" / "model.safetensors").is_file()
+    assert (repo / "plots" / "confusion.csv").read_text().startswith("actual,predicted")
+    assert (repo / "plots" / "pretrain_loss.csv").is_file()
+    assert (repo / "models" / "deploy" / "model" / "config.json").is_file()
+
+    # exactly one finished MLflow run per stage, with lineage tags; the id is in each metrics file
+    runs = stage_runs(repo)
+    for stage in STAGES:
+        assert len(runs[stage]) == 1, stage
+        run = runs[stage][0]
+        assert run.info.status == "FINISHED" and run.info.run_name == stage
+        assert run.data.tags["git.commit"] == head and run.data.tags["git.dirty"] in ("true", "false")
+        assert run.data.tags["dvc.stage_hash"]
+        metrics_file = repo / yaml.safe_load((repo / "params.yaml").read_text())[stage]["metrics"]
+        assert json.loads(metrics_file.read_text())["mlflow_run_id"] == run.info.run_id
+    assert runs["pretrain"][0].data.params["pretrain.hidden_size"] == "16"
+    assert runs["pretrain"][0].data.params["common.seed"] == "1337"
+    summaries = [r for r in mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}") if r.data.tags.get("lmpipe.kind") == "summary"]
+    assert len(summaries) == 1 and "classifier.accuracy" in summaries[0].data.metrics
+    assert "pretrain.learning_rate" in summaries[0].data.params
+
+    # registry: champion alias points at the registered version
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    mv = client.get_model_version_by_alias("lmpipe-sst2", "champion")
+    assert float(mv.tags["accuracy"]) == pytest.approx(ev["classifier"]["accuracy"])
+
+    # served endpoint answers with real predictions from the registry model
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmpipe.cli", "serve", "--port", str(port)], cwd=repo,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if requests.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        texts = ["a moving and beautiful film", "a dull and lifeless mess"]
+        r = requests.post(f"{base}/predict", json={"texts": texts}, timeout=30)
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert len(preds) == 2
+        for p in preds:
+            assert p["label"] in ("negative", "positive") and 0.5 <= p["score"] <= 1.0
+        for bad in ({}, {"texts": []}, {"texts": [1]}, {"texts": [""]}, {"text": ["x"]}):
+            assert requests.post(f"{base}/predict", json=bad, timeout=10).status_code == 422, bad
+        assert requests.post(f"{base}/predict", data="not json", timeout=10,
+                             headers={"content-type": "application/json"}).status_code == 422
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    # second repro: nothing runs, no new MLflow runs
+    n_before = len(mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}"))
+    second = sh(repo, "dvc", "repro")
+    assert "Running stage" not in second.stdout
+    assert len(mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")) == n_before
+
+
+def test_param_change_reruns_only_dependent_stages(tmp_path, tiny_data):
+    repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
+    sh(repo, "dvc", "repro")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["batch_size"] = 7
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(repo, "dvc", "repro").stdout
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
+    # evaluate reads the changed section; deploy follows because eval.json names the new evaluate run
+    assert ran[0] == "evaluate" and not set(ran) & {"clean", "tokenize", "pretrain", "finetune"}
