@@ -17,14 +17,24 @@ from lmpipe.config import flatten, load_params, load_raw, repo_root
 from lmpipe.errors import LmpipeError
 
 
-def profile_overrides(profile: str | Path) -> list[str]:
-    """A profile (partial params tree) as `dvc exp run -S key=value` arguments (YAML/JSON values)."""
-    import json
+def hydra_value(value) -> str:
+    """A value in Hydra's override grammar (what `dvc exp run -S` parses): strings quoted."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    out = []
-    for key, value in flatten(load_raw(profile)).items():
-        out.append(f"{key}={json.dumps(value)}" if isinstance(value, (list, dict)) else f"{key}={value}")
-    return out
+
+def profile_overrides(profile: str | Path) -> list[str]:
+    """A profile (partial params tree) as `dvc exp run -S key=value` arguments."""
+    return [f"{key}={hydra_value(value)}" for key, value in flatten(load_raw(profile)).items()]
 
 
 def smoke(profile: str, extra: list[str]) -> int:
@@ -39,7 +49,7 @@ def smoke(profile: str, extra: list[str]) -> int:
     ddir = data_dir(params.common, root)
     env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    sets = [*profile_overrides(profile), f"common.data_dir={ddir}", *extra]
+    sets = [*profile_overrides(profile), f"common.data_dir={hydra_value(str(ddir))}", *extra]
     cmd = ["dvc", "exp", "run", "--temp"]
     for s in sets:
         cmd += ["-S", s]

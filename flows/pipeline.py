@@ -1,0 +1,254 @@
+"""The Prefect flow: one task per DVC stage, DVC decides what runs, MLflow records the lineage.
+
+    python -m flows.pipeline                                  # plain `dvc repro` of the workspace
+    python -m flows.pipeline --profile smoke                  # a DVC experiment in its own git worktree
+    python -m flows.pipeline --set pretrain.learning_rate=3e-4 --stages clean tokenize pretrain
+
+Without overrides or a profile the flow runs the workspace (`dvc repro --single-item <stage>` per
+task), holding a file lock so a second flow run on the same workspace waits. With them, the run is a
+DVC experiment: the committed HEAD is checked out into `.lmpipe/worktrees/<flow run>` (sharing the
+DVC cache), params are applied there, the stages run there, and `dvc exp save` records the
+experiment, so `dvc exp show` lists it and the user's params.yaml and outputs are never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message is the stage's own error line."""
+
+
+def stage_names(workspace: Path) -> list[str]:
+    """Stages in dvc.yaml order (which is the pipeline order)."""
+    return list(yaml.safe_load((workspace / "dvc.yaml").read_text())["stages"])
+
+
+def _error_line(output: str, stage: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for prefix in (f"{stage}: error:", "lmpipe: error:", "ERROR:"):
+        hits = [ln for ln in lines if ln.startswith(prefix)]
+        if hits:
+            return hits[0] if prefix != "ERROR:" else hits[-1]
+    return lines[-1] if lines else f"{stage}: failed with no output"
+
+
+def _metrics_run_id(workspace: Path, stage: str) -> str | None:
+    try:
+        params = yaml.safe_load((workspace / "params.yaml").read_text())
+        return json.loads((workspace / params[stage]["metrics"]).read_text()).get("mlflow_run_id")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+@task(name="dvc-stage", retries=1, retry_delay_seconds=2, task_run_name="{stage}")
+def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str]) -> dict[str, Any]:
+    """Run one DVC stage (`dvc repro --single-item`), stream its output, report ran vs cached."""
+    logger = get_run_logger()
+    ws = Path(workspace)
+    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ws, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() and "\r" not in line:  # progress-bar redraws stay out of the logs
+            logger.info(line.rstrip())
+    code = proc.wait()
+    output = "".join(lines)
+    if code != 0:
+        message = _error_line(output, stage)
+        logger.error(message)
+        raise StageFailed(message)
+    ran = f"Running stage '{stage}'" in output
+    return {"stage": stage, "ran": ran, "cached": not ran, "seconds": round(time.perf_counter() - t0, 2),
+            "mlflow_run_id": _metrics_run_id(ws, stage)}
+
+
+def apply_overrides(params_path: Path, overrides: dict[str, Any], profile: Path | None, root: Path) -> None:
+    """Write a profile + dotted overrides into a params.yaml (of a worktree), validated first."""
+    from lmpipe.config import data_dir, flatten, load_params, load_raw, set_dotted
+
+    params = load_params(params_path, overrides=overrides, profile=profile)  # raises ConfigError, one line each
+    raw = load_raw(params_path)
+    if profile:
+        for key, value in flatten(load_raw(profile)).items():
+            set_dotted(raw, key, value)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    raw["common"]["data_dir"] = str(data_dir(params.common, root))  # the worktree lives elsewhere
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _git(cwd: Path, *args: str) -> str:
+    res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+    return res.stdout.strip()
+
+
+def make_worktree(root: Path, name: str) -> Path:
+    """A detached worktree of HEAD that shares the repo's DVC cache."""
+    wt = root / ".lmpipe" / "worktrees" / name
+    wt.parent.mkdir(parents=True, exist_ok=True)
+    _git(root, "worktree", "add", "--detach", "--force", str(wt), "HEAD")
+    cache = root / ".dvc" / "cache"
+    subprocess.run(["dvc", "config", "--local", "cache.dir", str(cache)], cwd=wt, check=True, capture_output=True)
+    return wt
+
+
+def remove_worktree(root: Path, wt: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=root, capture_output=True)
+    shutil.rmtree(wt, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
+
+
+def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id: str | None, exp_name: str | None) -> str:
+    lines = ["# lmpipe pipeline", ""]
+    if exp_name:
+        lines += [f"DVC experiment: `{exp_name}`", ""]
+    if parent_run_id:
+        lines += [f"MLflow parent run: `{parent_run_id}`", ""]
+    lines += ["| stage | status | seconds | MLflow run |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'cached'} | {r['seconds']} | `{r['mlflow_run_id']}` |")
+    if metrics:
+        from lmpipe.config import flatten
+
+        lines += ["", "| metric | value |", "|---|---|"]
+        for k, v in flatten(metrics).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def _parent_run(root: Path, experiment: str, tags: dict[str, str]):
+    import mlflow
+
+    from lmpipe.tracking import setup
+
+    setup(root, experiment)
+    return mlflow.start_run(run_name="lmpipe-pipeline", tags={"lmpipe.kind": "flow", **tags})
+
+
+@flow(name="lmpipe-pipeline", log_prints=True)
+def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None, stages: list[str] | None = None,
+             force: bool = False, workspace: str | None = None, retries: int = 1) -> dict[str, Any]:
+    """clean -> tokenize -> pretrain -> finetune -> evaluate -> deploy, each a DVC stage."""
+    import mlflow
+    from filelock import FileLock
+    from prefect.runtime import deployment, flow_run
+
+    from lmpipe.config import load_params
+    from lmpipe.tracking import PARENT_ENV, TAGS_ENV, git_info, tracking_uri
+
+    root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
+    overrides = dict(overrides or {})
+    profile_path = None
+    if profile:
+        profile_path = Path(profile) if profile.endswith((".yaml", ".yml")) else root / "profiles" / f"{profile}.yaml"
+        if not profile_path.is_absolute():
+            profile_path = root / profile_path
+    params = load_params(root / "params.yaml", overrides=overrides, profile=profile_path)  # fail before any stage
+    is_exp = bool(overrides or profile_path)
+    run_name = flow_run.get_name() or "local"
+    exp_name = f"prefect-{run_name}" if is_exp else None
+
+    tags = {"prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": run_name,
+            **git_info(root)}
+    if deployment.get_name():
+        tags["prefect.deployment"] = deployment.get_name()
+    if exp_name:
+        tags["dvc.exp_name"] = exp_name
+
+    lock = FileLock(str(root / ".dvc" / "tmp" / "lmpipe-flow.lock")) if not is_exp else None
+    if lock:
+        (root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+        lock.acquire()  # a second flow on the same workspace waits here
+    wt = make_worktree(root, exp_name) if is_exp else root
+    results: list[dict[str, Any]] = []
+    try:
+        if is_exp:
+            apply_overrides(wt / "params.yaml", overrides, profile_path, root)
+        with _parent_run(root, params.common.experiment, tags) as parent:
+            env = {PARENT_ENV: parent.info.run_id, TAGS_ENV: json.dumps(tags),
+                   "MLFLOW_TRACKING_URI": tracking_uri(root), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            wanted = stages or stage_names(wt)
+            unknown = set(wanted) - set(stage_names(wt))
+            if unknown:
+                raise ValueError(f"stages: unknown stage(s) {sorted(unknown)}; known: {stage_names(wt)}")
+            for stage in [s for s in stage_names(wt) if s in wanted]:
+                res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env)
+                results.append(res)
+                mlflow.set_tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
+                if res["mlflow_run_id"]:
+                    mlflow.set_tag(f"stage.{stage}.run_id", res["mlflow_run_id"])
+            metrics = {}
+            eval_path = wt / params.evaluate.metrics
+            if eval_path.is_file() and any(r["stage"] == "evaluate" for r in results):
+                metrics = json.loads(eval_path.read_text())
+                metrics.pop("mlflow_run_id", None)
+                metrics.get("classifier", {}).pop("confusion_matrix", None)
+            if is_exp:
+                out = subprocess.run(["dvc", "exp", "save", "-n", exp_name, "--force"], cwd=wt, capture_output=True,
+                                     text=True, env={**os.environ, **env})
+                if out.returncode != 0:
+                    raise RuntimeError(f"dvc exp save: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            create_markdown_artifact(key="lmpipe-pipeline-report",
+                                     markdown=report_markdown(results, metrics, parent.info.run_id, exp_name),
+                                     description="metrics, ran vs cached stages, MLflow run ids")
+            return {"stages": results, "metrics": metrics, "parent_run_id": parent.info.run_id, "exp_name": exp_name}
+    finally:
+        if is_exp:
+            remove_worktree(root, wt)
+        if lock:
+            lock.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmpipe.config import parse_override
+    from lmpipe.errors import LmpipeError
+
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default=None, help="profile name under profiles/ or a YAML path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted params override")
+    parser.add_argument("--stages", nargs="+", default=None, help="run only these stages")
+    parser.add_argument("--force", action="store_true", help="re-run stages even if DVC has them cached")
+    args = parser.parse_args(argv)
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        state = pipeline(overrides=overrides, profile=args.profile, stages=args.stages, force=args.force,
+                         return_state=True)
+    except LmpipeError as e:
+        print(f"lmpipe: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if state.is_failed():
+        print(f"lmpipe: flow failed: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    for r in result["stages"]:
+        print(f"{r['stage']:>9}: {'ran' if r['ran'] else 'cached'} ({r['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
