@@ -30,6 +30,9 @@ from prefect.artifacts import create_markdown_artifact
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PATH a worker has
+
+
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message is the stage's own error line."""
 
@@ -61,7 +64,7 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str]) -> d
     """Run one DVC stage (`dvc repro --single-item`), stream its output, report ran vs cached."""
     logger = get_run_logger()
     ws = Path(workspace)
-    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    cmd = [*DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ws, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -110,7 +113,7 @@ def make_worktree(root: Path, name: str) -> Path:
     wt.parent.mkdir(parents=True, exist_ok=True)
     _git(root, "worktree", "add", "--detach", "--force", str(wt), "HEAD")
     cache = root / ".dvc" / "cache"
-    subprocess.run(["dvc", "config", "--local", "cache.dir", str(cache)], cwd=wt, check=True, capture_output=True)
+    subprocess.run([*DVC, "config", "--local", "cache.dir", str(cache)], cwd=wt, check=True, capture_output=True)
     return wt
 
 
@@ -208,7 +211,7 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
                 metrics.pop("mlflow_run_id", None)
                 metrics.get("classifier", {}).pop("confusion_matrix", None)
             if is_exp:
-                out = subprocess.run(["dvc", "exp", "save", "-n", exp_name, "--force"], cwd=wt, capture_output=True,
+                out = subprocess.run([*DVC, "exp", "save", "-n", exp_name, "--force"], cwd=wt, capture_output=True,
                                      text=True, env={**os.environ, **env})
                 if out.returncode != 0:
                     raise RuntimeError(f"dvc exp save: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")

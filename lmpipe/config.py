@@ -31,8 +31,8 @@ class Section(BaseModel):
 class Common(Section):
     seed: int = 1337
     """Global seed for python, numpy and torch; every split and init derives from it."""
-    data_dir: str | None = "../shared/data"
-    """Where input data lives, relative to the repo root. Env LMPIPE_DATA_DIR overrides; null = ../shared/data."""
+    data_dir: str = "../shared/data"
+    """Where input data lives (relative to the repo root, or absolute); a DVC dependency of clean. Env LMPIPE_DATA_DIR overrides."""
     experiment: str = "lmpipe"
     """MLflow experiment name."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -367,7 +367,7 @@ def data_dir(common: Common, root: Path | None = None) -> Path:
     """Resolve the data directory: env LMPIPE_DATA_DIR, then common.data_dir, then ../shared/data."""
     root = root or repo_root()
     env = os.environ.get("LMPIPE_DATA_DIR")
-    chosen = env or common.data_dir or "../shared/data"
+    chosen = env or common.data_dir
     path = Path(chosen)
     if not path.is_absolute():
         path = (Path.cwd() if env else root) / path
