@@ -12,9 +12,17 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_TEXTS = 256
 MAX_CHARS = 10_000
+
+
+class PredictRequest(BaseModel):
+    """POST /predict body: 1..256 texts."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
 
 
 class HFClassifier:
@@ -77,11 +85,6 @@ def load_predictor(uri: str):
 
 def create_app(predictor, model_uri: str):
     from fastapi import FastAPI
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
 
     app = FastAPI(title="lmpipe classifier", version="1")
 

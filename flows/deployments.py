@@ -1,0 +1,152 @@
+"""Register the work pools and deployments of prefect.yaml with the configured Prefect API.
+
+    python -m flows.deployments                       # workers run the flow from this checkout
+    python -m flows.deployments --workspace /srv/lmpipe  # ... or from another checkout (same path on every worker)
+
+Idempotent: re-running updates the `cpu` and `gpu` process pools (gpu defaults LMPIPE_DEVICE=cuda,
+CUDA_VISIBLE_DEVICES=0) and re-applies the deployments `lmpipe-pipeline/nightly` (cron, pool gpu)
+and `lmpipe-pipeline/on-demand` (no schedule, pool cpu) with `prefect deploy --all`. No image is
+built or pushed: the pull step is `set_working_directory` to the workspace. The API is
+PREFECT_API_URL (env or active Prefect profile); it must point at a running server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = ROOT / "prefect.yaml"
+FLOW_NAME = "lmpipe-pipeline"
+POOLS: dict[str, dict[str, str]] = {
+    "cpu": {"LMPIPE_DEVICE": "cpu"},
+    "gpu": {"LMPIPE_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0"},
+}
+
+
+class DeployError(RuntimeError):
+    """Anything that stops the registration; the message is the one line printed on stderr."""
+
+
+def pool_template(env: dict[str, str]) -> dict[str, Any]:
+    """The process worker's default base job template with `env` defaults."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["env"]["default"] = dict(env)
+    return template
+
+
+def api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise DeployError("PREFECT_API_URL is not set: start `prefect server start` and "
+                          "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+    return url
+
+
+def check_api(client, url: str) -> None:
+    exc = client.api_healthcheck()
+    if exc is not None:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeployError(f"Prefect API at {url} is unreachable ({detail})")
+
+
+def ensure_pools(client) -> list[str]:
+    """Create or update the process pools; a pool of another type (e.g. kubernetes) is left alone."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    lines = []
+    for name, env in POOLS.items():
+        try:
+            existing = client.read_work_pool(name)
+        except ObjectNotFound:
+            existing = None
+        if existing is not None and existing.type != "process":
+            lines.append(f"work pool {name}: exists with type {existing.type}, left unchanged")
+            continue
+        client.create_work_pool(
+            WorkPoolCreate(name=name, type="process", base_job_template=pool_template(env),
+                           description=f"lmpipe {name} process workers (env {env})"),
+            overwrite=True)
+        env_text = " ".join(f"{k}={v}" for k, v in env.items())
+        lines.append(f"work pool {name}: {'updated' if existing else 'created'} (process, {env_text})")
+    return lines
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= set("─│╭╮╰╯ ")]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["no output"])[-1].strip("│ ")
+
+
+def run_prefect_deploy(workspace: Path, url: str) -> None:
+    """`prefect deploy --all` of prefect.yaml, the pull step resolved to `workspace` at deploy time."""
+    env = {**os.environ, "LMPIPE_WORKSPACE": str(workspace), "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false"}
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise DeployError(f"prefect deploy failed: {_last_line(res.stderr + chr(10) + res.stdout)}")
+
+
+def describe(client, name: str) -> str:
+    from prefect.exceptions import ObjectNotFound
+
+    full = f"{FLOW_NAME}/{name}"
+    try:
+        dep = client.read_deployment_by_name(full)
+    except ObjectNotFound:
+        raise DeployError(f"deployment {full} was not created (check prefect.yaml)") from None
+    schedules = [s.schedule for s in dep.schedules]
+    crons = [f"cron '{s.cron}' {s.timezone or 'UTC'}" for s in schedules if getattr(s, "cron", None)]
+    sched = ", ".join(crons) or ("no schedule" if not schedules else f"{len(schedules)} schedule(s)")
+    return f"deployment {full}: {dep.id} (pool {dep.work_pool_name}, {sched})"
+
+
+def deploy(workspace: Path) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    if not PREFECT_FILE.is_file():
+        raise DeployError(f"{PREFECT_FILE} not found")
+    if not (workspace / "flows" / "pipeline.py").is_file() or not (workspace / "dvc.yaml").is_file():
+        raise DeployError(f"--workspace: {workspace} is not an lmpipe checkout (needs flows/pipeline.py and dvc.yaml)")
+    names = [d["name"] for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]]
+    url = api_url()
+    with get_client(sync_client=True) as client:
+        check_api(client, url)
+        lines = ensure_pools(client)
+        run_prefect_deploy(workspace, url)
+        lines += [describe(client, name) for name in names]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workspace", default=os.environ.get("LMPIPE_WORKSPACE") or str(ROOT),
+                        help="repo checkout the workers run the flow from (default: env LMPIPE_WORKSPACE, else this repo)")
+    args = parser.parse_args(argv)
+    try:
+        for line in deploy(Path(args.workspace).expanduser().resolve()):
+            print(line, flush=True)
+    except DeployError as e:
+        print(f"lmpipe: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback, for API/HTTP failures
+        print(f"lmpipe: error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
