@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run smoke test test-all install serve mlflow-ui clean-outputs
+.PHONY: run smoke test test-all install serve mlflow-ui clean-outputs deploy-flows
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,3 +40,7 @@ serve: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+## make deploy-flows: work pools cpu/gpu + the deployments of prefect.yaml on $PREFECT_API_URL.
+deploy-flows: $(STAMP)
+	$(BIN)/python -m flows.deployments

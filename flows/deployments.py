@@ -13,6 +13,7 @@ PREFECT_API_URL (env or active Prefect profile); it must point at a running serv
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -34,12 +35,17 @@ class DeployError(RuntimeError):
     """Anything that stops the registration; the message is the one line printed on stderr."""
 
 
-def pool_template(env: dict[str, str]) -> dict[str, Any]:
-    """The process worker's default base job template with `env` defaults."""
+def pool_template(env: dict[str, str], existing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A process base job template whose `env` defaults include `env`.
+
+    An existing pool's template is kept (other edits to it survive); only the env defaults are set.
+    """
     from prefect.workers.process import ProcessWorker
 
-    template = ProcessWorker.get_default_base_job_template()
-    template["variables"]["properties"]["env"]["default"] = dict(env)
+    template = copy.deepcopy(existing) if existing and existing.get("variables", {}).get("properties", {}).get("env") \
+        else ProcessWorker.get_default_base_job_template()
+    env_var = template["variables"]["properties"]["env"]
+    env_var["default"] = {**(env_var.get("default") or {}), **env}
     return template
 
 
@@ -62,7 +68,7 @@ def check_api(client, url: str) -> None:
 
 def ensure_pools(client) -> list[str]:
     """Create or update the process pools; a pool of another type (e.g. kubernetes) is left alone."""
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
 
     lines = []
@@ -74,11 +80,14 @@ def ensure_pools(client) -> list[str]:
         if existing is not None and existing.type != "process":
             lines.append(f"work pool {name}: exists with type {existing.type}, left unchanged")
             continue
-        client.create_work_pool(
-            WorkPoolCreate(name=name, type="process", base_job_template=pool_template(env),
-                           description=f"lmpipe {name} process workers (env {env})"),
-            overwrite=True)
         env_text = " ".join(f"{k}={v}" for k, v in env.items())
+        description = f"lmpipe {name} process workers ({env_text})"
+        if existing is None:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description,
+                                                   base_job_template=pool_template(env)))
+        else:  # a PATCH of these two fields only: pause state and concurrency limit stay as they are
+            client.update_work_pool(name, WorkPoolUpdate(description=description,
+                                                         base_job_template=pool_template(env, existing.base_job_template)))
         lines.append(f"work pool {name}: {'updated' if existing else 'created'} (process, {env_text})")
     return lines
 
@@ -89,10 +98,38 @@ def _last_line(text: str) -> str:
     return (errors or lines or ["no output"])[-1].strip("│ ")
 
 
+def prefect_cli(args: list[str]) -> None:
+    """The `prefect` CLI, with one compatibility shim for `prefect deploy`.
+
+    After creating each deployment, prefect 3.8.8's `deploy` asks the API for the pool's online workers
+    (only to print a "start a worker" hint) with `offset: null, limit: null`, which the server rejects
+    under the installed FastAPI (422 "Input should be a valid integer") -- so `prefect deploy --all`
+    stops after the first deployment. The shim treats that 422 as "no workers online".
+    """
+    from prefect.cli import app
+    from prefect.client.orchestration import PrefectClient
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    original = PrefectClient.read_workers_for_work_pool
+
+    async def read_workers_for_work_pool(self, work_pool_name, worker_filter=None, offset=None, limit=None):
+        try:
+            return await original(self, work_pool_name, worker_filter=worker_filter, offset=offset, limit=limit)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 422:
+                raise
+            return []
+
+    PrefectClient.read_workers_for_work_pool = read_workers_for_work_pool
+    sys.argv = ["prefect", *args]
+    app()
+
+
 def run_prefect_deploy(workspace: Path, url: str) -> None:
     """`prefect deploy --all` of prefect.yaml, the pull step resolved to `workspace` at deploy time."""
     env = {**os.environ, "LMPIPE_WORKSPACE": str(workspace), "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false"}
-    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)]
+    cmd = [sys.executable, "-c", "import sys; from flows.deployments import prefect_cli; prefect_cli(sys.argv[1:])",
+           "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise DeployError(f"prefect deploy failed: {_last_line(res.stderr + chr(10) + res.stdout)}")

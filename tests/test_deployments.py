@@ -1,0 +1,152 @@
+"""Deployments on a real Prefect server: `python -m flows.deployments` registers the pools and the
+deployments of prefect.yaml, a local process worker picks up an `on-demand` run, and the run lands
+in the workspace's MLflow store and DVC experiments. All traffic stays on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, SHARED_DATA, free_port
+from test_pipeline import STAGES, _env, make_repo, sh
+
+RUN_TIMEOUT = 720  # seconds for the smoke pipeline through the worker (2 shared CPU cores)
+
+
+def _prefect_env(home: Path, api: str | None = None, **extra) -> dict:
+    env = {k: v for k, v in _env(**extra).items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_CLI_PROMPT="false")
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as fh:  # the child keeps its own handle
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """End a process this test started, and its process group (the server's / worker's children)."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else "(no log)"
+
+
+@pytest.mark.slow
+def test_deployments_and_process_worker(tmp_path):
+    # the workspace: a git + DVC repo of the project; the deployment files are copied in first
+    # (make_repo copies only tracked files, and commits whatever is in dest)
+    dest = tmp_path / "repo"
+    (dest / "flows").mkdir(parents=True)
+    shutil.copy2(ROOT / "prefect.yaml", dest / "prefect.yaml")
+    shutil.copy2(ROOT / "flows" / "deployments.py", dest / "flows" / "deployments.py")
+    repo = make_repo(dest, None)
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    server = worker = None
+    try:
+        server_env = _prefect_env(home, PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}")
+        server = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                        tmp_path, server_env, server_log)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if requests.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, f"prefect server exited:\n{_tail(server_log)}"
+            assert time.monotonic() < deadline, f"prefect server not healthy in 180 s:\n{_tail(server_log)}"
+            time.sleep(1)
+
+        # register pools + deployments (twice: idempotent)
+        for _ in range(2):
+            res = subprocess.run([sys.executable, "-m", "flows.deployments", "--workspace", str(repo)], cwd=repo,
+                                 env=_prefect_env(home, api), capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, f"flows.deployments failed:\n{res.stdout}\n{res.stderr}"
+        lines = res.stdout.splitlines()
+        assert len(lines) == 4, res.stdout
+        assert any(ln.startswith("work pool gpu:") for ln in lines)
+        assert any(ln.startswith("deployment lmpipe-pipeline/nightly:") and "0 2 * * *" in ln for ln in lines)
+
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            cpu, gpu = client.read_work_pool("cpu"), client.read_work_pool("gpu")
+            assert cpu.type == gpu.type == "process"
+            assert gpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cuda"
+            assert cpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cpu"
+
+            nightly = client.read_deployment_by_name("lmpipe-pipeline/nightly")
+            assert nightly.work_pool_name == "gpu"
+            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+            assert nightly.job_variables["env"] == {"LMPIPE_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0"}
+            on_demand = client.read_deployment_by_name("lmpipe-pipeline/on-demand")
+            assert on_demand.work_pool_name == "cpu" and not on_demand.schedules
+            assert on_demand.job_variables["env"] == {"LMPIPE_DEVICE": "cpu"}
+            for dep in (nightly, on_demand):  # local checkout, nothing cloned or built
+                assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
+
+            flow_run = client.create_flow_run_from_deployment(
+                on_demand.id, parameters={"profile": "smoke", "workspace": str(repo)})
+
+            worker_env = _prefect_env(home, api, LMPIPE_DATA_DIR=str(SHARED_DATA), LMPIPE_WORKSPACE=str(repo),
+                                      PREFECT_WORKER_QUERY_SECONDS="2")
+            worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "1",
+                             "--name", "test-worker"], repo, worker_env, worker_log)
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while True:
+                state = client.read_flow_run(flow_run.id).state
+                if state is not None and state.is_final():
+                    break
+                assert worker.poll() is None, f"worker exited:\n{_tail(worker_log)}"
+                assert time.monotonic() < deadline, f"flow run still {state.name if state else None}:\n{_tail(worker_log)}"
+                time.sleep(5)
+            assert state.is_completed(), f"flow run {state.name}: {state.message}\n{_tail(worker_log)}"
+            run_name = client.read_flow_run(flow_run.id).name
+    finally:
+        _stop(worker)
+        _stop(server)
+
+    # MLflow: the flow's parent run carries the deployment, the six stage runs hang under it
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        parents = db.execute(
+            "SELECT r.run_uuid, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE r.name = 'lmpipe-pipeline' AND t.key = 'prefect.deployment'").fetchall()
+        assert [p[1] for p in parents] == ["on-demand"], parents
+        stages = db.execute(
+            "SELECT s.value FROM tags p JOIN tags s ON s.run_uuid = p.run_uuid "
+            "WHERE p.key = 'mlflow.parentRunId' AND p.value = ? AND s.key = 'lmpipe.stage'", (parents[0][0],)).fetchall()
+    assert sorted(s[0] for s in stages) == sorted(STAGES)
+
+    # DVC: the run was an experiment (profile=smoke), saved under the flow run's name
+    assert f"prefect-{run_name}" in sh(repo, "dvc", "exp", "ls").stdout
