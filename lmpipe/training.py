@@ -211,8 +211,3 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                "val_loss": best["eval_loss"], "train_seconds": time.perf_counter() - t0,
                "steps": int(trainer.state.global_step)}
     return trainer.model, metrics
-
-
-def clear_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)

@@ -9,7 +9,9 @@ trained with the same budget so evaluate can measure what pretraining bought.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from lmpipe.io import atomic_dir, write_json
 from lmpipe.modeling import check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init
 from lmpipe.stage import run_stage, seed_everything
 from lmpipe.tracking import log_metrics_bounded
-from lmpipe.training import clear_dir, encode_labeled, finetune as train_classifier
+from lmpipe.training import encode_labeled, fingerprint, finetune as train_classifier
 from lmpipe.errors import ConfigError
 
 
@@ -31,6 +33,16 @@ def _load_split(clean_dir: Path, split: str) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
     return pd.read_parquet(path)
+
+
+def _file_digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def finetune(params: Params, root: Path, run) -> None:
@@ -63,8 +75,17 @@ def finetune(params: Params, root: Path, run) -> None:
     for name, out_dir, random_init in variants:
         seed_everything(seed)  # same init RNG and data order for both variants
         model = load_classifier(base, len(labels), id2label, random_init, tokenizer.pad_token_id)
-        ckpt = root / "checkpoints" / "finetune" / name
-        clear_dir(ckpt)
+        # checkpoints keyed by everything that makes them resumable: a retry (Prefect, or a re-run after
+        # a crash) resumes the same training; other configurations' checkpoints are dropped
+        fp = fingerprint(cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics"}), name, seed,
+                         _file_digest(base / "config.json"), _file_digest(base / "model.safetensors"),
+                         _file_digest(clean_dir / "labeled_train.parquet"))
+        ckpt_root = root / "checkpoints" / "finetune"
+        ckpt = ckpt_root / f"{name}-{fp}"
+        if ckpt_root.is_dir():
+            for other in ckpt_root.glob(f"{name}-*"):
+                if other != ckpt:
+                    shutil.rmtree(other, ignore_errors=True)
         model, metrics = train_classifier(model, tokenizer, train, val, cfg, dev, seed, ckpt, prefix=f"{name}.")
         with atomic_dir(root / out_dir) as out:
             model.save_pretrained(str(out), safe_serialization=True)
