@@ -59,15 +59,28 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint is complete when it parses and names its step.
+    A checkpoint cut short by a kill (no or truncated state file) is never loaded."""
+    m = CKPT_RE.match(path.name)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(m) and state.get("global_step") == int(m.group(1)) and any(path.glob("*.safetensors"))
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """Newest complete Trainer checkpoint (trainer_state.json is written last)."""
+    """Newest complete Trainer checkpoint in folder; incomplete ones are removed."""
     if not folder.is_dir():
         return None
     found = []
     for p in folder.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
+        if CKPT_RE.match(p.name) and p.is_dir():
+            if checkpoint_complete(p):
+                found.append((int(CKPT_RE.match(p.name).group(1)), p))
+            else:
+                shutil.rmtree(p, ignore_errors=True)
     return max(found)[1] if found else None
 
 

@@ -45,6 +45,20 @@ def _file_digest(path: Path) -> str | None:
     return h.hexdigest()
 
 
+def _fingerprint(params: Params, root: Path, name: str) -> str:
+    """Everything that makes a fine-tuning checkpoint resumable: params, seed, base model, data."""
+    cfg = params.finetune
+    source = resolve_init(cfg.init, root, params.pretrain.out_dir) if cfg.init != "scratch" else None
+    base = source if source is not None else root / params.pretrain.out_dir
+    return fingerprint(cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics"}), name, params.common.seed,
+                       _file_digest(base / "config.json"), _file_digest(base / "model.safetensors"),
+                       _file_digest(root / params.clean.out_dir / "labeled_train.parquet"))
+
+
+def _run_id_file(params: Params, root: Path) -> Path:
+    return root / "checkpoints" / "finetune" / f"mlflow_run_id-{_fingerprint(params, root, 'run')}"
+
+
 def finetune(params: Params, root: Path, run) -> None:
     cfg, seed = params.finetune, params.common.seed
     clean_dir = root / params.clean.out_dir
@@ -77,15 +91,13 @@ def finetune(params: Params, root: Path, run) -> None:
         model = load_classifier(base, len(labels), id2label, random_init, tokenizer.pad_token_id)
         # checkpoints keyed by everything that makes them resumable: a retry (Prefect, or a re-run after
         # a crash) resumes the same training; other configurations' checkpoints are dropped
-        fp = fingerprint(cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics"}), name, seed,
-                         _file_digest(base / "config.json"), _file_digest(base / "model.safetensors"),
-                         _file_digest(clean_dir / "labeled_train.parquet"))
+        fp = _fingerprint(params, root, name)
         ckpt_root = root / "checkpoints" / "finetune"
         ckpt = ckpt_root / f"{name}-{fp}"
         if ckpt_root.is_dir():
-            for other in ckpt_root.glob(f"{name}-*"):
-                if other != ckpt:
-                    shutil.rmtree(other, ignore_errors=True)
+            for other in [*ckpt_root.glob(f"{name}-*"), *ckpt_root.glob("mlflow_run_id-*")]:
+                if other != ckpt and other != _run_id_file(params, root):
+                    shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
         model, metrics = train_classifier(model, tokenizer, train, val, cfg, dev, seed, ckpt, prefix=f"{name}.")
         with atomic_dir(root / out_dir) as out:
             model.save_pretrained(str(out), safe_serialization=True)
@@ -101,7 +113,7 @@ def finetune(params: Params, root: Path, run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("finetune", finetune, argv)
+    return run_stage("finetune", finetune, argv, run_id_file=_run_id_file)
 
 
 if __name__ == "__main__":

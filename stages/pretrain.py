@@ -3,12 +3,13 @@
     python -m stages.pretrain         # what `dvc repro pretrain` runs
 
 Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`,
-trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (DVC persist, so a
-re-run after a crash resumes), and saves the final model (safetensors) + tokenizer to pretrain.out_dir.
+trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (left alone by DVC, so a
+re-run after a crash resumes there and reattaches to the same MLflow run), and saves the final model (safetensors) + tokenizer to pretrain.out_dir.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +24,27 @@ from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import fingerprint, pretrain as train_lm, write_curve
+
+
+def _digest(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_dir(params: Params, root: Path) -> Path:
+    """pretrain.checkpoint_dir/<fingerprint>: params, seed, tokenizer and data. Only an identical
+    configuration resumes from it; any other configuration gets its own folder."""
+    cfg = params.pretrain
+    fp = fingerprint(cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir"}),
+                     params.common.seed, params.tokenize.block_size,
+                     _digest(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
+                     _digest(root / params.tokenize.out_dir / "train.npy"))
+    return root / cfg.checkpoint_dir / fp
 
 
 def pretrain(params: Params, root: Path, run) -> None:
@@ -45,11 +67,8 @@ def pretrain(params: Params, root: Path, run) -> None:
     model = build_lm(config, cfg.objective)
 
     # 2) checkpoints live under a fingerprint of everything that makes them resumable
-    fp = fingerprint(config.to_dict(), cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every"}),
-                     params.common.seed, (root / params.tokenize.metrics).read_text() if
-                     (root / params.tokenize.metrics).is_file() else None)
-    ckpt_root = root / cfg.checkpoint_dir
-    ckpt_dir = ckpt_root / fp
+    ckpt_dir = checkpoint_dir(params, root)
+    ckpt_root, fp = ckpt_dir.parent, ckpt_dir.name
     if ckpt_root.is_dir():  # checkpoints of other configs cannot be resumed by this one
         for other in ckpt_root.iterdir():
             if other.name != fp:
@@ -77,7 +96,7 @@ def pretrain(params: Params, root: Path, run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("pretrain", pretrain, argv)
+    return run_stage("pretrain", pretrain, argv, run_id_file=lambda p, r: checkpoint_dir(p, r) / "mlflow_run_id")
 
 
 if __name__ == "__main__":

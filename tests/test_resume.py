@@ -1,0 +1,114 @@
+"""Crash-safe resume: SIGKILL the running stage at two points, re-run, get the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import mlflow_runs, run_module
+
+
+def _prepare(workdir: Path, edit) -> None:
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    edit(raw)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in ("clean", "tokenize"):
+        res = run_module(f"stages.{stage}", workdir)
+        assert res.returncode == 0, res.stderr
+
+
+def _steps(folder: Path) -> list[int]:
+    from lmpipe.training import checkpoint_complete
+
+    return sorted(int(p.name.split("-")[1]) for p in folder.rglob("checkpoint-*") if checkpoint_complete(p))
+
+
+def _start(stage: str, workdir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_after(stage: str, workdir: Path, ckpt_root: Path, past: int, timeout: float = 300) -> int:
+    """Start the stage, SIGKILL it once a checkpoint beyond `past` is complete; returns that step."""
+    proc = _start(stage, workdir)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [s for s in _steps(ckpt_root) if s > past]
+        if done:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return done[-1]
+        assert proc.poll() is None, f"{stage} finished before it could be killed"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def _copy_for_reference(workdir: Path, dest: Path) -> Path:
+    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "checkpoints"))
+    return dest
+
+
+def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypatch):
+    _prepare(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
+                                                      log_every=20, keep_last=2))
+    ref = _copy_for_reference(workdir, tmp_path / "ref")
+    res = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    assert res.returncode == 0, res.stderr
+    expected = json.loads((ref / "metrics" / "pretrain.json").read_text())
+
+    ckpts = workdir / "checkpoints" / "pretrain"
+    first = _kill_after("pretrain", workdir, ckpts, past=0)
+    second = _kill_after("pretrain", workdir, ckpts, past=first)
+    assert 0 < first < second < 400
+    # a checkpoint cut short by a kill (state file truncated) must never be loaded
+    fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
+    torn = fp_dir / "checkpoint-399"
+    shutil.copytree(fp_dir / f"checkpoint-{second}", torn)
+    (torn / "trainer_state.json").write_text('{"global_step": 3')
+
+    res = run_module("stages.pretrain", workdir)
+    assert res.returncode == 0, res.stderr
+    got = json.loads((workdir / "metrics" / "pretrain.json").read_text())
+    assert got["steps"] == expected["steps"] == 400
+    assert abs(got["val_loss"] - expected["val_loss"]) < 1e-4, (got["val_loss"], expected["val_loss"])
+    assert not torn.exists()
+
+    runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "pretrain"]
+    assert len(runs) == 1, "the resumed attempts must reattach to the first MLflow run"
+    assert runs[0].info.status == "FINISHED" and runs[0].info.run_id == got["mlflow_run_id"]
+    assert runs[0].data.tags["pretrain.resumed_from"].endswith(f"checkpoint-{second}")
+
+
+def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
+    _prepare(workdir, lambda r: r["finetune"].update(max_steps=300, eval_every=30, batch_size=4,
+                                                      scratch_baseline=False))
+    res = run_module("stages.pretrain", workdir)
+    assert res.returncode == 0, res.stderr
+    ref = _copy_for_reference(workdir, tmp_path / "ref")
+    res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    assert res.returncode == 0, res.stderr
+    expected = json.loads((ref / "metrics" / "finetune.json").read_text())["classifier"]
+
+    ckpts = workdir / "checkpoints" / "finetune"
+    first = _kill_after("finetune", workdir, ckpts, past=0)
+    second = _kill_after("finetune", workdir, ckpts, past=first)
+    assert 0 < first < second
+    res = run_module("stages.finetune", workdir)
+    assert res.returncode == 0, res.stderr
+    got = json.loads((workdir / "metrics" / "finetune.json").read_text())
+    assert got["classifier"]["steps"] == 300
+    assert abs(got["classifier"]["val_loss"] - expected["val_loss"]) < 1e-4
+    assert got["classifier"]["val_accuracy"] == expected["val_accuracy"]
+    runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "finetune"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
