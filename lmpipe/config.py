@@ -81,6 +81,8 @@ class Clean(Section):
     """Drop documents longer than this after normalisation (characters)."""
     validation_fraction: float = Field(0.05, gt=0, lt=1)
     """Share of corpus documents held out for validation / perplexity."""
+    keep_newlines: bool = False
+    """Keep line breaks inside corpus documents (verse, char-level LMs); other whitespace is still collapsed."""
     out_dir: str = "data/clean"
     """Output folder for the parquet splits."""
     metrics: str = "metrics/clean.json"
@@ -166,6 +168,11 @@ class Pretrain(Section):
     """Checkpoints kept on disk."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 on CUDA that supports it, fp32 on CPU."""
+    fsdp: str = ""
+    """Trainer's FSDP option (e.g. "full_shard auto_wrap"); empty = plain DDP when several processes run."""
+    nproc_per_node: int | Literal["auto"] = Field(1)
+    """Processes on this host: >1 or auto launches the stage through torchrun (DDP; gloo on CPU, nccl on GPU).
+    auto = one per GPU, or one per CPU core without GPUs. batch_size stays per process."""
     log_every: int = Field(10, ge=1)
     """Log loss/lr/tokens-per-s to MLflow every N steps."""
     out_dir: str = "models/pretrain"
@@ -179,6 +186,8 @@ class Pretrain(Section):
 
     @model_validator(mode="after")
     def _shape(self) -> "Pretrain":
+        if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node: {self.nproc_per_node} must be >= 1 or auto")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads ({self.num_heads})")
         if self.objective == "mlm" and self.arch != "bert":

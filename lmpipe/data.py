@@ -20,11 +20,17 @@ from lmpipe.errors import DataError
 _WS = re.compile(r"\s+")
 
 
-def normalize(text: str) -> str:
-    """NFKC, control characters dropped (tabs/newlines become spaces), whitespace collapsed."""
+_HWS = re.compile(r"[^\S\n]+")
+
+
+def normalize(text: str, keep_newlines: bool = False) -> str:
+    """NFKC, control characters dropped (tabs/newlines become spaces), whitespace collapsed.
+    keep_newlines keeps line breaks (verse, code) and collapses the rest of the whitespace per line."""
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(" " if ch in "\t\n\r\v\f" else ch for ch in text
+    text = "".join(" " if ch in "\t\r\v\f" or (ch == "\n" and not keep_newlines) else ch for ch in text
                    if ch in "\t\n\r\v\f" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co"))
+    if keep_newlines:
+        return "\n".join(_HWS.sub(" ", line).strip() for line in text.split("\n")).strip("\n")
     return _WS.sub(" ", text).strip()
 
 
@@ -109,13 +115,14 @@ def read_texts(src: TextSource, data_dir: Path) -> list[str]:
     return text.splitlines()
 
 
-def clean_documents(docs: list[str], min_chars: int, max_chars: int) -> tuple[list[str], dict[str, int]]:
+def clean_documents(docs: list[str], min_chars: int, max_chars: int,
+                    keep_newlines: bool = False) -> tuple[list[str], dict[str, int]]:
     """1) normalise 2) drop empty 3) length filters 4) exact dedup (first occurrence wins)."""
     stats = Counter(rows_in=len(docs))
     seen: set[str] = set()
     kept = []
     for raw in docs:
-        text = normalize(raw)
+        text = normalize(raw, keep_newlines)
         if not text:
             stats["dropped_empty"] += 1
         elif len(text) < min_chars:

@@ -71,6 +71,10 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None,
         params = load_params(args.params, overrides=overrides)
         root = repo_root()
         seed_everything(params.common.seed)
+        if int(os.environ.get("RANK", "0")) != 0:
+            # torchrun worker ranks > 0 take part in training only: no MLflow run, no outputs
+            body(params, root, None)
+            return 0
         from lmpipe.tracking import setup, stage_run
 
         id_file = run_id_file(params, root) if run_id_file else None

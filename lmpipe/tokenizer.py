@@ -42,7 +42,7 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, min_frequency:
         alphabet = sorted(set("".join(texts)))
         vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *alphabet])}
         tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # newlines too
         tok.decoder = decoders.Fuse()
         trainer = None
     else:

@@ -161,7 +161,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
         eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
         save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed,
         use_cpu=device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
-        disable_tqdm=False, **precision_flags(cfg.precision, device))
+        disable_tqdm=False, fsdp=cfg.fsdp, **precision_flags(cfg.precision, device))
     logger = MlflowCallback(tokens_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * block
                             * max(1, args.world_size))
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_small,

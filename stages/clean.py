@@ -31,7 +31,7 @@ def clean(params: Params, root: Path, run) -> None:
     raw_docs: list[str] = []
     for src in cfg.corpus:
         raw_docs.extend(data.read_texts(src, ddir))
-    docs, corpus_stats = data.clean_documents(raw_docs, cfg.min_chars, cfg.max_chars)
+    docs, corpus_stats = data.clean_documents(raw_docs, cfg.min_chars, cfg.max_chars, cfg.keep_newlines)
     if len(docs) < 2:
         raise DataError(
             f"clean.corpus: {len(docs)} documents left after cleaning ({corpus_stats['rows_in']} in: "

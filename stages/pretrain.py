@@ -10,7 +10,9 @@ re-run after a crash resumes there and reattaches to the same MLflow run), and s
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,15 +71,20 @@ def pretrain(params: Params, root: Path, run) -> None:
     # 2) checkpoints live under a fingerprint of everything that makes them resumable
     ckpt_dir = checkpoint_dir(params, root)
     ckpt_root, fp = ckpt_dir.parent, ckpt_dir.name
-    if ckpt_root.is_dir():  # checkpoints of other configs cannot be resumed by this one
+    if ckpt_root.is_dir() and run is not None:  # checkpoints of other configs cannot be resumed by this one
         for other in ckpt_root.iterdir():
             if other.name != fp:
                 shutil.rmtree(other, ignore_errors=True)
-    mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters())})
+    is_main = run is not None  # torchrun ranks > 0 get no run and write nothing
+    if is_main:
+        mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters()),
+                         "pretrain.world_size": os.environ.get("WORLD_SIZE", "1")})
 
     # 3) train
     dev = device(params.common)
     result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
+    if not is_main:
+        return
     if result.resumed_from:
         mlflow.set_tag("pretrain.resumed_from", result.resumed_from)
 
@@ -95,7 +102,39 @@ def pretrain(params: Params, root: Path, run) -> None:
           f"(ppl {result.metrics['val_perplexity']:.1f}), {result.metrics['tokens_per_s']:.0f} tok/s on {dev}")
 
 
+def _torchrun_nproc(argv: list[str]) -> int:
+    """How many processes pretrain.nproc_per_node asks for (1 when already under torchrun)."""
+    if "LOCAL_RANK" in os.environ:
+        return 1
+    import argparse
+
+    from lmpipe.config import load_params, parse_override
+    from lmpipe.errors import LmpipeError
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", action="append", default=[])
+    args, _ = ap.parse_known_args(argv)
+    try:
+        n = load_params(args.params, overrides=dict(parse_override(s) for s in args.set)).pretrain.nproc_per_node
+    except LmpipeError:
+        return 1  # run_stage reports the problem
+    if n == "auto":
+        import torch
+
+        n = torch.cuda.device_count() or os.cpu_count() or 1
+    return int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    nproc = _torchrun_nproc(argv)
+    if nproc > 1:
+        # DDP through torchrun (no home-made process management); Trainer picks gloo on CPU, nccl on GPU
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "stages.pretrain", *argv]
+        print("+", " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
     return run_stage("pretrain", pretrain, argv, run_id_file=lambda p, r: checkpoint_dir(p, r) / "mlflow_run_id")
 
 
