@@ -60,11 +60,12 @@ def _metrics_run_id(workspace: Path, stage: str) -> str | None:
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=2, task_run_name="{stage}")
-def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str]) -> dict[str, Any]:
-    """Run one DVC stage (`dvc repro --single-item`), stream its output, report ran vs cached."""
+def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upstream: bool = False) -> dict[str, Any]:
+    """Run one DVC stage (`dvc repro --single-item`), stream its output, report ran vs cached.
+    upstream=True also reproduces the stages it depends on (a fresh experiment worktree has no outputs)."""
     logger = get_run_logger()
     ws = Path(workspace)
-    cmd = [*DVC, "repro", "--single-item", stage] + (["--force"] if force else [])
+    cmd = [*DVC, "repro", *([] if upstream else ["--single-item"]), stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ws, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -151,6 +152,31 @@ def _parent_run(root: Path, experiment: str, tags: dict[str, str]):
     return mlflow.start_run(run_name="lmpipe-pipeline", tags={"lmpipe.kind": "flow", **tags})
 
 
+def resolve_profile(root: Path, profile: str | None) -> Path | None:
+    """A profile name (profiles/<name>.yaml) or a YAML path; missing -> ConfigError."""
+    from lmpipe.errors import ConfigError
+
+    if not profile:
+        return None
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else Path("profiles") / f"{profile}.yaml"
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise ConfigError(f"profile {profile!r}: {path} not found")
+    return path
+
+
+def check_inputs(root: Path, overrides: dict[str, Any], profile: str | None, stages: list[str] | None):
+    """Validate params + profile + overrides and the stage names; raises ConfigError."""
+    from lmpipe.config import load_params
+    from lmpipe.errors import ConfigError
+
+    params = load_params(root / "params.yaml", overrides=overrides, profile=resolve_profile(root, profile))
+    unknown = sorted(set(stages or []) - set(stage_names(root)))
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {stage_names(root)}")
+    return params
+
+
 @flow(name="lmpipe-pipeline", log_prints=True)
 def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None, stages: list[str] | None = None,
              force: bool = False, workspace: str | None = None, retries: int = 1) -> dict[str, Any]:
@@ -164,12 +190,8 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
 
     root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
     overrides = dict(overrides or {})
-    profile_path = None
-    if profile:
-        profile_path = Path(profile) if profile.endswith((".yaml", ".yml")) else root / "profiles" / f"{profile}.yaml"
-        if not profile_path.is_absolute():
-            profile_path = root / profile_path
-    params = load_params(root / "params.yaml", overrides=overrides, profile=profile_path)  # fail before any stage
+    profile_path = resolve_profile(root, profile)
+    params = check_inputs(root, overrides, profile, stages)  # fail before any stage
     is_exp = bool(overrides or profile_path)
     run_name = flow_run.get_name() or "local"
     exp_name = f"prefect-{run_name}" if is_exp else None
@@ -195,11 +217,9 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
                    "MLFLOW_TRACKING_URI": tracking_uri(root), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
             wanted = stages or stage_names(wt)
-            unknown = set(wanted) - set(stage_names(wt))
-            if unknown:
-                raise ValueError(f"stages: unknown stage(s) {sorted(unknown)}; known: {stage_names(wt)}")
-            for stage in [s for s in stage_names(wt) if s in wanted]:
-                res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env)
+            for i, stage in enumerate([s for s in stage_names(wt) if s in wanted]):
+                res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
+                                                              upstream=is_exp and i == 0 and bool(stages))
                 results.append(res)
                 mlflow.set_tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
                 if res["mlflow_run_id"]:
@@ -239,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         overrides = dict(parse_override(s) for s in args.set)
+        check_inputs(ROOT, overrides, args.profile, args.stages)  # one line, exit 2, before Prefect starts
         state = pipeline(overrides=overrides, profile=args.profile, stages=args.stages, force=args.force,
                          return_state=True)
     except LmpipeError as e:

@@ -47,6 +47,9 @@ def smoke(profile: str, extra: list[str]) -> int:
     from lmpipe.config import data_dir
 
     ddir = data_dir(params.common, root)
+    from lmpipe.tracking import setup
+
+    setup(root, params.common.experiment)  # experiment + artifact location in this repo, not DVC's temp dir
     env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
     env.setdefault("HF_HUB_OFFLINE", "1")
     sets = [*profile_overrides(profile), f"common.data_dir={hydra_value(str(ddir))}", *extra]
@@ -84,14 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.set_tracking_uri(tracking_uri(repo_root()))
             from lmpipe.serving import serve
 
-            try:
-                serve(uri, args.host, args.port)
-            except OSError as e:
-                raise LmpipeError(f"serve: cannot listen on {args.host}:{args.port} ({e.strerror})") from None
-            except Exception as e:  # model URI that does not resolve, ...
-                if type(e).__name__ in ("MlflowException", "RestException", "OSError"):
-                    raise LmpipeError(f"--model-uri {uri}: {str(e).splitlines()[0]}") from None
-                raise
+            serve(uri, args.host, args.port)
             return 0
         if args.cmd == "smoke":
             return smoke(args.profile, args.set)

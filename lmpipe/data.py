@@ -83,6 +83,8 @@ def read_table(src: TextSource, data_dir: Path) -> pd.DataFrame:
             raise DataError(f"{path}: unsupported tabular format {suffix!r} (csv, tsv, jsonl, json, parquet)")
     except UnicodeDecodeError as e:
         raise _decode_error(path, src.encoding, e) from None
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {src.encoding!r}") from None
     except (pd.errors.ParserError, ValueError) as e:
         raise DataError(f"{path}: malformed {suffix[1:]} ({str(e).splitlines()[0]})") from None
     df.columns = [str(c) for c in df.columns]
@@ -102,7 +104,8 @@ def read_texts(src: TextSource, data_dir: Path) -> list[str]:
     is_txt = not src.path.startswith("hf:") and Path(src.path).suffix.lower() in (".txt", ".raw", "")
     if not is_txt:
         df = read_table(src, data_dir)
-        return ["" if v is None else str(v) for v in _column(df, src.text_column, src, "text_column")]
+        return ["" if v is None or (isinstance(v, float) and v != v) else str(v)
+                for v in _column(df, src.text_column, src, "text_column")]
     path = _resolve(src, data_dir)
     try:
         text = path.read_bytes().decode(src.encoding)
@@ -153,7 +156,12 @@ def read_labeled(src: LabeledSource, data_dir: Path) -> pd.DataFrame:
     df = read_table(src, data_dir)
     text = _column(df, src.text_column, src, "text_column")
     label = _column(df, src.label_column, src, "label_column")
-    return pd.DataFrame({"text": text.astype(str).tolist(), "label": label.astype(str).str.strip().tolist()})
+    def as_str(col: pd.Series) -> list[str]:
+        # nulls become "" (dropped as empty rows); 1.0-style floats from a nullable int column become "1"
+        return ["" if v is None or (isinstance(v, float) and v != v) else
+                str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip() for v in col]
+
+    return pd.DataFrame({"text": as_str(text), "label": as_str(label)})
 
 
 def label_vocabulary(raw_labels: list[str]) -> list[str]:

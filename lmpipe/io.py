@@ -16,6 +16,12 @@ from typing import Any, Iterator
 from lmpipe.errors import LmpipeError
 
 
+def _umask_mode(base: int) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _ensure_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +44,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _umask_mode(0o666))  # mkstemp makes 0600; outputs are readable like any file
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -55,6 +62,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise LmpipeError(f"{path.parent}: cannot create output directory ({e.strerror})") from None
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

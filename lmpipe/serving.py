@@ -35,7 +35,8 @@ class HFClassifier:
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(device)
-        self.max_length = max_length
+        positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        self.max_length = min(max_length, positions) if positions else max_length
         self.device = device
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
@@ -49,6 +50,11 @@ class HFClassifier:
                 out.extend({"label": self.model.config.id2label[int(i)], "score": float(s)}
                            for i, s in zip(idx.tolist(), score.tolist()))
         return out
+
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
 
 
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
@@ -107,8 +113,22 @@ def create_app(predictor, model_uri: str):
 
 
 def serve(model_uri: str, host: str, port: int) -> None:
+    import socket
+
     import uvicorn
 
+    from lmpipe.errors import LmpipeError
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    predictor = load_predictor(model_uri)
+    try:
+        predictor = load_predictor(model_uri)
+    except Exception as e:  # unknown alias, missing files, not a classifier, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LmpipeError(f"--model-uri {model_uri}: cannot load model ({type(e).__name__}: {first})") from None
+    try:
+        with socket.socket() as s:  # fail with one line before uvicorn logs its own traceback
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise LmpipeError(f"serve: cannot listen on {host}:{port} ({e.strerror})") from None
     uvicorn.run(create_app(predictor, model_uri), host=host, port=port, log_level="info")

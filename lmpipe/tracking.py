@@ -45,9 +45,10 @@ def setup(root: Path, experiment: str) -> str:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
-        if tracking_uri(root).startswith("sqlite:"):
-            # artifacts next to the sqlite store, not wherever the process happens to run
-            location = (root / "mlartifacts").resolve().as_uri()
+        uri = tracking_uri(root)
+        if uri.startswith("sqlite:///"):
+            # artifacts next to the sqlite store, not wherever the process runs (DVC temp dirs vanish)
+            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
         try:
             exp_id = client.create_experiment(experiment, artifact_location=location)
         except Exception:  # created concurrently by another stage process

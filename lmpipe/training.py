@@ -179,8 +179,13 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                "tokens_per_s": (trainer.state.global_step - (int(resume.name.split("-")[1]) if resume else 0))
                * logger.tokens_per_step / max(seconds, 1e-9),
                "parameters": int(sum(p.numel() for p in model.parameters()))}
-    logger.curve.append({"step": trainer.state.global_step, "split": "validation", "loss": metrics["val_loss"]})
-    return PretrainResult(trainer.model, metrics, logger.curve, str(resume) if resume else None)
+    # the curve from Trainer's own history: it survives a resume (restored from the checkpoint)
+    curve = [{"step": h["step"], "split": "train", "loss": float(h["loss"])} for h in trainer.state.log_history
+             if "loss" in h and "step" in h]
+    curve += [{"step": h["step"], "split": "validation", "loss": float(h["eval_loss"])}
+              for h in trainer.state.log_history if "eval_loss" in h and "step" in h]
+    curve.sort(key=lambda r: (r["step"], r["split"]))
+    return PretrainResult(trainer.model, metrics, curve, str(resume) if resume else None)
 
 
 def _compute_metrics(eval_pred) -> dict[str, float]:

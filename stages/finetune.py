@@ -102,6 +102,7 @@ def finetune(params: Params, root: Path, run) -> None:
         with atomic_dir(root / out_dir) as out:
             model.save_pretrained(str(out), safe_serialization=True)
             tokenizer.save_pretrained(str(out))
+        shutil.rmtree(ckpt, ignore_errors=True)  # crash-resume only; see stages/pretrain.py
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         log_metrics_bounded({f"{name}.best_{k}": v for k, v in metrics.items()})
         print(f"finetune[{name}]: best val accuracy {metrics['val_accuracy']:.4f} in {metrics['steps']} steps")
@@ -110,6 +111,7 @@ def finetune(params: Params, root: Path, run) -> None:
         with atomic_dir(root / cfg.scratch_dir) as out:
             (out / "NOT_TRAINED").write_text("finetune.scratch_baseline is false\n")
     write_json(root / cfg.metrics, summary)
+    _run_id_file(params, root).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,6 +98,9 @@ def pretrain(params: Params, root: Path, run) -> None:
     write_json(root / cfg.metrics, metrics)
     log_metrics_bounded({f"final.{k}": v for k, v in result.metrics.items()})
     mlflow.log_artifact(str(root / cfg.plot))
+    # checkpoints exist for crash-resume only: once the outputs are written they would make a forced
+    # re-run (or one after a code change) "resume" at max_steps and train nothing
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"pretrain: {result.metrics['steps']} steps, val loss {result.metrics['val_loss']:.4f} "
           f"(ppl {result.metrics['val_perplexity']:.1f}), {result.metrics['tokens_per_s']:.0f} tok/s on {dev}")
 

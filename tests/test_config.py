@@ -56,6 +56,9 @@ def test_override_applies_dotted_keys():
 @pytest.mark.parametrize("edit,expected", [
     (lambda r: r["pretrain"].__setitem__("lerning_rate", 1), "pretrain.lerning_rate: unknown key"),
     (lambda r: r["pretrain"].__setitem__("learning_rate", "abc"), "pretrain.learning_rate"),
+    (lambda r: r["tokenize"].__setitem__("vocab_size", 3), "tokenize.vocab_size: 3 must exceed"),
+    (lambda r: r["tokenize"].__setitem__("block_size", 1024), "tokenize.block_size: 1024 exceeds"),
+    (lambda r: r["pretrain"].__setitem__("batch_size", 0), "pretrain.batch_size"),
 ])
 def test_stage_cli_rejects_bad_params_with_exit_2_and_no_outputs(tmp_path: Path, edit, expected):
     raw = _raw()
@@ -66,3 +69,18 @@ def test_stage_cli_rejects_bad_params_with_exit_2_and_no_outputs(tmp_path: Path,
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and expected in err[0], res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_bad_override_value_is_one_line(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    res = run_module("stages.clean", tmp_path, "--set", "pretrain.learning_rate=[")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "not valid YAML" in res.stderr
+
+
+def test_flow_cli_rejects_bad_input_before_prefect_starts():
+    res = run_module("flows.pipeline", ROOT, "--set", "pretrain.lerning_rate=1")
+    assert res.returncode == 2 and "pretrain.lerning_rate: unknown key" in res.stderr
+    res = run_module("flows.pipeline", ROOT, "--stages", "bogus")
+    assert res.returncode == 2 and "unknown stage(s) ['bogus']" in res.stderr
+    res = run_module("flows.pipeline", ROOT, "--profile", "nope")
+    assert res.returncode == 2 and "profile 'nope'" in res.stderr

@@ -150,3 +150,32 @@ def test_param_change_reruns_only_dependent_stages(tmp_path, tiny_data):
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     # evaluate reads the changed section; deploy follows because eval.json names the new evaluate run
     assert ran[0] == "evaluate" and not set(ran) & {"clean", "tokenize", "pretrain", "finetune"}
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
+def test_make_smoke_is_a_dvc_experiment_that_leaves_params_untouched(tmp_path):
+    """`make smoke` = `lmpipe smoke`: the smoke profile on the real data, `dvc exp run --temp`."""
+    repo = make_repo(tmp_path / "repo", None)
+    before = (repo / "params.yaml").read_text()
+    res = sh(repo, sys.executable, "-m", "lmpipe.cli", "smoke", timeout=900, LMPIPE_DATA_DIR=str(SHARED_DATA))
+    assert (repo / "params.yaml").read_text() == before
+    assert not (repo / "metrics").exists()  # the workspace is untouched; results live in the experiment
+    exps = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+
+    def smoke_params(node) -> bool:  # any experiment whose params.yaml carries the smoke profile
+        if isinstance(node, dict):
+            pre = node.get("pretrain")
+            if isinstance(pre, dict) and pre.get("max_steps") == 30 and pre.get("hidden_size") == 32:
+                return True
+            return any(smoke_params(v) for v in node.values())
+        return isinstance(node, list) and any(smoke_params(v) for v in node)
+
+    assert smoke_params(exps)
+    runs = stage_runs(repo)  # MLflow runs landed in the repo's own store, with usable artifacts
+    assert all(len(runs[s]) == 1 for s in STAGES), {s: len(r) for s, r in runs.items()}
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/lmpipe-sst2-smoke@champion")
+    assert len(model.predict(["a fine film"])) == 1
+    assert "Running stage 'deploy'" in res.stdout
