@@ -105,7 +105,8 @@ def main() -> None:
            "reference_mfu": round(reference * fpt / (peak * 1e9), 4), "nanogpt_tokens_per_s": 23000}
     print(f"{'':24}{'tokens/s':>10}{'ms/step':>10}{'MFU':>8}")
     for name, tps in (("lmpipe (Trainer)", project), ("plain loop", reference), ("nanoGPT (reported)", 23000)):
-        print(f"{name:24}{tps:10.0f}{768 / tps * 1000:10.1f}{tps * fpt / (peak * 1e9):8.1%}")
+        mfu = f"{tps * fpt / (peak * 1e9):8.1%}" if name != "nanoGPT (reported)" else f"{'-':>8}"
+        print(f"{name:24}{tps:10.0f}{768 / tps * 1000:10.1f}{mfu}")
     print(f"matmul peak {peak:.1f} GFLOP/s, {fpt / 1e6:.2f} MFLOP/token, {out['parameters'] / 1e6:.2f}M parameters")
     print(json.dumps(out))
 
