@@ -384,6 +384,13 @@ def data_dir(common: Common, root: Path | None = None) -> Path:
     if not path.is_absolute():
         path = (Path.cwd() if env else root) / path
     path = path.resolve()
+    if env and os.environ.get("DVC_STAGE") and common.data_dir:
+        tracked = Path(common.data_dir) if Path(common.data_dir).is_absolute() else root / common.data_dir
+        if tracked.resolve() != path:
+            # DVC hashes common.data_dir as the clean stage's dependency: reading elsewhere would let it
+            # serve stale outputs from cache when the real data changes
+            raise ConfigError(f"LMPIPE_DATA_DIR ({path}) differs from common.data_dir ({tracked.resolve()}), which DVC "
+                              f"tracks; use `dvc exp run -S common.data_dir={path}` or unset LMPIPE_DATA_DIR")
     if not path.is_dir():
         origin = "LMPIPE_DATA_DIR" if env else "common.data_dir"
         raise ConfigError(f"{origin}: data directory {path} does not exist")
