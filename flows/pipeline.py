@@ -61,7 +61,7 @@ def _metrics_run_id(workspace: Path, stage: str) -> str | None:
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=2, task_run_name="{stage}")
 def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upstream: bool = False) -> dict[str, Any]:
-    """Run one DVC stage (`dvc repro --single-item`), stream its output, report ran vs cached.
+    """Run one DVC stage (`dvc repro --single-item`), relay its output, report ran vs cached.
     upstream=True also reproduces the stages it depends on (a fresh experiment worktree has no outputs)."""
     logger = get_run_logger()
     ws = Path(workspace)
@@ -73,14 +73,20 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upst
     assert proc.stdout is not None
     for line in proc.stdout:
         lines.append(line)
-        if line.strip() and "\r" not in line:  # progress-bar redraws stay out of the logs
-            logger.info(line.rstrip())
+        sys.stdout.write(line)  # live on the worker's console (progress bars included)
+        sys.stdout.flush()
     code = proc.wait()
     output = "".join(lines)
+    # into the Prefect logs once the stage ends, so that on failure the stage's own error line comes first
+    kept = [ln.rstrip() for ln in lines if ln.strip() and "\r" not in ln]  # no progress-bar redraws
     if code != 0:
         message = _error_line(output, stage)
         logger.error(message)
+        for ln in kept[-200:]:
+            logger.info(ln)
         raise StageFailed(message)
+    for ln in kept:
+        logger.info(ln)
     ran = f"Running stage '{stage}'" in output
     return {"stage": stage, "ran": ran, "cached": not ran, "seconds": round(time.perf_counter() - t0, 2),
             "mlflow_run_id": _metrics_run_id(ws, stage)}

@@ -87,6 +87,23 @@ def test_flow_stage_failure_stops_pipeline(tmp_path, tiny_data, harness, flow_en
                      retries=0, return_state=True)
     assert state.is_failed()
     assert "clean: error:" in state.message and "'sentiment'" in state.message
+    # the stage's error line is the first log line of the failed task run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    import time
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        for _ in range(60):  # logs are shipped to the API in batches
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                    sort=LogSort.TIMESTAMP_ASC, limit=200, offset=0)
+            if any("Task run failed" in lg.message for lg in logs):
+                break
+            time.sleep(0.5)
+    task_logs = [lg for lg in logs if lg.task_run_id]
+    assert task_logs and task_logs[0].message.startswith("clean: error:") and "'sentiment'" in task_logs[0].message
     stages_run = {r.data.tags.get("lmpipe.stage") for r in _runs(repo)} - {None}
     assert stages_run == {"clean"}  # tokenize and later never started
 
