@@ -5,6 +5,7 @@ A killed stage never leaves a half-written file where DVC or the next stage woul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,6 +74,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_md5(path: str | Path) -> str | None:
+    """md5 of a file's bytes (what DVC records for a file), None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | Path, data: Any) -> None:

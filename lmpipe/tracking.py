@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import yaml
 
 from lmpipe.config import Params, flatten
+from lmpipe.io import file_md5
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,6 @@ def git_info(root: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _resolve_templates(value: str, raw_params: dict) -> str:
     flat = flatten(raw_params)
     return re.sub(r"\$\{([^}]+)\}", lambda m: str(flat.get(m.group(1).strip(), m.group(0))), value)
@@ -110,7 +103,7 @@ def dvc_stage_hashes(stage: str, root: Path) -> dict[str, str]:
         if path in produced:
             deps[path] = produced[path]
         elif (root / path).is_file():
-            deps[path] = _md5_file(root / path)
+            deps[path] = file_md5(root / path)
     section_names = []
     for p in spec.get("params", []):
         section_names.extend(p if isinstance(p, list) else [p] if isinstance(p, str) else list(p))

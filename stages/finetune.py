@@ -9,7 +9,6 @@ trained with the same budget so evaluate can measure what pretraining bought.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -20,7 +19,7 @@ import pandas as pd
 
 from lmpipe.config import Params, device
 from lmpipe.errors import DataError
-from lmpipe.io import atomic_dir, write_json
+from lmpipe.io import atomic_dir, file_md5, write_json
 from lmpipe.modeling import check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init
 from lmpipe.stage import run_stage, seed_everything
 from lmpipe.tracking import log_metrics_bounded
@@ -35,24 +34,14 @@ def _load_split(clean_dir: Path, split: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _file_digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fingerprint(params: Params, root: Path, name: str) -> str:
     """Everything that makes a fine-tuning checkpoint resumable: params, seed, base model, data."""
     cfg = params.finetune
     source = resolve_init(cfg.init, root, params.pretrain.out_dir) if cfg.init != "scratch" else None
     base = source if source is not None else root / params.pretrain.out_dir
     return fingerprint(cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics"}), name, params.common.seed,
-                       _file_digest(base / "config.json"), _file_digest(base / "model.safetensors"),
-                       _file_digest(root / params.clean.out_dir / "labeled_train.parquet"))
+                       file_md5(base / "config.json"), file_md5(base / "model.safetensors"),
+                       file_md5(root / params.clean.out_dir / "labeled_train.parquet"))
 
 
 def _run_id_file(params: Params, root: Path) -> Path:

@@ -9,7 +9,6 @@ re-run after a crash resumes there and reattaches to the same MLflow run), and s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,22 +19,12 @@ import mlflow
 
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
-from lmpipe.io import atomic_dir, write_json
+from lmpipe.io import atomic_dir, file_md5, write_json
 from lmpipe.modeling import build_lm, build_lm_config, check_vocab, load_tokenizer, max_positions
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import fingerprint, pretrain as train_lm, write_curve
-
-
-def _digest(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_dir(params: Params, root: Path) -> Path:
@@ -44,8 +33,8 @@ def checkpoint_dir(params: Params, root: Path) -> Path:
     cfg = params.pretrain
     fp = fingerprint(cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir"}),
                      params.common.seed, params.tokenize.block_size,
-                     _digest(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
-                     _digest(root / params.tokenize.out_dir / "train.npy"))
+                     file_md5(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
+                     file_md5(root / params.tokenize.out_dir / "train.npy"))
     return root / cfg.checkpoint_dir / fp
 
 
