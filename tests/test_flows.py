@@ -48,12 +48,16 @@ def test_flow_experiment_then_all_cached(tmp_path, tiny_data, harness, flow_env)
     assert (repo / "params.yaml").read_text() == before          # user's params untouched
     assert first["exp_name"] in sh(repo, "dvc", "exp", "ls").stdout  # experiment saved and listed
     assert first["metrics"]["classifier"]["accuracy"] >= 0
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    import httpx
+    from prefect.settings import PREFECT_API_URL
 
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmpipe-pipeline-report"])))
-    report = arts[-1].data
+    # plain REST call: this prefect/fastapi pair rejects the client's null limit/offset/sort defaults
+    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30,
+                      json={"artifacts": {"key": {"any_": ["lmpipe-pipeline-report"]}},
+                            "limit": 10, "offset": 0, "sort": "CREATED_DESC"})
+    resp.raise_for_status()
+    arts = resp.json()
+    report = arts[0]["data"]
     assert "classifier.accuracy" in report and "| pretrain | ran |" in report and first["parent_run_id"] in report
 
     runs = _runs(repo)
