@@ -215,6 +215,7 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
         lock.acquire()  # a second flow on the same workspace waits here
     wt = make_worktree(root, exp_name) if is_exp else root
     results: list[dict[str, Any]] = []
+    keep_worktree = False
     try:
         if is_exp:
             apply_overrides(wt / "params.yaml", overrides, profile_path, root)
@@ -236,17 +237,22 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
                 metrics = json.loads(eval_path.read_text())
                 metrics.pop("mlflow_run_id", None)
                 metrics.get("classifier", {}).pop("confusion_matrix", None)
-            if is_exp:
+            if is_exp and not stages:
                 out = subprocess.run([*DVC, "exp", "save", "-n", exp_name, "--force"], cwd=wt, capture_output=True,
                                      text=True, env={**os.environ, **env})
                 if out.returncode != 0:
                     raise RuntimeError(f"dvc exp save: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+            elif is_exp:
+                # DVC cannot save an experiment whose later stages have no outputs yet: keep the worktree
+                keep_worktree = True
+                get_run_logger().warning(f"partial pipeline: experiment not saved; results stay in {wt}")
+                mlflow.set_tag("lmpipe.worktree", str(wt))
             create_markdown_artifact(key="lmpipe-pipeline-report",
                                      markdown=report_markdown(results, metrics, parent.info.run_id, exp_name),
                                      description="metrics, ran vs cached stages, MLflow run ids")
             return {"stages": results, "metrics": metrics, "parent_run_id": parent.info.run_id, "exp_name": exp_name}
     finally:
-        if is_exp:
+        if is_exp and not keep_worktree:
             remove_worktree(root, wt)
         if lock:
             lock.release()

@@ -30,6 +30,7 @@ def test_pretrain_lowers_loss_and_checkpoints(tmp_path, arch, objective, monkeyp
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_experiment("test")  # not whatever experiment an earlier test left active
     torch.manual_seed(0)
     tok, blocks, cfg = _setup(arch, objective)
     model = build_lm(build_lm_config(cfg, tok), objective)
@@ -53,6 +54,7 @@ def test_finetune_keeps_best_and_classifies(tmp_path, monkeypatch):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_experiment("test")  # not whatever experiment an earlier test left active
     torch.manual_seed(0)
     tok, blocks, cfg = _setup()
     lm = build_lm(build_lm_config(cfg, tok), "clm")
