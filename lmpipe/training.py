@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 @dataclass
 class MlflowCallback(TrainerCallback):
-    """Logs Trainer's log dicts to the active MLflow run (rate bounded by logging_steps) and keeps the curve."""
+    """Logs Trainer's log dicts to the active MLflow run (rate bounded by logging_steps)."""
 
     prefix: str = ""
     tokens_per_step: int = 0
-    curve: list[dict[str, Any]] = field(default_factory=list)
     _t: float = 0.0
     _step: int = 0
 
@@ -109,10 +108,7 @@ class MlflowCallback(TrainerCallback):
                 continue
             name = {"loss": "train_loss", "learning_rate": "lr"}.get(key, key)
             out[self.prefix + name] = float(value)
-            if key == "loss":
-                self.curve.append({"step": step, "split": "train", "loss": float(value)})
             if key == "eval_loss":
-                self.curve.append({"step": step, "split": "validation", "loss": float(value)})
                 out[self.prefix + "eval_perplexity"] = math.exp(min(float(value), 50))
         if "loss" in logs and self.tokens_per_step:
             now = time.perf_counter()
