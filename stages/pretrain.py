@@ -20,7 +20,7 @@ import mlflow
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.io import atomic_dir, file_md5, write_json
-from lmpipe.modeling import build_lm, build_lm_config, check_vocab, load_tokenizer, max_positions
+from lmpipe.modeling import attention_implementation, build_lm, build_lm_config, check_vocab, load_tokenizer, max_positions
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
@@ -55,7 +55,7 @@ def pretrain(params: Params, root: Path, run) -> None:
     if block > max_positions(config):
         raise ConfigError(f"tokenize.block_size: {block} exceeds pretrain.max_position_embeddings ({max_positions(config)})")
     check_vocab(config, tokenizer, "pretrain")
-    model = build_lm(config, cfg.objective)
+    model = build_lm(config, cfg.objective, attention_implementation(cfg))
 
     # 2) checkpoints live under a fingerprint of everything that makes them resumable
     ckpt_dir = checkpoint_dir(params, root)
