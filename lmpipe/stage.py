@@ -40,6 +40,17 @@ def _quiet() -> None:
 Body = Callable[[Params, Path, Any], Any]
 
 
+def _end_progress_bars() -> None:
+    """Close progress bars a failed body left open, so the error line starts a line of its own and is
+    the last one printed (an open bar would end mid-line and redraw itself after it at exit)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot close must not hide the error itself
+            pass
+
+
 def _resumable_run_id(path: Path | None) -> str | None:
     """The MLflow run a crashed attempt left behind (so a resumed stage continues the same run)."""
     if path is None or not path.is_file():
@@ -94,9 +105,11 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None,
                 mlflow.set_tag("lmpipe.error", str(e).splitlines()[0][:500])
                 raise
     except LmpipeError as e:
+        _end_progress_bars()
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except OSError as e:  # disk full, permissions, ... on a path the user configured
+        _end_progress_bars()
         where = e.filename or "output"
         print(f"{name}: error: {where}: {e.strerror or e}", file=sys.stderr, flush=True)
         return 1

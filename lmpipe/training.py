@@ -69,6 +69,79 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+RESUME_KEY_FILE = "lmpipe_resume_key.json"
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    from lmpipe.config import flatten
+
+    a, b = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def claim_checkpoint_dir(parent: Path, prefix: str, key: dict[str, Any], where: str) -> Path:
+    """The checkpoint folder `parent/<prefix><fingerprint of key>` for this configuration.
+
+    A folder of another configuration (same prefix) that holds a complete checkpoint is an unfinished
+    run: it is refused in one line naming what differs, never loaded and never deleted. Folders with no
+    complete checkpoint (a run that failed before its first save) hold nothing to resume and are removed."""
+    folder = parent / f"{prefix}{fingerprint(key)}"
+    others = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix)) if parent.is_dir() else []
+    for other in others:
+        if other == folder:
+            continue
+        if latest_checkpoint(other) is None:
+            shutil.rmtree(other, ignore_errors=True)
+            continue
+        try:
+            diffs = _differences(json.loads((other / RESUME_KEY_FILE).read_text()), key)
+        except (OSError, ValueError):
+            diffs = ["(its configuration was not recorded)"]
+        raise ConfigError(
+            f"{other}: holds an unfinished {where} run of another configuration (differs in: "
+            f"{'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}); re-run with those values to resume it, "
+            f"or delete that folder to start this configuration")
+    from lmpipe.io import write_json
+
+    write_json(folder / RESUME_KEY_FILE, key)
+    return folder
+
+
+def _failure_reason(exc: BaseException, folder: Path) -> str:
+    """The errno text of the first OSError in the chain; writers that wrap it (torch.save, safetensors)
+    are recognised by a full disk."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        e = e.__cause__ or e.__context__
+    text = str(exc)
+    try:
+        full = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parents[1]).free < (1 << 20)
+    except OSError:
+        full = False
+    if full or "No space left" in text or "os error 28" in text:
+        return "No space left on device"
+    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+
+
+class GuardedTrainer(Trainer):
+    """Trainer whose checkpoint write fails as one line and leaves no partial checkpoint behind. The
+    previous checkpoint stays: Trainer rotates old checkpoints only after a complete save."""
+
+    def _save_checkpoint(self, model, trial):
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            from lmpipe.errors import LmpipeError
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(folder, ignore_errors=True)
+            previous = latest_checkpoint(folder.parent)
+            kept = f"; {previous.name} is intact and a re-run resumes from it" if previous else ""
+            raise LmpipeError(f"{folder}: cannot write checkpoint ({_failure_reason(e, folder)}){kept}") from None
+
+
 def checkpoint_complete(path: Path) -> bool:
     """Trainer writes trainer_state.json last: a checkpoint is complete when it parses and names its step.
     A checkpoint cut short by a kill (no or truncated state file) is never loaded."""
@@ -172,6 +245,11 @@ def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
         w.writerows(curve)
 
 
+def _full_batches(n: int, batch: int) -> int:
+    """n rounded down to whole batches (n itself when that is less than one batch)."""
+    return n - n % batch if n >= batch else n
+
+
 @dataclass
 class PretrainResult:
     model: PreTrainedModel
@@ -186,9 +264,15 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     """Train `model` from scratch on packed blocks; resumes from the newest checkpoint in ckpt_dir."""
     # 1) data: clm labels are the inputs (the model shifts them); mlm masks dynamically per batch
     clm = cfg.objective == "clm"
-    train_ds = BlockDataset(train_blocks, with_labels=clm)
+    # compiled: every batch full, so the model never meets a new shape (a partial batch at the epoch end
+    # cost a ~40 s recompile). Training leaves out fewer than one global batch of blocks (what drop_last
+    # does) and the final evaluation covers the full batches of the validation split.
+    per_step = cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+    train_ds = BlockDataset(train_blocks, with_labels=clm,
+                            limit=_full_batches(len(train_blocks), per_step) if cfg.compile else None)
     val_small = BlockDataset(val_blocks, with_labels=clm, limit=cfg.eval_batches * cfg.batch_size)
-    val_full = BlockDataset(val_blocks, with_labels=clm)
+    val_full = BlockDataset(val_blocks, with_labels=clm,
+                            limit=_full_batches(len(val_blocks), cfg.batch_size) if cfg.compile else None)
     collator = None if clm else DataCollatorForLanguageModeling(tokenizer, mlm=True,
                                                                 mlm_probability=cfg.mlm_probability)
     block = train_blocks.shape[1]
@@ -207,8 +291,8 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     logger = MlflowCallback(tokens_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * block
                             * max(1, args.world_size))
     timer = StepTimer()
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_small,
-                      data_collator=collator, callbacks=[logger, timer])
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_small,
+                             data_collator=collator, callbacks=[logger, timer])
     resume = latest_checkpoint(ckpt_dir)
     # 3) train (resuming restores model, optimizer, scheduler, RNG and data position)
     t0 = time.perf_counter()
@@ -222,7 +306,8 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                "tokens_per_s": (trainer.state.global_step - (int(resume.name.split("-")[1]) if resume else 0))
                * logger.tokens_per_step / max(seconds, 1e-9),
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
-               "parameters": int(sum(p.numel() for p in model.parameters()))}
+               "parameters": int(sum(p.numel() for p in model.parameters())),
+               "val_blocks": len(val_full)}
     # the curve from Trainer's own history: it survives a resume (restored from the checkpoint)
     curve = [{"step": h["step"], "split": "train", "loss": float(h["loss"])} for h in trainer.state.log_history
              if "loss" in h and "step" in h]
@@ -262,9 +347,9 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
         report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda", disable_tqdm=False)
     logger = MlflowCallback(prefix=prefix)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_compute_metrics,
-                      callbacks=[logger])
+    trainer = GuardedTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                             data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_compute_metrics,
+                             callbacks=[logger])
     t0 = time.perf_counter()
     resume = latest_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -23,7 +23,7 @@ from lmpipe.io import atomic_dir, file_md5, write_json
 from lmpipe.modeling import check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init
 from lmpipe.stage import run_stage, seed_everything
 from lmpipe.tracking import log_metrics_bounded
-from lmpipe.training import encode_labeled, fingerprint, finetune as train_classifier
+from lmpipe.training import claim_checkpoint_dir, encode_labeled, fingerprint, finetune as train_classifier
 from lmpipe.errors import ConfigError
 
 
@@ -34,18 +34,19 @@ def _load_split(clean_dir: Path, split: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _fingerprint(params: Params, root: Path, name: str) -> str:
+def _resume_key(params: Params, root: Path, name: str) -> dict:
     """Everything that makes a fine-tuning checkpoint resumable: params, seed, base model, data."""
     cfg = params.finetune
     source = resolve_init(cfg.init, root, params.pretrain.out_dir) if cfg.init != "scratch" else None
     base = source if source is not None else root / params.pretrain.out_dir
-    return fingerprint(cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics"}), name, params.common.seed,
-                       file_md5(base / "config.json"), file_md5(base / "model.safetensors"),
-                       file_md5(root / params.clean.out_dir / "labeled_train.parquet"))
+    return {"finetune": cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics"}), "variant": name,
+            "common.seed": params.common.seed, "base config.json md5": file_md5(base / "config.json"),
+            "base model.safetensors md5": file_md5(base / "model.safetensors"),
+            "labeled_train.parquet md5": file_md5(root / params.clean.out_dir / "labeled_train.parquet")}
 
 
 def _run_id_file(params: Params, root: Path) -> Path:
-    return root / "checkpoints" / "finetune" / f"mlflow_run_id-{_fingerprint(params, root, 'run')}"
+    return root / "checkpoints" / "finetune" / f"mlflow_run_id-{fingerprint(_resume_key(params, root, 'run'))}"
 
 
 def finetune(params: Params, root: Path, run) -> None:
@@ -79,14 +80,12 @@ def finetune(params: Params, root: Path, run) -> None:
         seed_everything(seed)  # same init RNG and data order for both variants
         model = load_classifier(base, len(labels), id2label, random_init, tokenizer.pad_token_id)
         # checkpoints keyed by everything that makes them resumable: a retry (Prefect, or a re-run after
-        # a crash) resumes the same training; other configurations' checkpoints are dropped
-        fp = _fingerprint(params, root, name)
+        # a crash) resumes the same training; another configuration's unfinished run is refused
         ckpt_root = root / "checkpoints" / "finetune"
-        ckpt = ckpt_root / f"{name}-{fp}"
-        if ckpt_root.is_dir():
-            for other in [*ckpt_root.glob(f"{name}-*"), *ckpt_root.glob("mlflow_run_id-*")]:
-                if other != ckpt and other != _run_id_file(params, root):
-                    shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+        ckpt = claim_checkpoint_dir(ckpt_root, f"{name}-", _resume_key(params, root, name), f"finetune[{name}]")
+        for other in ckpt_root.glob("mlflow_run_id-*"):
+            if other != _run_id_file(params, root):
+                other.unlink(missing_ok=True)
         model, metrics = train_classifier(model, tokenizer, train, val, cfg, dev, seed, ckpt, prefix=f"{name}.")
         with atomic_dir(root / out_dir) as out:
             model.save_pretrained(str(out), safe_serialization=True)

@@ -4,7 +4,8 @@
 
 Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`,
 trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (left alone by DVC, so a
-re-run after a crash resumes there and reattaches to the same MLflow run), and saves the final model (safetensors) + tokenizer to pretrain.out_dir.
+re-run after a crash resumes there and reattaches to the same MLflow run; a different configuration is
+refused while that unfinished run's checkpoint is there), and saves the final model (safetensors) + tokenizer to pretrain.out_dir.
 """
 
 from __future__ import annotations
@@ -24,18 +25,24 @@ from lmpipe.modeling import attention_implementation, build_lm, build_lm_config,
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
-from lmpipe.training import fingerprint, pretrain as train_lm, write_curve
+from lmpipe.training import claim_checkpoint_dir, fingerprint, pretrain as train_lm, write_curve
+
+
+def resume_key(params: Params, root: Path) -> dict:
+    """Everything that makes a checkpoint resumable: the training params, seed, tokenizer and data.
+    Cadence settings (eval, checkpoint, logging) are left out: changing them resumes all the same."""
+    cfg = params.pretrain
+    return {"pretrain": cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir",
+                                                "eval_every", "eval_batches", "checkpoint_every", "keep_last"}),
+            "common.seed": params.common.seed, "tokenize.block_size": params.tokenize.block_size,
+            "tokenizer.json md5": file_md5(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
+            "train.npy md5": file_md5(root / params.tokenize.out_dir / "train.npy")}
 
 
 def checkpoint_dir(params: Params, root: Path) -> Path:
-    """pretrain.checkpoint_dir/<fingerprint>: params, seed, tokenizer and data. Only an identical
-    configuration resumes from it; any other configuration gets its own folder."""
-    cfg = params.pretrain
-    fp = fingerprint(cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir"}),
-                     params.common.seed, params.tokenize.block_size,
-                     file_md5(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
-                     file_md5(root / params.tokenize.out_dir / "train.npy"))
-    return root / cfg.checkpoint_dir / fp
+    """pretrain.checkpoint_dir/<fingerprint of the resume key>: only an identical configuration resumes
+    from it; a different one is refused while an unfinished run's checkpoint is there."""
+    return root / params.pretrain.checkpoint_dir / fingerprint(resume_key(params, root))
 
 
 def pretrain(params: Params, root: Path, run) -> None:
@@ -57,14 +64,14 @@ def pretrain(params: Params, root: Path, run) -> None:
     check_vocab(config, tokenizer, "pretrain")
     model = build_lm(config, cfg.objective, attention_implementation(cfg))
 
-    # 2) checkpoints live under a fingerprint of everything that makes them resumable
-    ckpt_dir = checkpoint_dir(params, root)
-    ckpt_root, fp = ckpt_dir.parent, ckpt_dir.name
-    if ckpt_root.is_dir() and run is not None:  # checkpoints of other configs cannot be resumed by this one
-        for other in ckpt_root.iterdir():
-            if other.name != fp:
-                shutil.rmtree(other, ignore_errors=True)
+    # 2) checkpoints live under a fingerprint of everything that makes them resumable; an unfinished
+    #    run of another configuration is refused, never loaded or deleted
     is_main = run is not None  # torchrun ranks > 0 get no run and write nothing
+    if is_main:
+        ckpt_dir = claim_checkpoint_dir(root / cfg.checkpoint_dir, "", resume_key(params, root), "pretrain")
+    else:
+        ckpt_dir = checkpoint_dir(params, root)
+    fp = ckpt_dir.name
     if is_main:
         mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters()),
                          "pretrain.world_size": os.environ.get("WORLD_SIZE", "1")})

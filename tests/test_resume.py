@@ -112,3 +112,78 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     assert got["classifier"]["val_accuracy"] == expected["val_accuracy"]
     runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "finetune"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):
+    _prepare(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
+                                                      log_every=20))
+    ckpts = workdir / "checkpoints" / "pretrain"
+    step = _kill_after("pretrain", workdir, ckpts, past=0)
+
+    res = run_module("stages.pretrain", workdir, "--set", "pretrain.learning_rate=0.001")
+    assert res.returncode == 2, res.stderr
+    line = [ln for ln in res.stderr.splitlines() if "error:" in ln][-1]
+    assert line.startswith("pretrain: error: ") and "another configuration" in line, line
+    assert "pretrain.learning_rate 0.002 -> 0.001" in line, line
+    assert step in _steps(ckpts), "the refused run must leave the unfinished checkpoint alone"
+
+    # cadence settings are not part of the configuration: the same run resumes with them changed
+    res = run_module("stages.pretrain", workdir, "--set", "pretrain.eval_every=100")
+    assert res.returncode == 0, res.stderr
+    got = json.loads((workdir / "metrics" / "pretrain.json").read_text())
+    assert got["steps"] == 400
+    run = next(r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.info.run_id == got["mlflow_run_id"])
+    assert run.data.tags["pretrain.resumed_from"].endswith(f"checkpoint-{step}")
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_fails_the_checkpoint_in_one_line_and_keeps_the_previous(workdir: Path, tmp_path: Path):
+    disk = tmp_path / "small-disk"
+    if not _mount_tmpfs(disk, "16m"):
+        pytest.skip("needs permission to mount a tmpfs (root) to make a real full disk")
+    try:
+        _prepare(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
+                                                          log_every=20, checkpoint_dir=str(disk / "ckpt")))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        with open(tmp_path / "stderr.txt", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=workdir, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            deadline = time.time() + 300
+            while not _steps(disk) and time.time() < deadline:
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+                time.sleep(0.02)
+            first = _steps(disk)[0]
+            # the disk fills up before the next checkpoint
+            with open(disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 16))
+                        f.flush()
+                except OSError:
+                    pass
+            rc = proc.wait(timeout=300)
+        assert rc != 0
+        stderr = (tmp_path / "stderr.txt").read_text()
+        line = stderr.strip().splitlines()[-1]  # splitlines also ends a progress bar's \r line
+        assert line.startswith("pretrain: error: ") and "cannot write checkpoint (No space left on device)" in line, \
+            stderr[-3000:]
+        assert f"checkpoint-{first} is intact" in line, line
+        assert "Traceback" not in stderr
+        assert _steps(disk) == [first]
+        assert [p.name for p in disk.rglob("checkpoint-*")] == [f"checkpoint-{first}"], "no partial checkpoint left"
+
+        # with space again, the re-run resumes from the kept checkpoint and finishes
+        (disk / "filler").unlink()
+        res = run_module("stages.pretrain", workdir)
+        assert res.returncode == 0, res.stderr
+        assert json.loads((workdir / "metrics" / "pretrain.json").read_text())["steps"] == 400
+        runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])
+                if r.data.tags.get("lmpipe.stage") == "pretrain"]
+        assert len(runs) == 1 and runs[0].data.tags["pretrain.resumed_from"].endswith(f"checkpoint-{first}")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
