@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/pretrain_throughput.py [--steps 300] [--rounds 3] [--profile profiles/nanogpt-shakespeare-char.yaml]
     .venv/bin/python benchmarks/pretrain_throughput.py --set pretrain.compile=false   # a variant
+    .venv/bin/python benchmarks/pretrain_throughput.py --profile "" --set pretrain.compile=true  # params.yaml model
 
 The model, precision, attention and compile settings come from params.yaml + the profile (+ --set), so
 the benchmark measures exactly what `dvc exp run` of that profile trains. Shape of the reference
@@ -99,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tempfile.mkdtemp()}/bench.db")
     params = load_params(ROOT / "params.yaml", overrides=dict(parse_override(s) for s in args.set),
-                         profile=args.profile)
+                         profile=args.profile or None)
     cfg = params.pretrain.model_copy(update=dict(max_steps=args.steps, eval_every=10**6, checkpoint_every=10**6))
     block = params.tokenize.block_size
     torch.manual_seed(0)

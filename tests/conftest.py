@@ -48,7 +48,8 @@ def tiny_params(data_dir: Path) -> dict:
     raw["tokenize"].update(vocab_size=300, block_size=16)
     raw["pretrain"].update(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
                            max_position_embeddings=32, max_steps=6, warmup_steps=1, batch_size=4, eval_every=3,
-                           eval_batches=2, checkpoint_every=3, log_every=2)
+                           eval_batches=2, checkpoint_every=3, log_every=2,
+                           compile=False)  # compiling costs ~20 s a process; test_training covers it
     raw["finetune"].update(max_length=16, batch_size=8, max_steps=6, eval_every=3)
     raw["deploy"].update(min_accuracy=0.0)
     return raw

@@ -68,3 +68,63 @@ def test_finetune_keeps_best_and_classifies(tmp_path, monkeypatch):
         model, metrics = finetune(model, tok, ds, ds, fcfg, "cpu", 0, tmp_path / "ft", "classifier.")
     assert metrics["val_accuracy"] >= 0.75
     assert model.config.id2label == {0: "cat", 1: "dog"}
+
+
+def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
+    """BERT-style masked LM from scratch (wordpiece), then the finetune and evaluate stages on top of it."""
+    import json
+
+    import yaml
+
+    from conftest import run_module
+
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tokenize"]["kind"] = "wordpiece"
+    raw["pretrain"].update(objective="mlm", arch="bert", max_steps=20, eval_every=10, checkpoint_every=10)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in ("clean", "tokenize", "pretrain", "finetune", "evaluate"):
+        res = run_module(f"stages.{stage}", workdir)
+        assert res.returncode == 0, f"{stage}: {res.stderr[-3000:]}"
+    lm = json.loads((workdir / "models" / "pretrain" / "config.json").read_text())
+    assert lm["architectures"] == ["BertForMaskedLM"]
+    clf = json.loads((workdir / "models" / "finetune" / "config.json").read_text())
+    assert clf["architectures"] == ["BertForSequenceClassification"]
+    assert clf["id2label"] == {"0": "negative", "1": "positive"}
+    metrics = json.loads((workdir / "metrics" / "eval.json").read_text())
+    assert metrics["lm"]["perplexity"] < len(json.loads((workdir / "models" / "tokenizer" / "tokenizer.json")
+                                                        .read_text())["model"]["vocab"])  # better than uniform
+    assert 0 <= metrics["classifier"]["accuracy"] <= 1
+
+
+def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_path, monkeypatch):
+    """pretrain.compile: Trainer's torch.compile path (eager attention, bf16 where the CPU has it)."""
+    import mlflow
+    from safetensors import safe_open
+
+    from lmpipe.modeling import attention_implementation
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_experiment("test")
+    torch.manual_seed(0)
+    tok, blocks, cfg = _setup("gpt2", "clm")
+    cfg = cfg.model_copy(update={"compile": True})
+    assert attention_implementation(cfg) == "eager"
+    model = build_lm(build_lm_config(cfg, tok), "clm", attention_implementation(cfg))
+    with mlflow.start_run():
+        res = pretrain(model, tok, blocks, blocks[:8], cfg, "cpu", 0, tmp_path / "ckpt")
+    assert res.metrics["steps"] == 20 and res.metrics["train_loss"] < np.log(len(tok))
+    assert res.metrics["train_tokens_per_s"] > 0 and res.metrics["val_blocks"] == 8
+    assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-20"
+    res.model.save_pretrained(tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "_orig_mod" in k]  # the plain model, loadable without compile
+
+
+def test_compile_without_a_cpp_compiler_is_refused(monkeypatch, tmp_path):
+    from lmpipe.training import check_compile
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        check_compile(True, "cpu")
+    check_compile(False, "cpu")
