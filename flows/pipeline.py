@@ -24,8 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+
+# The ephemeral API's telemetry heartbeat only phones home (often offline here) and, racing the flow's
+# own writes to Prefect's SQLite database, logged "database is locked" tracebacks; set it to true to keep it.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
