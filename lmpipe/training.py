@@ -24,7 +24,7 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
                           PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
 
 from lmpipe.config import Finetune, Pretrain
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -124,7 +124,7 @@ def _failure_reason(exc: BaseException, folder: Path) -> str:
         e = e.__cause__ or e.__context__
     text = str(exc)
     try:
-        full = shutil.disk_usage(folder.parent if folder.parent.exists() else folder.parents[1]).free < (1 << 20)
+        full = shutil.disk_usage(folder.parent).free < (1 << 20)
     except OSError:
         full = False
     if full or "No space left" in text or "os error 28" in text:
@@ -140,8 +140,6 @@ class GuardedTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as e:
-            from lmpipe.errors import LmpipeError
-
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             shutil.rmtree(folder, ignore_errors=True)
             previous = latest_checkpoint(folder.parent)
