@@ -184,7 +184,7 @@ class Pretrain(Section):
     out_dir: str = "models/pretrain"
     """Output: final model (HF format, safetensors)."""
     checkpoint_dir: str = "checkpoints/pretrain"
-    """Checkpoints (DVC persist: survives re-runs, used for resume)."""
+    """Checkpoints, one folder per configuration fingerprint; not a DVC output, so it survives re-runs (resume)."""
     metrics: str = "metrics/pretrain.json"
     """Final losses, perplexity, throughput, MLflow run id."""
     plot: str = "plots/pretrain_loss.csv"
