@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -91,3 +92,62 @@ def mlflow_runs(tracking_uri: str, experiment: str = "lmpipe"):
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def prepare_workdir(workdir: Path, edit) -> None:
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    edit(raw)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in ("clean", "tokenize"):
+        res = run_module(f"stages.{stage}", workdir)
+        assert res.returncode == 0, res.stderr
+
+
+def copy_for_reference(workdir: Path, dest: Path) -> Path:
+    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "checkpoints"))
+    return dest
+
+
+STAGES = ["clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy"]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+               HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", **extra)
+    return env
+
+
+def make_repo(dest: Path, params: dict | None) -> Path:
+    """Copy the project's tracked files into a fresh git repo (with .dvc) and commit."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, files.split("\0")):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith("tests/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(dest, "git", "init", "-q")
+    if not (dest / ".dvc").is_dir():
+        sh(dest, "dvc", "init", "-q")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "init")
+    return dest
+
+
+def sh(cwd: Path, *cmd: str, timeout: int = 900, **env) -> subprocess.CompletedProcess:
+    res = subprocess.run(list(cmd), cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def stage_runs(repo: Path) -> dict[str, list]:
+    runs = mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
+    out: dict[str, list] = {s: [] for s in STAGES}
+    for r in runs:
+        stage = r.data.tags.get("lmpipe.stage")
+        if stage:
+            out[stage].append(r)
+    return out

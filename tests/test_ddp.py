@@ -7,8 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import mlflow_runs, run_module
-from test_resume import _copy_for_reference, _prepare
+from conftest import copy_for_reference, mlflow_runs, prepare_workdir, run_module
 
 
 def _curve(path: Path) -> dict[int, float]:
@@ -17,9 +16,9 @@ def _curve(path: Path) -> dict[int, float]:
 
 
 def test_ddp_two_processes_match_single_process_on_same_global_batch(workdir: Path, tmp_path: Path):
-    _prepare(workdir, lambda r: r["pretrain"].update(max_steps=40, batch_size=8, eval_every=20, log_every=5,
+    prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=40, batch_size=8, eval_every=20, log_every=5,
                                                       checkpoint_every=20, learning_rate=0.003))
-    ref = _copy_for_reference(workdir, tmp_path / "ref")
+    ref = copy_for_reference(workdir, tmp_path / "ref")
     single = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
     assert single.returncode == 0, single.stderr
 

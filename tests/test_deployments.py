@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, SHARED_DATA, free_port
-from test_pipeline import STAGES, _env, make_repo, sh
+from conftest import ROOT, SHARED_DATA, STAGES, clean_env, free_port, make_repo, sh
 
 RUN_TIMEOUT = 720  # seconds for the smoke pipeline through the worker (2 shared CPU cores)
 
 
 def _prefect_env(home: Path, api: str | None = None, **extra) -> dict:
-    env = {k: v for k, v in _env(**extra).items() if not k.startswith("PREFECT_")}
+    env = {k: v for k, v in clean_env(**extra).items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
                PREFECT_CLI_PROMPT="false")
     if api:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_runs, tiny_params
-from test_pipeline import STAGES, make_repo, sh
+from conftest import STAGES, make_repo, mlflow_runs, sh, tiny_params
 
 
 @pytest.fixture(scope="module")

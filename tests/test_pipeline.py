@@ -15,52 +15,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, SHARED_DATA, free_port, mlflow_runs, tiny_params
-
-STAGES = ["clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy"]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "LMPIPE_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
-               HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", **extra)
-    return env
-
-
-def make_repo(dest: Path, params: dict | None) -> Path:
-    """Copy the project's tracked files into a fresh git repo (with .dvc) and commit."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for rel in filter(None, files.split("\0")):
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith("tests/"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    if params is not None:
-        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(dest, "git", "init", "-q")
-    if not (dest / ".dvc").is_dir():
-        sh(dest, "dvc", "init", "-q")
-    sh(dest, "git", "add", "-A")
-    sh(dest, "git", "commit", "-qm", "init")
-    return dest
-
-
-def sh(cwd: Path, *cmd: str, timeout: int = 900, **env) -> subprocess.CompletedProcess:
-    res = subprocess.run(list(cmd), cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
-
-
-def stage_runs(repo: Path) -> dict[str, list]:
-    runs = mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
-    out: dict[str, list] = {s: [] for s in STAGES}
-    for r in runs:
-        stage = r.data.tags.get("lmpipe.stage")
-        if stage:
-            out[stage].append(r)
-    return out
-
+from conftest import SHARED_DATA, STAGES, clean_env, free_port, make_repo, mlflow_runs, sh, stage_runs, tiny_params
 
 def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
@@ -107,7 +62,7 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     # served endpoint answers with real predictions from the registry model
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lmpipe.cli", "serve", "--port", str(port)], cwd=repo,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(240):

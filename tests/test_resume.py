@@ -14,16 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_runs, run_module
-
-
-def _prepare(workdir: Path, edit) -> None:
-    raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    edit(raw)
-    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for stage in ("clean", "tokenize"):
-        res = run_module(f"stages.{stage}", workdir)
-        assert res.returncode == 0, res.stderr
+from conftest import copy_for_reference, mlflow_runs, prepare_workdir, run_module
 
 
 def _steps(folder: Path) -> list[int]:
@@ -54,15 +45,10 @@ def _kill_after(stage: str, workdir: Path, ckpt_root: Path, past: int, timeout: 
     raise AssertionError("no checkpoint appeared")
 
 
-def _copy_for_reference(workdir: Path, dest: Path) -> Path:
-    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "checkpoints"))
-    return dest
-
-
 def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypatch):
-    _prepare(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
+    prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                       log_every=20, keep_last=2))
-    ref = _copy_for_reference(workdir, tmp_path / "ref")
+    ref = copy_for_reference(workdir, tmp_path / "ref")
     res = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
     assert res.returncode == 0, res.stderr
     expected = json.loads((ref / "metrics" / "pretrain.json").read_text())
@@ -91,11 +77,11 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
 
 
 def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
-    _prepare(workdir, lambda r: r["finetune"].update(max_steps=300, eval_every=30, batch_size=4,
+    prepare_workdir(workdir, lambda r: r["finetune"].update(max_steps=300, eval_every=30, batch_size=4,
                                                       scratch_baseline=False))
     res = run_module("stages.pretrain", workdir)
     assert res.returncode == 0, res.stderr
-    ref = _copy_for_reference(workdir, tmp_path / "ref")
+    ref = copy_for_reference(workdir, tmp_path / "ref")
     res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
     assert res.returncode == 0, res.stderr
     expected = json.loads((ref / "metrics" / "finetune.json").read_text())["classifier"]
@@ -115,7 +101,7 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
 
 
 def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):
-    _prepare(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
+    prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                       log_every=20))
     ckpts = workdir / "checkpoints" / "pretrain"
     step = _kill_after("pretrain", workdir, ckpts, past=0)
@@ -147,7 +133,7 @@ def test_full_disk_fails_the_checkpoint_in_one_line_and_keeps_the_previous(workd
     if not _mount_tmpfs(disk, "16m"):
         pytest.skip("needs permission to mount a tmpfs (root) to make a real full disk")
     try:
-        _prepare(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
+        prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                           log_every=20, checkpoint_dir=str(disk / "ckpt")))
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         with open(tmp_path / "stderr.txt", "w") as err:
