@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -97,44 +96,6 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upst
             "mlflow_run_id": _metrics_run_id(ws, stage)}
 
 
-def apply_overrides(params_path: Path, overrides: dict[str, Any], profile: Path | None, root: Path) -> None:
-    """Write a profile + dotted overrides into a params.yaml (of a worktree), validated first."""
-    from lmpipe.config import data_dir, flatten, load_params, load_raw, set_dotted
-
-    params = load_params(params_path, overrides=overrides, profile=profile)  # raises ConfigError, one line each
-    raw = load_raw(params_path)
-    if profile:
-        for key, value in flatten(load_raw(profile)).items():
-            set_dotted(raw, key, value)
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    raw["common"]["data_dir"] = str(data_dir(params.common, root))  # the worktree lives elsewhere
-    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def _git(cwd: Path, *args: str) -> str:
-    res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)}: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
-    return res.stdout.strip()
-
-
-def make_worktree(root: Path, name: str) -> Path:
-    """A detached worktree of HEAD that shares the repo's DVC cache."""
-    wt = root / ".lmpipe" / "worktrees" / name
-    wt.parent.mkdir(parents=True, exist_ok=True)
-    _git(root, "worktree", "add", "--detach", "--force", str(wt), "HEAD")
-    cache = root / ".dvc" / "cache"
-    subprocess.run([*DVC, "config", "--local", "cache.dir", str(cache)], cwd=wt, check=True, capture_output=True)
-    return wt
-
-
-def remove_worktree(root: Path, wt: Path) -> None:
-    subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=root, capture_output=True)
-    shutil.rmtree(wt, ignore_errors=True)
-    subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
-
-
 def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id: str | None, exp_name: str | None) -> str:
     lines = ["# lmpipe pipeline", ""]
     if exp_name:
@@ -154,34 +115,12 @@ def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id:
     return "\n".join(lines) + "\n"
 
 
-def _parent_run(root: Path, experiment: str, tags: dict[str, str]):
-    import mlflow
-
-    from lmpipe.tracking import setup
-
-    setup(root, experiment)
-    return mlflow.start_run(run_name="lmpipe-pipeline", tags={"lmpipe.kind": "flow", **tags})
-
-
-def resolve_profile(root: Path, profile: str | None) -> Path | None:
-    """A profile name (profiles/<name>.yaml) or a YAML path; missing -> ConfigError."""
-    from lmpipe.errors import ConfigError
-
-    if not profile:
-        return None
-    path = Path(profile) if profile.endswith((".yaml", ".yml")) else Path("profiles") / f"{profile}.yaml"
-    path = path if path.is_absolute() else root / path
-    if not path.is_file():
-        raise ConfigError(f"profile {profile!r}: {path} not found")
-    return path
-
-
 def check_inputs(root: Path, overrides: dict[str, Any], profile: str | None, stages: list[str] | None):
     """Validate params + profile + overrides and the stage names; raises ConfigError."""
-    from lmpipe.config import load_params
     from lmpipe.errors import ConfigError
+    from lmpipe.experiments import prepare, resolve_profile
 
-    params = load_params(root / "params.yaml", overrides=overrides, profile=resolve_profile(root, profile))
+    _, params = prepare(root, overrides, resolve_profile(root, profile))
     unknown = sorted(set(stages or []) - set(stage_names(root)))
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {stage_names(root)}")
@@ -196,13 +135,14 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     from filelock import FileLock
     from prefect.runtime import deployment, flow_run
 
-    from lmpipe.config import load_params
-    from lmpipe.tracking import PARENT_ENV, TAGS_ENV, git_info, tracking_uri
+    from lmpipe import experiments
+    from lmpipe.lineage import KIND, KIND_TAG, PIPELINE_RUN, log_lock, log_summary
+    from lmpipe.tracking import PARENT_ENV, TAGS_ENV, git_info, setup
 
     root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
     overrides = dict(overrides or {})
-    profile_path = resolve_profile(root, profile)
-    params = check_inputs(root, overrides, profile, stages)  # fail before any stage
+    profile_path = experiments.resolve_profile(root, profile)
+    raw, params = experiments.prepare(root, overrides, profile_path)  # fail before any stage
     is_exp = bool(overrides or profile_path)
     run_name = flow_run.get_name() or "local"
     exp_name = f"prefect-{run_name}" if is_exp else None
@@ -218,16 +158,16 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     if lock:
         (root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
         lock.acquire()  # a second flow on the same workspace waits here
-    wt = make_worktree(root, exp_name) if is_exp else root
+    wt = experiments.create(root, exp_name) if is_exp else root
     results: list[dict[str, Any]] = []
     keep_worktree = False
     try:
         if is_exp:
-            apply_overrides(wt / "params.yaml", overrides, profile_path, root)
-        with _parent_run(root, params.common.experiment, tags) as parent:
-            env = {PARENT_ENV: parent.info.run_id, TAGS_ENV: json.dumps(tags),
-                   "MLFLOW_TRACKING_URI": tracking_uri(root), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+            experiments.write_params(wt, raw)
+        setup(root, params.common.experiment)
+        with mlflow.start_run(run_name=PIPELINE_RUN, tags={KIND_TAG: KIND, **tags}) as parent:
+            env = experiments.env(root, **{PARENT_ENV: parent.info.run_id, TAGS_ENV: json.dumps(tags)})
+            env = {k: env[k] for k in (PARENT_ENV, TAGS_ENV, "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PATH")}
             wanted = stages or stage_names(wt)
             for i, stage in enumerate([s for s in stage_names(wt) if s in wanted]):
                 res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
@@ -240,13 +180,15 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
             eval_path = wt / params.evaluate.metrics
             if eval_path.is_file() and any(r["stage"] == "evaluate" for r in results):
                 metrics = json.loads(eval_path.read_text())
-                metrics.pop("mlflow_run_id", None)
+                if not next(r for r in results if r["stage"] == "evaluate")["ran"]:
+                    # DVC served evaluate from its cache: this execution's pipeline run still gets the figures
+                    log_summary(mlflow.MlflowClient(), parent.info.run_id, params, wt, metrics)
+                for key in ("mlflow_run_id", "pipeline_run_id"):
+                    metrics.pop(key, None)
                 metrics.get("classifier", {}).pop("confusion_matrix", None)
+            log_lock(mlflow.MlflowClient(), parent.info.run_id, wt)
             if is_exp and not stages:
-                out = subprocess.run([*DVC, "exp", "save", "-n", exp_name, "--force"], cwd=wt, capture_output=True,
-                                     text=True, env={**os.environ, **env})
-                if out.returncode != 0:
-                    raise RuntimeError(f"dvc exp save: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+                experiments.save(wt, exp_name, {**os.environ, **env})
             elif is_exp:
                 # DVC cannot save an experiment whose later stages have no outputs yet: keep the worktree
                 keep_worktree = True
@@ -258,7 +200,7 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
             return {"stages": results, "metrics": metrics, "parent_run_id": parent.info.run_id, "exp_name": exp_name}
     finally:
         if is_exp and not keep_worktree:
-            remove_worktree(root, wt)
+            experiments.remove(root, wt)
         if lock:
             lock.release()
 

@@ -1,63 +1,30 @@
 """The `lmpipe` command.
 
     lmpipe serve [--host 127.0.0.1] [--port 8000] [--model-uri models:/lmpipe-sst2@champion]
-    lmpipe smoke [--profile profiles/smoke.yaml]     # whole pipeline as a DVC experiment
-    lmpipe validate [params.yaml] [--profile P]      # check params, list every problem
+    lmpipe smoke [--profile profiles/smoke.yaml] [--set KEY=VALUE ...]   # whole pipeline as a DVC experiment
+    lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
+    lmpipe data link [PATH]                                             # where this checkout's input data is
+    lmpipe validate [params.yaml] [--profile P]                         # check params, list every problem
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import json
 import sys
 from pathlib import Path
 
-from lmpipe.config import flatten, load_params, load_raw, repo_root
+from lmpipe.config import load_params, parse_override, repo_root
 from lmpipe.errors import LmpipeError
 
 
-def hydra_value(value) -> str:
-    """A value in Hydra's override grammar (what `dvc exp run -S` parses): strings quoted."""
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+def _tracking(root: Path):
+    import mlflow
 
+    from lmpipe.tracking import tracking_uri
 
-def profile_overrides(profile: str | Path) -> list[str]:
-    """A profile (partial params tree) as `dvc exp run -S key=value` arguments."""
-    return [f"{key}={hydra_value(value)}" for key, value in flatten(load_raw(profile)).items()]
-
-
-def smoke(profile: str, extra: list[str]) -> int:
-    """Run the whole pipeline with a profile as a DVC experiment: params.yaml stays untouched.
-
-    `--temp` runs it in a temporary copy of the repo; data and MLflow paths are made absolute
-    so stage runs land in this repo's tracking store wherever DVC executes them."""
-    root = repo_root()
-    params = load_params(root / "params.yaml", profile=profile)  # validate before DVC starts anything
-    from lmpipe.config import data_dir
-
-    ddir = data_dir(params.common, root)
-    from lmpipe.tracking import setup
-
-    setup(root, params.common.experiment)  # experiment + artifact location in this repo, not DVC's temp dir
-    env = dict(os.environ, MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    sets = [*profile_overrides(profile), f"common.data_dir={hydra_value(str(ddir))}", *extra]
-    cmd = ["dvc", "exp", "run", "--temp"]
-    for s in sets:
-        cmd += ["-S", s]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=root, env=env)
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return mlflow.MlflowClient()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,25 +39,51 @@ def main(argv: list[str] | None = None) -> int:
     p_smoke = sub.add_parser("smoke", help="whole pipeline with a profile, as a DVC experiment")
     p_smoke.add_argument("--profile", default="profiles/smoke.yaml")
     p_smoke.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p_smoke.add_argument("--name", default=None, help="experiment name (default smoke-<timestamp>)")
+    p_lin = sub.add_parser("lineage", help="what produced a model version or MLflow run")
+    p_lin.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
+    p_lin.add_argument("--json", action="store_true", help="print the record as JSON")
+    p_data = sub.add_parser("data", help="the input data folder of this checkout")
+    data_sub = p_data.add_subparsers(dest="data_cmd", required=True)
+    p_link = data_sub.add_parser("link", help="point the lmpipe-data DVC remote at PATH (.dvc/config.local)")
+    p_link.add_argument("path", nargs="?", default=None,
+                        help="data folder (default: $LMPIPE_DATA_DIR, else the current link, else ../shared/data)")
+    data_sub.add_parser("show", help="print the data folder stages read")
     p_val = sub.add_parser("validate", help="validate params.yaml (and a profile)")
     p_val.add_argument("params", nargs="?", default="params.yaml")
     p_val.add_argument("--profile", default=None)
     args = parser.parse_args(argv)
+    root = repo_root()
     try:
         if args.cmd == "serve":
             params = load_params(args.params)
             uri = args.model_uri or f"models:/{params.deploy.model_name}@{params.deploy.alias}"
-            import mlflow
-
-            from lmpipe.tracking import tracking_uri
-
-            mlflow.set_tracking_uri(tracking_uri(repo_root()))
+            _tracking(root)
             from lmpipe.serving import serve
 
             serve(uri, args.host, args.port)
             return 0
         if args.cmd == "smoke":
-            return smoke(args.profile, args.set)
+            from lmpipe import experiments
+
+            overrides = dict(parse_override(s) for s in args.set)
+            return experiments.run(root, args.name or experiments.default_name("smoke"), overrides,
+                                   experiments.resolve_profile(root, args.profile))
+        if args.cmd == "lineage":
+            from lmpipe.lineage import format_lineage, lineage
+
+            info = lineage(_tracking(root), args.ref)
+            print(json.dumps(info, indent=2) if args.json else format_lineage(info))
+            return 0
+        if args.cmd == "data":
+            from lmpipe import datasource
+
+            if args.data_cmd == "link":
+                path = datasource.link(root, args.path) if args.path else datasource.link_default(root)
+                print(f"{datasource.DEP} -> {path}")
+            else:
+                print(datasource.data_dir(root))
+            return 0
         if args.cmd == "validate":
             load_params(args.params, profile=args.profile)
             print(f"{args.params}: ok")

@@ -31,8 +31,6 @@ class Section(BaseModel):
 class Common(Section):
     seed: int = 1337
     """Global seed for python, numpy and torch; every split and init derives from it."""
-    data_dir: str = "../shared/data"
-    """Where input data lives (relative to the repo root, or absolute); a DVC dependency of clean. Env LMPIPE_DATA_DIR overrides."""
     experiment: str = "lmpipe"
     """MLflow experiment name."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -228,6 +226,8 @@ class Finetune(Section):
     """Output: the selected classifier (HF format)."""
     scratch_dir: str = "models/finetune_scratch"
     """Output: the scratch baseline classifier."""
+    checkpoint_dir: str = "checkpoints/finetune"
+    """Checkpoints and finished variants, one folder per configuration fingerprint; not a DVC output, so it survives re-runs (resume)."""
     metrics: str = "metrics/finetune.json"
     """Validation metrics and MLflow run id."""
 
@@ -276,6 +276,9 @@ class Params(Section):
             issues.append(
                 f"finetune.max_length: {self.finetune.max_length} exceeds pretrain.max_position_embeddings "
                 f"({self.pretrain.max_position_embeddings})")
+        if self.finetune.init == "scratch" and self.finetune.scratch_baseline:
+            issues.append("finetune.scratch_baseline: true with finetune.init: scratch trains the same random-init "
+                          "model twice (a benefit of 0); set finetune.scratch_baseline: false or another init")
         if issues:
             raise ValueError("\n".join(issues))
         return self
@@ -366,41 +369,23 @@ def validate(raw: dict, source: str = "params.yaml") -> Params:
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None,
                 profile: str | Path | None = None) -> Params:
     """Load params.yaml, then a profile (a partial params tree), then dotted overrides; validate once."""
-    raw = load_raw(path)
+    return validate(merge(load_raw(path), profile, overrides), str(path))
+
+
+def merge(raw: dict, profile: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
+    """A params tree with a profile (a partial params tree) and then dotted overrides applied on top."""
+    raw = copy.deepcopy(raw)
     if profile:
-        prof = load_raw(profile)
-        for key, value in flatten(prof).items():
+        for key, value in flatten(load_raw(profile)).items():
             set_dotted(raw, key, copy.deepcopy(value))
     for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return validate(raw, str(path))
+        set_dotted(raw, key, copy.deepcopy(value))
+    return raw
 
 
 def repo_root() -> Path:
     """The project root: LMPIPE_ROOT, else the current directory (DVC runs stages from the repo root)."""
     return Path(os.environ.get("LMPIPE_ROOT") or os.getcwd()).resolve()
-
-
-def data_dir(common: Common, root: Path | None = None) -> Path:
-    """Resolve the data directory: env LMPIPE_DATA_DIR, then common.data_dir, then ../shared/data."""
-    root = root or repo_root()
-    env = os.environ.get("LMPIPE_DATA_DIR")
-    chosen = env or common.data_dir
-    path = Path(chosen)
-    if not path.is_absolute():
-        path = (Path.cwd() if env else root) / path
-    path = path.resolve()
-    if env and os.environ.get("DVC_STAGE") and common.data_dir:
-        tracked = Path(common.data_dir) if Path(common.data_dir).is_absolute() else root / common.data_dir
-        if tracked.resolve() != path:
-            # DVC hashes common.data_dir as the clean stage's dependency: reading elsewhere would let it
-            # serve stale outputs from cache when the real data changes
-            raise ConfigError(f"LMPIPE_DATA_DIR ({path}) differs from common.data_dir ({tracked.resolve()}), which DVC "
-                              f"tracks; use `dvc exp run -S common.data_dir={path}` or unset LMPIPE_DATA_DIR")
-    if not path.is_dir():
-        origin = "LMPIPE_DATA_DIR" if env else "common.data_dir"
-        raise ConfigError(f"{origin}: data directory {path} does not exist")
-    return path
 
 
 def device(common: Common) -> str:

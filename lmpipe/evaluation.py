@@ -42,8 +42,12 @@ def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, devi
 
 @torch.no_grad()
 def predict_proba(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
-                  max_length: int, device: str) -> np.ndarray:
-    """(N, num_labels) class probabilities."""
+                  device: str, max_length: int | None = None) -> np.ndarray:
+    """(N, num_labels) class probabilities. Inputs are truncated at the length stored with the model
+    (lmpipe.modeling.stored_max_length), the one it was fine-tuned at, unless max_length is given."""
+    from lmpipe.modeling import stored_max_length
+
+    max_length = max_length or stored_max_length(tokenizer, model.config)
     model.eval().to(device)
     out = []
     for start in range(0, len(texts), batch_size):
@@ -86,3 +90,32 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path, title:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def curve_figure(curve: list[dict[str, Any]], title: str):
+    """A training curve as a matplotlib Figure (for mlflow.log_figure): loss per split over steps, and
+    validation accuracy on a second axis when the rows carry it (history_curve rows)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for split in dict.fromkeys(r["split"] for r in curve):
+        rows = [r for r in curve if r["split"] == split]
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="." if split != "train" else None,
+                label=f"{split} loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    handles, labels = ax.get_legend_handles_labels()
+    acc = [r for r in curve if "accuracy" in r]
+    if acc:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in acc], [r["accuracy"] for r in acc], color="tab:green", marker=".",
+                 linestyle="--", label=f"{acc[0]['split']} accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, loc="best")
+    fig.tight_layout()
+    return fig

@@ -88,6 +88,23 @@ def load_classifier(source: Path, num_labels: int, id2label: dict[int, str], ran
     return model
 
 
+def save_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int, out: Path) -> None:
+    """Model (safetensors) + tokenizer, with the tokenizer's model_max_length set to the length the model
+    was fine-tuned at: every prediction path reads it back (stored_max_length), so none truncates differently."""
+    tokenizer.model_max_length = max_length
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+
+
+def stored_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> int:
+    """The truncation length saved with a classifier (its tokenizer's model_max_length), capped by the
+    model's positions; a tokenizer that recorded none (transformers' huge sentinel) gets the positions."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    stored = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
+    known = [int(v) for v in (stored, positions) if v]
+    return min(known) if known else 512  # neither recorded: BERT's context, the common default
+
+
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise DataError(f"{path}: tokenizer directory missing; run the tokenize stage first")

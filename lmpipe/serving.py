@@ -26,30 +26,26 @@ class PredictRequest(BaseModel):
 
 
 class HFClassifier:
-    """A transformers sequence classifier from a local directory: texts -> [{label, score}]."""
+    """A transformers sequence classifier from a local directory: texts -> [{label, score}].
 
-    def __init__(self, model_dir: str | Path, max_length: int = 128, device: str = "cpu") -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    Predicts through lmpipe.evaluation.predict_proba, evaluate's own path, so inputs are truncated at the
+    length stored with the model (the one it was fine-tuned and evaluated at): no train/serve skew."""
 
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from lmpipe.modeling import load_tokenizer
+
+        self.tokenizer = load_tokenizer(Path(model_dir))
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(device)
-        positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
-        self.max_length = min(max_length, positions) if positions else max_length
         self.device = device
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-        out = []
-        with self.torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                enc = self.tokenizer(texts[start:start + batch_size], truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt").to(self.device)
-                probs = self.torch.softmax(self.model(**enc).logits.float(), dim=-1)  # (B, num_labels)
-                score, idx = probs.max(dim=-1)
-                out.extend({"label": self.model.config.id2label[int(i)], "score": float(s)}
-                           for i, s in zip(idx.tolist(), score.tolist()))
-        return out
+        from lmpipe.evaluation import predict_proba
+
+        probs = predict_proba(self.model, self.tokenizer, texts, batch_size, self.device)  # (N, num_labels)
+        return [{"label": self.model.config.id2label[int(i)], "score": float(p[i])}
+                for i, p in zip(probs.argmax(-1), probs)]
 
 
 import warnings  # noqa: E402
@@ -61,8 +57,8 @@ class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc flavour: input a DataFrame with a `text` column (or a list of strings)."""
 
     def load_context(self, context) -> None:
-        max_length = int(context.model_config.get("max_length", 128)) if context.model_config else 128
-        self.clf = HFClassifier(context.artifacts["model_dir"], max_length=max_length)
+        # the truncation length comes from the model dir itself (see HFClassifier), not the model_config
+        self.clf = HFClassifier(context.artifacts["model_dir"])
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, pd.DataFrame):

@@ -51,26 +51,11 @@ def _end_progress_bars() -> None:
             pass
 
 
-def _resumable_run_id(path: Path | None) -> str | None:
-    """The MLflow run a crashed attempt left behind (so a resumed stage continues the same run)."""
-    if path is None or not path.is_file():
-        return None
-    import mlflow
-
-    run_id = path.read_text().strip()
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except Exception:  # deleted run, other tracking store: start a fresh run
-        return None
-    return run_id if run.info.status in ("RUNNING", "FAILED", "KILLED") else None
-
-
-def run_stage(name: str, body: Body, argv: list[str] | None = None,
-              run_id_file: Callable[[Params, Path], Path] | None = None) -> int:
+def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: bool = False) -> int:
     """Parse `--params/--set`, validate, open the stage's MLflow run, call body(params, root, run).
 
-    run_id_file(params, root), when given, names a file next to the stage's checkpoints: the run id
-    is kept there so that a re-run after a crash reattaches to the same MLflow run."""
+    resumable: the stage checkpoints (lmpipe.checkpoints); its run id is kept next to the checkpoints
+    so that a re-run after a crash reattaches to the same MLflow run."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"lmpipe {name} stage")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -88,15 +73,14 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None,
             return 0
         from lmpipe.tracking import setup, stage_run
 
-        id_file = run_id_file(params, root) if run_id_file else None
+        from lmpipe.checkpoints import remember_run_id, resumable_run_id, run_id_file
+
+        id_file = run_id_file(name, params, root) if resumable else None
         if id_file is not None:
             setup(root, params.common.experiment)
-        with stage_run(name, params, root, run_id=_resumable_run_id(id_file)) as run:
+        with stage_run(name, params, root, run_id=resumable_run_id(id_file)) as run:
             if id_file is not None:
-                from lmpipe.io import atomic_path
-
-                with atomic_path(id_file) as tmp:
-                    tmp.write_text(run.info.run_id)
+                remember_run_id(id_file, run.info.run_id)
             try:
                 body(params, root, run)
             except LmpipeError as e:

@@ -10,7 +10,6 @@ Environment read here (set by the Prefect flow, see flows/pipeline.py):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,10 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
 from lmpipe.config import Params, flatten
-from lmpipe.io import file_md5
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +28,10 @@ TAGS_ENV = "LMPIPE_RUN_TAGS"
 
 
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    """MLFLOW_TRACKING_URI, else the checkout's mlflow.db. In DVC's temporary experiment workspaces
+    (`dvc exp run --temp/--queue`) DVC_ROOT names the checkout the experiment belongs to."""
+    base = Path(os.environ.get("DVC_ROOT") or root)
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
 def setup(root: Path, experiment: str) -> str:
@@ -73,45 +72,40 @@ def git_info(root: Path) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
 
 
-def _resolve_templates(value: str, raw_params: dict) -> str:
-    flat = flatten(raw_params)
-    return re.sub(r"\$\{([^}]+)\}", lambda m: str(flat.get(m.group(1).strip(), m.group(0))), value)
+def dep_tag(path: str) -> str:
+    """MLflow tag for a DVC dependency (tag keys cannot hold ':'): remote://lmpipe-data -> dvc.dep.lmpipe-data."""
+    return "dvc.dep." + re.sub(r"^remote://", "", path).replace(":", "_")
 
 
-def dvc_stage_hashes(stage: str, root: Path) -> dict[str, str]:
-    """The stage's dependency hashes as DVC knows them (dvc.lock of the producing stages).
+def dvc_lineage(stage: str, root: Path) -> dict[str, str]:
+    """DVC's own record of this stage execution, computed by DVC's code in this process:
 
-    DVC holds the repo lock while it runs a stage, so we read dvc.yaml/dvc.lock as files
-    instead of opening a dvc Repo. Returns {} when the stage is not run under DVC.
-    """
-    dvc_yaml, dvc_lock, params_yaml = root / "dvc.yaml", root / "dvc.lock", root / "params.yaml"
-    if not dvc_yaml.is_file():
+    - `dvc.stage_hash`: the run-cache key DVC files this execution under (`.dvc/cache/runs/<k[:2]>/<k>`),
+      i.e. the hash of the command, every dependency's hash, the params and the output paths;
+    - `dvc.dep.<path>`: each file/directory dependency's hash as dvc.lock records it (a folder's `.dir`
+      hash included), e.g. `dvc.dep.lmpipe-data` for the input data.
+
+    Empty outside DVC (`python -m stages.X`). DVC holds the repo lock while the stage runs; reading the
+    stage definition and hashing dependencies (from DVC's state cache) does not need it."""
+    if not os.environ.get("DVC_STAGE"):
         return {}
     try:
-        spec = yaml.safe_load(dvc_yaml.read_text())["stages"][stage]
-        raw_params = yaml.safe_load(params_yaml.read_text()) if params_yaml.is_file() else {}
-        lock = yaml.safe_load(dvc_lock.read_text()) if dvc_lock.is_file() else {}
-    except (KeyError, TypeError, yaml.YAMLError):
+        from dvc.repo import Repo
+        from dvc.stage.cache import _can_hash, _get_stage_hash
+
+        with Repo(str(root)) as repo:
+            target = next(s for s in repo.index.stages if getattr(s, "name", None) == stage)
+            tags = {}
+            for dep in target.deps:
+                dep.save()
+                if dep.hash_info and isinstance(dep.hash_info.value, str):
+                    tags[dep_tag(dep.def_path)] = dep.hash_info.value
+            if _can_hash(target):
+                tags["dvc.stage_hash"] = _get_stage_hash(target)
+            return tags
+    except Exception as e:  # lineage must never fail a training run
+        log.warning("DVC lineage for %s unavailable: %s", stage, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return {}
-    produced: dict[str, str] = {}
-    for st in (lock or {}).get("stages", {}).values():
-        for out in st.get("outs", []):
-            produced[out["path"]] = out.get("md5", "")
-    deps: dict[str, str] = {}
-    for dep in spec.get("deps", []):
-        path = _resolve_templates(str(dep), raw_params)
-        if path in produced:
-            deps[path] = produced[path]
-        elif (root / path).is_file():
-            deps[path] = file_md5(root / path)
-    section_names = []
-    for p in spec.get("params", []):
-        section_names.extend(p if isinstance(p, list) else [p] if isinstance(p, str) else list(p))
-    params_part = {name: raw_params.get(name) for name in section_names if isinstance(name, str)}
-    blob = json.dumps({"deps": deps, "params": params_part}, sort_keys=True, default=str)
-    out = {f"dvc.dep.{k}": v for k, v in deps.items()}
-    out["dvc.stage_hash"] = hashlib.md5(blob.encode()).hexdigest()
-    return out
 
 
 def extra_tags() -> dict[str, str]:
@@ -140,7 +134,9 @@ def stage_run(stage: str, params: Params, root: Path, run_id: str | None = None)
     import mlflow
 
     setup(root, params.common.experiment)
-    tags = {"lmpipe.stage": stage, **git_info(root), **dvc_stage_hashes(stage, root), **extra_tags()}
+    tags = {"lmpipe.stage": stage, **git_info(root), **dvc_lineage(stage, root), **extra_tags()}
+    if os.environ.get("DVC_EXP_NAME"):  # `dvc exp run` names the experiment this run belongs to
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     parent = os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent

@@ -7,11 +7,8 @@ checkpoints with optimizer/scheduler/RNG state); this module only wires data, pa
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,10 +20,9 @@ import torch
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedModel,
                           PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
 
+from lmpipe.checkpoints import checkpoint_write_error, latest_checkpoint
 from lmpipe.config import Finetune, Pretrain
-from lmpipe.errors import ConfigError, LmpipeError
-
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+from lmpipe.errors import ConfigError
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -70,68 +66,6 @@ def precision_flags(precision: str, device: str, compiled: bool = False) -> dict
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def fingerprint(*parts: Any) -> str:
-    """Short stable hash of everything that makes a checkpoint resumable (config, data, params)."""
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-RESUME_KEY_FILE = "lmpipe_resume_key.json"
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    from lmpipe.config import flatten
-
-    a, b = flatten(json.loads(json.dumps(old, default=str))), flatten(json.loads(json.dumps(new, default=str)))
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def claim_checkpoint_dir(parent: Path, prefix: str, key: dict[str, Any], where: str) -> Path:
-    """The checkpoint folder `parent/<prefix><fingerprint of key>` for this configuration.
-
-    A folder of another configuration (same prefix) that holds a complete checkpoint is an unfinished
-    run: it is refused in one line naming what differs, never loaded and never deleted. Folders with no
-    complete checkpoint (a run that failed before its first save) hold nothing to resume and are removed."""
-    folder = parent / f"{prefix}{fingerprint(key)}"
-    others = sorted(p for p in parent.iterdir() if p.is_dir() and p.name.startswith(prefix)) if parent.is_dir() else []
-    for other in others:
-        if other == folder:
-            continue
-        if latest_checkpoint(other) is None:
-            shutil.rmtree(other, ignore_errors=True)
-            continue
-        try:
-            diffs = _differences(json.loads((other / RESUME_KEY_FILE).read_text()), key)
-        except (OSError, ValueError):
-            diffs = ["(its configuration was not recorded)"]
-        raise ConfigError(
-            f"{other}: holds an unfinished {where} run of another configuration (differs in: "
-            f"{'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}); re-run with those values to resume it, "
-            f"or delete that folder to start this configuration")
-    from lmpipe.io import write_json
-
-    write_json(folder / RESUME_KEY_FILE, key)
-    return folder
-
-
-def _failure_reason(exc: BaseException, folder: Path) -> str:
-    """The errno text of the first OSError in the chain; writers that wrap it (torch.save, safetensors)
-    are recognised by a full disk."""
-    e: BaseException | None = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    try:
-        full = shutil.disk_usage(folder.parent).free < (1 << 20)
-    except OSError:
-        full = False
-    if full or "No space left" in text or "os error 28" in text:
-        return "No space left on device"
-    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-
-
 class GuardedTrainer(Trainer):
     """Trainer whose checkpoint write fails as one line and leaves no partial checkpoint behind. The
     previous checkpoint stays: Trainer rotates old checkpoints only after a complete save."""
@@ -141,35 +75,7 @@ class GuardedTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         except Exception as e:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            shutil.rmtree(folder, ignore_errors=True)
-            previous = latest_checkpoint(folder.parent)
-            kept = f"; {previous.name} is intact and a re-run resumes from it" if previous else ""
-            raise LmpipeError(f"{folder}: cannot write checkpoint ({_failure_reason(e, folder)}){kept}") from None
-
-
-def checkpoint_complete(path: Path) -> bool:
-    """Trainer writes trainer_state.json last: a checkpoint is complete when it parses and names its step.
-    A checkpoint cut short by a kill (no or truncated state file) is never loaded."""
-    m = CKPT_RE.match(path.name)
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(m) and state.get("global_step") == int(m.group(1)) and any(path.glob("*.safetensors"))
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """Newest complete Trainer checkpoint in folder; incomplete ones are removed."""
-    if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.iterdir():
-        if CKPT_RE.match(p.name) and p.is_dir():
-            if checkpoint_complete(p):
-                found.append((int(CKPT_RE.match(p.name).group(1)), p))
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-    return max(found)[1] if found else None
+            raise checkpoint_write_error(folder, e) from None
 
 
 @dataclass
@@ -250,6 +156,22 @@ def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
         w.writerows(curve)
 
 
+def history_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (step, split, loss) from Trainer's own log history, which survives a resume (restored from
+    the checkpoint): train loss per logging step, validation loss per evaluation, plus the validation
+    accuracy when the model is a classifier."""
+    curve = [{"step": h["step"], "split": "train", "loss": float(h["loss"])} for h in log_history
+             if "loss" in h and "step" in h]
+    for h in log_history:
+        if "eval_loss" in h and "step" in h:
+            row = {"step": h["step"], "split": "validation", "loss": float(h["eval_loss"])}
+            if "eval_accuracy" in h:
+                row["accuracy"] = float(h["eval_accuracy"])
+            curve.append(row)
+    curve.sort(key=lambda r: (r["step"], r["split"]))
+    return curve
+
+
 def _full_batches(n: int, batch: int) -> int:
     """n rounded down to whole batches (n itself when that is less than one batch)."""
     return n - n % batch if n >= batch else n
@@ -314,12 +236,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
                "parameters": int(sum(p.numel() for p in model.parameters())),
                "val_blocks": len(val_full)}
-    # the curve from Trainer's own history: it survives a resume (restored from the checkpoint)
-    curve = [{"step": h["step"], "split": "train", "loss": float(h["loss"])} for h in trainer.state.log_history
-             if "loss" in h and "step" in h]
-    curve += [{"step": h["step"], "split": "validation", "loss": float(h["eval_loss"])}
-              for h in trainer.state.log_history if "eval_loss" in h and "step" in h]
-    curve.sort(key=lambda r: (r["step"], r["split"]))
+    curve = history_curve(trainer.state.log_history)
     return PretrainResult(trainer.model, metrics, curve, str(resume) if resume else None, timer)
 
 
@@ -340,9 +257,23 @@ def encode_labeled(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels:
                   remove_columns=["text"], desc="tokenize")
 
 
+@dataclass
+class FinetuneResult:
+    model: PreTrainedModel
+    """The best checkpoint's model (by validation accuracy)."""
+    metrics: dict[str, float]
+    curve: list[dict[str, Any]]
+    """history_curve of the training (the final evaluation of the best model left out)."""
+    log_history: list[dict[str, Any]]
+    """Trainer's log history up to the end of training."""
+    best_checkpoint: str | None
+    """The checkpoint the returned model was loaded from."""
+
+
 def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
-             device: str, seed: int, ckpt_dir: Path, prefix: str) -> tuple[PreTrainedModel, dict[str, float]]:
-    """Fine-tune a sequence classifier; evaluate every eval_every steps and keep the best by accuracy."""
+             device: str, seed: int, ckpt_dir: Path, prefix: str) -> FinetuneResult:
+    """Fine-tune a sequence classifier; evaluate every eval_every steps and keep the best by accuracy.
+    Resumes from the newest complete checkpoint in ckpt_dir."""
     args = TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
@@ -359,8 +290,9 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     t0 = time.perf_counter()
     resume = latest_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    history = list(trainer.state.log_history)  # before the best model's own evaluation below
     best = trainer.evaluate()
     metrics = {"val_accuracy": best["eval_accuracy"], "val_f1_macro": best["eval_f1_macro"],
                "val_loss": best["eval_loss"], "train_seconds": time.perf_counter() - t0,
                "steps": int(trainer.state.global_step)}
-    return trainer.model, metrics
+    return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint)

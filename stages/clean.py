@@ -16,7 +16,8 @@ import mlflow
 import pandas as pd
 
 from lmpipe import data
-from lmpipe.config import Params, data_dir
+from lmpipe.config import Params
+from lmpipe.datasource import data_dir
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.stage import run_stage
@@ -25,7 +26,7 @@ from lmpipe.tracking import log_metrics_bounded
 
 def clean(params: Params, root: Path, run) -> None:
     cfg, seed = params.clean, params.common.seed
-    ddir = data_dir(params.common, root)
+    ddir = data_dir(root)
 
     # 1) corpus: read every source, normalise/filter/dedup together, split by document
     raw_docs: list[str] = []

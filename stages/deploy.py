@@ -19,17 +19,9 @@ import mlflow
 from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, read_json, write_json
-from lmpipe.serving import ClassifierPyfunc
+from lmpipe.lineage import PARENT_TAG, log_lock
+from lmpipe.registry import register
 from lmpipe.stage import run_stage
-
-
-def champion_accuracy(client: mlflow.MlflowClient, name: str, alias: str) -> tuple[str | None, float | None]:
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None, None
-    acc = mv.tags.get("accuracy")
-    return mv.version, float(acc) if acc is not None else None
 
 
 def deploy(params: Params, root: Path, run) -> None:
@@ -43,6 +35,7 @@ def deploy(params: Params, root: Path, run) -> None:
     result = {"accuracy": acc, "min_accuracy": cfg.min_accuracy, "gate_passed": acc >= cfg.min_accuracy,
               "mlflow_run_id": run.info.run_id}
     mlflow.log_metrics({"accuracy": acc, "f1_macro": f1})
+    _join_pipeline_run(run, ev.get("pipeline_run_id"), root)
 
     with atomic_dir(root / cfg.out_dir) as out:
         if not result["gate_passed"]:
@@ -50,33 +43,28 @@ def deploy(params: Params, root: Path, run) -> None:
             mlflow.set_tag("deploy.gate", "failed")
             print(f"deploy: gate failed: accuracy {acc:.4f} < deploy.min_accuracy {cfg.min_accuracy}; not registered")
         else:
-            # 1) log + register (pyfunc wrapping the HF directory; requirements given, not inferred)
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=ClassifierPyfunc(), artifacts={"model_dir": str(model_dir)},
-                model_config={"max_length": params.finetune.max_length},
-                registered_model_name=cfg.model_name,
-                pip_requirements=["torch==2.13.0", "transformers>=5,<6", "pandas", "mlflow>=3,<4"],
-                input_example=["a gripping, funny film"])
-            version = str(info.registered_model_version)
-            client = mlflow.MlflowClient()
-            for key, value in {"accuracy": acc, "f1_macro": f1, "git.commit": run.data.tags.get("git.commit", ""),
-                               "source_run_id": run.info.run_id}.items():
-                client.set_model_version_tag(cfg.model_name, version, key, str(value))
-            # 2) move the alias only when the new version beats the holder
-            old_version, old_acc = champion_accuracy(client, cfg.model_name, cfg.alias)
-            promote = old_acc is None or acc > old_acc
-            if promote:
-                client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-            result.update(registered_model=cfg.model_name, version=version, promoted=promote,
-                          previous_champion=old_version, previous_champion_accuracy=old_acc,
-                          model_uri=f"models:/{cfg.model_name}/{version}")
+            result.update(register(model_dir, cfg.model_name, cfg.alias, acc, f1, run))
+            version, promote = result["version"], result["promoted"]
             mlflow.set_tags({"deploy.gate": "passed", "deploy.version": version, "deploy.promoted": str(promote)})
-            # 3) export the deployable model
-            shutil.copytree(model_dir, out / "model")
+            shutil.copytree(model_dir, out / "model")  # the deployable model, exported
             (out / "deploy.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            old_version, old_acc = result["previous_champion"], result["previous_champion_accuracy"]
             verdict = f"{cfg.alias} -> v{version}" if promote else f"{cfg.alias} stays v{old_version} ({old_acc:.4f})"
             print(f"deploy: registered {cfg.model_name} v{version} (accuracy {acc:.4f}); {verdict}")
     write_json(root / cfg.metrics, result)
+
+
+def _join_pipeline_run(run, evaluate_pipeline_run: str | None, root: Path) -> None:
+    """Nest under the execution's pipeline run (the flow's, or the one evaluate opened) and record this run there."""
+    client = mlflow.MlflowClient()
+    parent = run.data.tags.get(PARENT_TAG) or evaluate_pipeline_run
+    if not parent:
+        return
+    if PARENT_TAG not in run.data.tags:
+        client.set_tag(run.info.run_id, PARENT_TAG, parent)
+    client.set_tag(parent, "stage.deploy.run_id", run.info.run_id)
+    client.set_tag(parent, "stage.deploy", "ran")
+    log_lock(client, parent, root)  # now with evaluate's entry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from lmpipe.io import atomic_path, read_json, write_json
 from lmpipe.modeling import load_tokenizer
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
-from lmpipe.tracking import git_info, log_metrics_bounded, run_params
+from lmpipe.lineage import INHERITED_TAGS, log_summary, start_pipeline_run
+from lmpipe.tracking import PARENT_ENV, log_metrics_bounded
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -61,7 +63,7 @@ def evaluate(params: Params, root: Path, run) -> None:
             continue  # finetune.scratch_baseline: false
         model = AutoModelForSequenceClassification.from_pretrained(path)
         probs = predict_proba(model, load_tokenizer(path), test["text"].tolist(), cfg.batch_size,
-                              params.finetune.max_length, dev)
+                              dev)  # truncates at the length stored with the model
         preds = probs.argmax(-1)
         results[key] = classification_metrics(labels, preds, len(names))
         if key == "classifier":
@@ -84,54 +86,29 @@ def evaluate(params: Params, root: Path, run) -> None:
         w.writerows((names[a], names[p]) for a, p in zip(labels, preds_main))
     plot_confusion(results["classifier"]["confusion_matrix"], names, root / cfg.confusion_png,
                    f"classifier on test (accuracy {results['classifier']['accuracy']:.3f})")
+    # 4) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
+    client = mlflow.MlflowClient()
+    summary_id = os.environ.get(PARENT_ENV) or start_pipeline_run(
+        client, run.info.experiment_id, {k: v for k, v in run.data.tags.items() if k in INHERITED_TAGS})
     metrics["mlflow_run_id"] = run.info.run_id
+    metrics["pipeline_run_id"] = summary_id
     write_json(root / cfg.metrics, metrics)
 
-    flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+    flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     log_metrics_bounded(flat)
     mlflow.log_artifact(str(root / cfg.confusion_png))
     mlflow.log_artifact(str(root / cfg.confusion))
     mlflow.log_dict({"confusion_matrix": results["classifier"]["confusion_matrix"], "labels": names},
                     "confusion_matrix.json")
-    _log_summary(params, root, flat, run.info.run_id)
+    mlflow.log_input(mlflow.data.from_pandas(test, source=str((clean_dir / "labeled_test.parquet").relative_to(root)),
+                                             name="labeled_test", targets="label"), context="test")
+    log_summary(client, summary_id, params, root, metrics)
+    if not os.environ.get(PARENT_ENV):
+        client.set_terminated(summary_id)  # deploy reopens nothing: it only adds tags
     line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; classifier accuracy {metrics['classifier']['accuracy']:.4f}"
     if "scratch_baseline" in metrics:
         line += f" vs scratch {metrics['scratch_baseline']['accuracy']:.4f}"
     print(line)
-
-
-def _log_summary(params: Params, root: Path, eval_flat: dict, eval_run_id: str) -> None:
-    """One run per pipeline execution: every param + upstream and final metrics, for side-by-side comparison."""
-    upstream = {}
-    for stage in ("clean", "tokenize", "pretrain", "finetune"):
-        path = root / getattr(params, stage).metrics
-        if path.is_file():
-            upstream.update({f"{stage}.{k}": v for k, v in flatten(read_json(path)).items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    all_params = {}
-    for stage in ("clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy"):
-        all_params.update(run_params(stage, params))
-    tags = {"lmpipe.kind": "summary", "lmpipe.eval_run_id": eval_run_id, **git_info(root)}
-    parent = mlflow.active_run().data.tags.get("mlflow.parentRunId")
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    for key in ("prefect.flow_run_id", "prefect.flow_run_name", "prefect.deployment", "dvc.exp_name"):
-        value = mlflow.active_run().data.tags.get(key)
-        if value:
-            tags[key] = value
-    client = mlflow.MlflowClient()
-    summary = client.create_run(mlflow.active_run().info.experiment_id, run_name="pipeline", tags=tags)
-    rid = summary.info.run_id
-    from mlflow.entities import Metric, Param
-
-    items = list(all_params.items())
-    for i in range(0, len(items), 100):
-        client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
-    merged = {**{f"upstream.{k}": v for k, v in upstream.items()}, **eval_flat}
-    metric_objs = [Metric(k, float(v), 0, 0) for k, v in merged.items()]
-    for i in range(0, len(metric_objs), 500):
-        client.log_batch(rid, metrics=metric_objs[i:i + 500])
-    client.set_terminated(rid)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,46 +3,31 @@
     python -m stages.pretrain         # what `dvc repro pretrain` runs
 
 Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`,
-trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (left alone by DVC, so a
+trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (lmpipe/checkpoints.py: a
 re-run after a crash resumes there and reattaches to the same MLflow run; a different configuration is
-refused while that unfinished run's checkpoint is there), and saves the final model (safetensors) + tokenizer to pretrain.out_dir.
+refused while that unfinished run's checkpoint is there), saves the final model (safetensors) + tokenizer
+to pretrain.out_dir and logs the loss curve (pretrain.plot, and as a PNG) to MLflow.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 
+from lmpipe import checkpoints
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
-from lmpipe.io import atomic_dir, file_md5, write_json
+from lmpipe.evaluation import curve_figure
+from lmpipe.io import atomic_dir, write_json
 from lmpipe.modeling import attention_implementation, build_lm, build_lm_config, check_vocab, load_tokenizer, max_positions
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
-from lmpipe.training import claim_checkpoint_dir, fingerprint, pretrain as train_lm, write_curve
-
-
-def resume_key(params: Params, root: Path) -> dict:
-    """Everything that makes a checkpoint resumable: the training params, seed, tokenizer and data.
-    Cadence settings (eval, checkpoint, logging) are left out: changing them resumes all the same."""
-    cfg = params.pretrain
-    return {"pretrain": cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir",
-                                                "eval_every", "eval_batches", "checkpoint_every", "keep_last"}),
-            "common.seed": params.common.seed, "tokenize.block_size": params.tokenize.block_size,
-            "tokenizer.json md5": file_md5(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
-            "train.npy md5": file_md5(root / params.tokenize.out_dir / "train.npy")}
-
-
-def checkpoint_dir(params: Params, root: Path) -> Path:
-    """pretrain.checkpoint_dir/<fingerprint of the resume key>: only an identical configuration resumes
-    from it; a different one is refused while an unfinished run's checkpoint is there."""
-    return root / params.pretrain.checkpoint_dir / fingerprint(resume_key(params, root))
+from lmpipe.training import pretrain as train_lm, write_curve
 
 
 def pretrain(params: Params, root: Path, run) -> None:
@@ -68,9 +53,9 @@ def pretrain(params: Params, root: Path, run) -> None:
     #    run of another configuration is refused, never loaded or deleted
     is_main = run is not None  # torchrun ranks > 0 get no run and write nothing
     if is_main:
-        ckpt_dir = claim_checkpoint_dir(root / cfg.checkpoint_dir, "", resume_key(params, root), "pretrain")
+        ckpt_dir = checkpoints.claim("pretrain", params, root)
     else:
-        ckpt_dir = checkpoint_dir(params, root)
+        ckpt_dir = checkpoints.checkpoint_dir("pretrain", params, root)
     fp = ckpt_dir.name
     if is_main:
         mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters()),
@@ -94,9 +79,8 @@ def pretrain(params: Params, root: Path, run) -> None:
     write_json(root / cfg.metrics, metrics)
     log_metrics_bounded({f"final.{k}": v for k, v in result.metrics.items()})
     mlflow.log_artifact(str(root / cfg.plot))
-    # checkpoints exist for crash-resume only: once the outputs are written they would make a forced
-    # re-run (or one after a code change) "resume" at max_steps and train nothing
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    mlflow.log_figure(curve_figure(result.curve, "pretrain"), "pretrain_loss.png")
+    checkpoints.release(ckpt_dir)
     print(f"pretrain: {result.metrics['steps']} steps, val loss {result.metrics['val_loss']:.4f} "
           f"(ppl {result.metrics['val_perplexity']:.1f}), {result.metrics['tokens_per_s']:.0f} tok/s on {dev}")
 
@@ -134,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                "-m", "stages.pretrain", *argv]
         print("+", " ".join(cmd), flush=True)
         return subprocess.call(cmd)
-    return run_stage("pretrain", pretrain, argv, run_id_file=lambda p, r: checkpoint_dir(p, r) / "mlflow_run_id")
+    return run_stage("pretrain", pretrain, argv, resumable=True)
 
 
 if __name__ == "__main__":

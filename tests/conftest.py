@@ -37,10 +37,9 @@ def write_tiny_data(folder: Path) -> Path:
     return folder
 
 
-def tiny_params(data_dir: Path) -> dict:
-    """params.yaml (repo copy) + smoke profile, shrunk further and pointed at tiny data."""
+def tiny_params() -> dict:
+    """params.yaml (repo copy), shrunk for tiny data (the data folder is not a param: see tiny_data)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["common"]["data_dir"] = str(data_dir)
     raw["clean"]["corpus"] = [{"path": "corpus/text.txt"}]
     raw["clean"]["labeled"]["train"]["path"] = "task/train.tsv"
     raw["clean"]["labeled"]["test"]["path"] = "task/dev.tsv"
@@ -57,8 +56,11 @@ def tiny_params(data_dir: Path) -> dict:
 
 
 @pytest.fixture
-def tiny_data(tmp_path: Path) -> Path:
-    return write_tiny_data(tmp_path / "data")
+def tiny_data(tmp_path: Path, monkeypatch) -> Path:
+    """Tiny data, named by LMPIPE_DATA_DIR: stages run outside DVC read it, and make_repo links it."""
+    folder = write_tiny_data(tmp_path / "data")
+    monkeypatch.setenv("LMPIPE_DATA_DIR", str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def workdir(tmp_path: Path, tiny_data: Path, monkeypatch) -> Path:
     """A folder with a tiny params.yaml and its own MLflow store; stages run with cwd=workdir."""
     wd = tmp_path / "work"
     wd.mkdir()
-    (wd / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_data), sort_keys=False))
+    (wd / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{wd / 'mlflow.db'}")
     return wd
 
@@ -119,8 +121,9 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def make_repo(dest: Path, params: dict | None) -> Path:
-    """Copy the project's tracked files into a fresh git repo (with .dvc) and commit."""
+def make_repo(dest: Path, params: dict | None, data: Path | None = None) -> Path:
+    """Copy the project's tracked files into a fresh git repo (with .dvc), link its data (`data`, else
+    $LMPIPE_DATA_DIR, else the shared data) and commit."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for rel in filter(None, files.split("\0")):
         src = ROOT / rel
@@ -132,6 +135,8 @@ def make_repo(dest: Path, params: dict | None) -> Path:
     sh(dest, "git", "init", "-q")
     if not (dest / ".dvc").is_dir():
         sh(dest, "dvc", "init", "-q")
+    sh(dest, sys.executable, "-m", "lmpipe.cli", "data", "link",
+       str(data or os.environ.get("LMPIPE_DATA_DIR") or SHARED_DATA))
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "init")
     return dest

@@ -37,7 +37,7 @@ def _runs(repo: Path):
 def test_flow_experiment_then_all_cached(tmp_path, tiny_data, harness, flow_env):
     from flows.pipeline import pipeline
 
-    base = tiny_params(tiny_data)
+    base = tiny_params()
     repo = make_repo(tmp_path / "repo", base)
     before = (repo / "params.yaml").read_text()
     overrides = {"pretrain.learning_rate": 0.002}
@@ -85,7 +85,7 @@ def test_flow_experiment_then_all_cached(tmp_path, tiny_data, harness, flow_env)
 def test_flow_stage_failure_stops_pipeline(tmp_path, tiny_data, harness, flow_env):
     from flows.pipeline import pipeline
 
-    repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
+    repo = make_repo(tmp_path / "repo", tiny_params())
     state = pipeline(overrides={"clean.labeled.train.label_column": "sentiment"}, workspace=str(repo),
                      retries=0, return_state=True)
     assert state.is_failed()
@@ -114,7 +114,7 @@ def test_flow_stage_failure_stops_pipeline(tmp_path, tiny_data, harness, flow_en
 def test_two_flows_on_one_workspace_serialise(tmp_path, tiny_data, harness, flow_env):
     from flows.pipeline import pipeline
 
-    repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
+    repo = make_repo(tmp_path / "repo", tiny_params())
     results: list = [None, None]
 
     def go(i: int) -> None:

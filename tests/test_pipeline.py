@@ -18,44 +18,88 @@ import yaml
 from conftest import SHARED_DATA, STAGES, clean_env, free_port, make_repo, mlflow_runs, sh, stage_runs, tiny_params
 
 def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
-    repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
+    repo = make_repo(tmp_path / "repo", tiny_params())
     head = sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
 
     first = sh(repo, "dvc", "repro")
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
 
-    # outputs
+    # outputs; the reported accuracy is the share of matching rows in the confusion plot's data
     ev = json.loads((repo / "metrics" / "eval.json").read_text())
-    for key in ("perplexity",):
-        assert ev["lm"][key] > 1
-    for section in ("classifier", "scratch_baseline"):
-        assert 0 <= ev[section]["accuracy"] <= 1 and 0 <= ev[section]["f1_macro"] <= 1
+    assert ev["lm"]["perplexity"] > 1
+    rows = (repo / "plots" / "confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) - 1 == ev["test_examples"]
+    hits = sum(a == b for a, b in (r.split(",") for r in rows[1:]))
+    assert ev["classifier"]["accuracy"] == pytest.approx(hits / (len(rows) - 1))
+    assert ev["benefit"]["accuracy"] == pytest.approx(ev["classifier"]["accuracy"] - ev["scratch_baseline"]["accuracy"])
     assert (repo / "models" / "pretrain" / "model.safetensors").is_file()
-    assert (repo / "plots" / "confusion.csv").read_text().startswith("actual,predicted")
     assert (repo / "plots" / "pretrain_loss.csv").is_file()
     assert (repo / "models" / "deploy" / "model" / "config.json").is_file()
+    # metrics and plots are versioned by git (DVC's cache: false outputs), not ignored
+    for path in ("metrics/eval.json", "plots/confusion.csv", "plots/pretrain_loss.csv"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 1, path
 
-    # exactly one finished MLflow run per stage, with lineage tags; the id is in each metrics file
+    # exactly one finished MLflow run per stage, with DVC's own lineage; the id is in each metrics file
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    data_hash = next(d["md5"] for d in lock["clean"]["deps"] if d["path"] == "remote://lmpipe-data")
+    assert data_hash.endswith(".dir")
     runs = stage_runs(repo)
     for stage in STAGES:
         assert len(runs[stage]) == 1, stage
         run = runs[stage][0]
         assert run.info.status == "FINISHED" and run.info.run_name == stage
         assert run.data.tags["git.commit"] == head and run.data.tags["git.dirty"] in ("true", "false")
-        assert run.data.tags["dvc.stage_hash"]
+        key = run.data.tags["dvc.stage_hash"]  # the run-cache key DVC filed this execution under
+        assert (repo / ".dvc" / "cache" / "runs" / key[:2] / key).is_dir(), stage
+        for dep in lock[stage]["deps"]:  # every file and folder dependency as dvc.lock records it
+            tag = "dvc.dep." + dep["path"].removeprefix("remote://")
+            assert run.data.tags[tag] == dep["md5"], (stage, dep["path"])
         metrics_file = repo / yaml.safe_load((repo / "params.yaml").read_text())[stage]["metrics"]
         assert json.loads(metrics_file.read_text())["mlflow_run_id"] == run.info.run_id
+    assert runs["clean"][0].data.tags["dvc.dep.lmpipe-data"] == data_hash
     assert runs["pretrain"][0].data.params["pretrain.hidden_size"] == "16"
     assert runs["pretrain"][0].data.params["common.seed"] == "1337"
-    summaries = [r for r in mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}") if r.data.tags.get("lmpipe.kind") == "summary"]
-    assert len(summaries) == 1 and "classifier.accuracy" in summaries[0].data.metrics
-    assert "pretrain.learning_rate" in summaries[0].data.params
 
-    # registry: champion alias points at the registered version
+    # one pipeline execution = one top-level `pipeline` run with every stage run nested under it
+    summaries = [r for r in mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}") if r.data.tags.get("lmpipe.kind") == "summary"]
+    assert len(summaries) == 1
+    summary = summaries[0]
+    assert summary.info.run_name == "pipeline" and "mlflow.parentRunId" not in summary.data.tags
+    assert all(runs[s][0].data.tags["mlflow.parentRunId"] == summary.info.run_id for s in STAGES)
+    assert all(summary.data.tags[f"stage.{s}"] == "ran" for s in STAGES)
+    assert summary.data.metrics["accuracy"] == pytest.approx(ev["classifier"]["accuracy"])
+    assert summary.data.metrics["perplexity"] == pytest.approx(ev["lm"]["perplexity"])
+    assert summary.data.metrics["benefit_accuracy"] == pytest.approx(ev["benefit"]["accuracy"])
+    assert not [k for k in summary.data.metrics if k.startswith("upstream")]  # upstream figures: an artifact
+    assert summary.data.params["pretrain.learning_rate"] == "0.002"
+    assert summary.data.tags["dvc.data_hash"] == data_hash
+    contexts = {i.dataset.name: [t.value for t in i.tags] for i in summary.inputs.dataset_inputs}
+    assert contexts == {"labeled_train": ["training"], "labeled_validation": ["validation"], "labeled_test": ["test"]}
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(summary.info.run_id)}
+    assert {"dvc.lock", "upstream_metrics.json"} <= artifacts
+    logged_lock = yaml.safe_load(Path(client.download_artifacts(summary.info.run_id, "dvc.lock", str(tmp_path))).read_text())
+    assert logged_lock["stages"]["clean"] == lock["clean"]
+
+    # lineage of the champion: the exact commit, data hash and every stage's run
+    out = sh(repo, sys.executable, "-m", "lmpipe.cli", "lineage", "models:/lmpipe-sst2@champion", "--json").stdout
+    info = json.loads(out)
+    assert info["git_commit"] == head and info["data_hash"] == data_hash
+    assert info["pipeline_run"] == summary.info.run_id and info["model"]["aliases"] == ["champion"]
+    assert {s["stage"]: s["run_id"] for s in info["stages"]} == {s: runs[s][0].info.run_id for s in STAGES}
+    assert {s["stage"]: s["dvc_stage_hash"] for s in info["stages"]} == {
+        s: runs[s][0].data.tags["dvc.stage_hash"] for s in STAGES}
+    text = sh(repo, sys.executable, "-m", "lmpipe.cli", "lineage", "models:/lmpipe-sst2/1").stdout
+    assert head in text and data_hash in text and runs["pretrain"][0].info.run_id in text
+    bad = subprocess.run([sys.executable, "-m", "lmpipe.cli", "lineage", "models:/lmpipe-sst2@nobody"], cwd=repo,
+                         env=clean_env(), capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("lmpipe: error: models:/lmpipe-sst2@nobody")
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    # registry: champion alias points at the registered version
     mv = client.get_model_version_by_alias("lmpipe-sst2", "champion")
     assert float(mv.tags["accuracy"]) == pytest.approx(ev["classifier"]["accuracy"])
 
@@ -96,7 +140,7 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
 
 
 def test_param_change_reruns_only_dependent_stages(tmp_path, tiny_data):
-    repo = make_repo(tmp_path / "repo", tiny_params(tiny_data))
+    repo = make_repo(tmp_path / "repo", tiny_params())
     sh(repo, "dvc", "repro")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["batch_size"] = 7

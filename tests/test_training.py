@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from lmpipe.checkpoints import latest_checkpoint
 from lmpipe.config import Finetune, Pretrain
+from lmpipe.errors import ConfigError
+from lmpipe.evaluation import perplexity, predict_proba
 from lmpipe.modeling import build_lm, build_lm_config, check_vocab, load_classifier
 from lmpipe.tokenizer import encode_stream, pack_blocks, train_tokenizer
-from lmpipe.training import encode_labeled, finetune, latest_checkpoint, pretrain
-from lmpipe.errors import ConfigError
+from lmpipe.training import encode_labeled, finetune, pretrain
 
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "the mat and the log"] * 8
 
@@ -34,11 +36,16 @@ def test_pretrain_lowers_loss_and_checkpoints(tmp_path, arch, objective, monkeyp
     torch.manual_seed(0)
     tok, blocks, cfg = _setup(arch, objective)
     model = build_lm(build_lm_config(cfg, tok), objective)
+    train, val = blocks[:-4], blocks[-4:]  # validation blocks never trained on
+    untrained = perplexity(model, val, 4, "cpu", tok)["loss"]  # about log(vocab)
     with mlflow.start_run():
-        res = pretrain(model, tok, blocks, blocks[:4], cfg, "cpu", 0, tmp_path / "ckpt")
-    first = next(r["loss"] for r in res.curve if r["split"] == "train")
+        res = pretrain(model, tok, train, val, cfg, "cpu", 0, tmp_path / "ckpt")
+    evals = [r["loss"] for r in res.curve if r["split"] == "validation"]
     assert res.metrics["train_loss"] < np.log(len(tok))  # better than uniform over the vocabulary
-    assert res.metrics["steps"] == 20 and res.metrics["val_loss"] < first + 1
+    assert res.metrics["steps"] == 20
+    # training lowered the validation loss: below the first evaluation's, which is below the untrained model's
+    assert res.metrics["val_loss"] < evals[0] < untrained, (res.metrics["val_loss"], evals, untrained)
+    assert res.metrics["val_loss"] < untrained - 0.25
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-20"
 
 
@@ -50,7 +57,7 @@ def test_vocab_mismatch_is_refused():
         check_vocab(config, tok, "pretrain")
 
 
-def test_finetune_keeps_best_and_classifies(tmp_path, monkeypatch):
+def test_finetune_keeps_the_best_checkpoint_and_classifies(tmp_path, monkeypatch):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
@@ -61,13 +68,27 @@ def test_finetune_keeps_best_and_classifies(tmp_path, monkeypatch):
     lm.save_pretrained(tmp_path / "lm")
     texts = ["the cat sat", "a cat and a cat", "the dog sat", "a dog and a dog"] * 4
     labels = [0, 0, 1, 1] * 4
+    val_texts = ["a cat sat on the mat", "the cat and the mat", "a dog sat on the log", "the dog and the log",
+                 "the cat", "a dog"]  # never trained on
+    val_labels = np.array([0, 0, 1, 1, 0, 1])
     model = load_classifier(tmp_path / "lm", 2, {0: "cat", 1: "dog"}, False, tok.pad_token_id)
-    ds = encode_labeled(tok, texts, labels, 16)
     fcfg = Finetune(max_steps=30, eval_every=10, batch_size=8, learning_rate=3e-3)
     with mlflow.start_run():
-        model, metrics = finetune(model, tok, ds, ds, fcfg, "cpu", 0, tmp_path / "ft", "classifier.")
-    assert metrics["val_accuracy"] >= 0.75
-    assert model.config.id2label == {0: "cat", 1: "dog"}
+        res = finetune(model, tok, encode_labeled(tok, texts, labels, 16),
+                       encode_labeled(tok, val_texts, val_labels.tolist(), 16), fcfg, "cpu", 0, tmp_path / "ft",
+                       "classifier.")
+    evals = [h for h in res.log_history if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [10, 20, 30]
+    best = max(evals, key=lambda h: h["eval_accuracy"])  # the first of equals, as Trainer counts improvements
+    assert res.best_checkpoint.endswith(f"checkpoint-{best['step']}")
+    # the returned model is that checkpoint's: its own validation accuracy and loss are the best evaluation's
+    probs = predict_proba(res.model, tok, val_texts, 8, "cpu", max_length=16)
+    loss = float(-np.log(probs[np.arange(len(val_labels)), val_labels]).mean())
+    assert (probs.argmax(-1) == val_labels).mean() == best["eval_accuracy"] == res.metrics["val_accuracy"]
+    assert loss == pytest.approx(best["eval_loss"], abs=1e-4)
+    assert res.metrics["val_loss"] == pytest.approx(best["eval_loss"], abs=1e-6)
+    assert best["eval_accuracy"] >= 0.8  # it learned the task on texts it never saw
+    assert res.model.config.id2label == {0: "cat", 1: "dog"}
 
 
 def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
@@ -81,6 +102,8 @@ def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     raw["tokenize"]["kind"] = "wordpiece"
     raw["pretrain"].update(objective="mlm", arch="bert", max_steps=20, eval_every=10, checkpoint_every=10)
+    # budget enough to learn the tiny task (whose test split holds its training sentences)
+    raw["finetune"].update(max_steps=30, eval_every=10, learning_rate=0.003, scratch_baseline=False)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in ("clean", "tokenize", "pretrain", "finetune", "evaluate"):
         res = run_module(f"stages.{stage}", workdir)
@@ -93,7 +116,33 @@ def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
     metrics = json.loads((workdir / "metrics" / "eval.json").read_text())
     assert metrics["lm"]["perplexity"] < len(json.loads((workdir / "models" / "tokenizer" / "tokenizer.json")
                                                         .read_text())["model"]["vocab"])  # better than uniform
-    assert 0 <= metrics["classifier"]["accuracy"] <= 1
+    matrix = np.array(metrics["classifier"]["confusion_matrix"])
+    assert matrix.sum() == metrics["test_examples"]
+    assert metrics["classifier"]["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert metrics["classifier"]["accuracy"] >= 0.75, metrics["classifier"]  # learned the task, not chance (0.5)
+
+
+def test_training_stages_log_loss_curves_and_datasets_to_mlflow(workdir):
+    """pretrain and finetune runs carry their loss curves as PNG artifacts; finetune its data splits as datasets."""
+    import os
+
+    from conftest import mlflow_runs, run_module
+
+    for stage in ("clean", "tokenize", "pretrain", "finetune"):
+        res = run_module(f"stages.{stage}", workdir)
+        assert res.returncode == 0, f"{stage}: {res.stderr[-3000:]}"
+    import mlflow
+
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = {r.data.tags["lmpipe.stage"]: r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])}
+    artifacts = {s: {a.path for a in client.list_artifacts(runs[s].info.run_id)} for s in ("pretrain", "finetune")}
+    assert "pretrain_loss.png" in artifacts["pretrain"]
+    assert {"finetune_classifier_loss.png", "finetune_scratch_loss.png"} <= artifacts["finetune"]
+    png = client.download_artifacts(runs["finetune"].info.run_id, "finetune_classifier_loss.png", str(workdir))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    inputs = {(d.dataset.name, {t.key: t.value for t in d.tags}.get("mlflow.data.context"))
+              for d in runs["finetune"].inputs.dataset_inputs}
+    assert inputs == {("labeled_train", "training"), ("labeled_validation", "validation")}
 
 
 def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_path, monkeypatch):

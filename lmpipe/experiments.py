@@ -1,0 +1,129 @@
+"""The one way lmpipe runs params overrides as a DVC experiment: `make smoke`, the flow's experiments
+(and sweep trials) all go through here.
+
+    lmpipe smoke --profile profiles/smoke.yaml --set finetune.max_steps=20
+
+1) `create`: a git worktree of the committed HEAD under .lmpipe/worktrees/<name>, sharing this checkout's
+   DVC cache (so DVC's run cache serves every stage whose inputs did not change) and its data link;
+2) `write_params`: params.yaml there = params.yaml + profile + overrides, validated first (every problem
+   one line, nothing run); values are written as YAML, so no override needs shell or Hydra quoting;
+3) the stages run there (`dvc repro`, or stage by stage by the Prefect flow);
+4) `save`: `dvc exp save -n <name>`, so `dvc exp show` lists it with its params and metrics; then `remove`.
+
+The user's params.yaml and outputs are never touched. Uncommitted code is not part of an experiment
+(commit first). Native DVC experiments (`dvc exp run -S`, `--queue`) work beside these: both read the
+data through the checkout's `lmpipe-data` link and share one run cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmpipe import datasource
+from lmpipe.config import Params, load_raw, merge, validate
+from lmpipe.errors import LmpipeError
+
+DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PATH a worker has
+
+
+def _last_line(text: str, fallback: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else fallback
+
+
+def resolve_profile(root: Path, profile: str | None) -> Path | None:
+    """A profile name (profiles/<name>.yaml) or a YAML path; missing -> ConfigError."""
+    from lmpipe.errors import ConfigError
+
+    if not profile:
+        return None
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else Path("profiles") / f"{profile}.yaml"
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise ConfigError(f"profile {profile!r}: {path} not found")
+    return path
+
+
+def prepare(root: Path, overrides: dict[str, Any] | None, profile: Path | None) -> tuple[dict, Params]:
+    """The experiment's params tree, validated (raises ConfigError listing every problem)."""
+    raw = merge(load_raw(root / "params.yaml"), profile, overrides)
+    return raw, validate(raw, "params.yaml" + (f" + {profile.name}" if profile else "") + (" + overrides" if overrides else ""))
+
+
+def create(root: Path, name: str) -> Path:
+    """A detached worktree of HEAD that shares the checkout's DVC cache and data link."""
+    wt = root / ".lmpipe" / "worktrees" / name
+    wt.parent.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(wt), "HEAD"], cwd=root,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LmpipeError(f"git worktree add {wt}: {_last_line(res.stderr, str(res.returncode))} (is HEAD committed?)")
+    subprocess.run([*DVC, "config", "--local", "cache.dir", str(root / ".dvc" / "cache")], cwd=wt, check=True,
+                   capture_output=True)
+    datasource.link(wt, datasource.data_dir(root))
+    return wt
+
+
+def write_params(wt: Path, raw: dict) -> None:
+    (wt / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for stages run in a worktree: MLflow runs land in the checkout's store."""
+    from lmpipe.tracking import tracking_uri
+
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def save(wt: Path, name: str, run_env: dict[str, str]) -> None:
+    """Record the worktree's state as the DVC experiment `name` (metrics and plots are git-tracked files)."""
+    res = subprocess.run([*DVC, "exp", "save", "-n", name, "--force"], cwd=wt, capture_output=True, text=True,
+                         env=run_env)
+    if res.returncode != 0:
+        raise LmpipeError(f"dvc exp save: {_last_line(res.stderr or res.stdout, str(res.returncode))}")
+
+
+def remove(root: Path, wt: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=root, capture_output=True)
+    shutil.rmtree(wt, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
+
+
+def default_name(kind: str) -> str:
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(root: Path, name: str, overrides: dict[str, Any] | None = None, profile: Path | None = None) -> int:
+    """The whole pipeline as the experiment `name` (`dvc repro` in its worktree), under one pipeline run."""
+    import mlflow
+
+    from lmpipe.lineage import start_pipeline_run
+    from lmpipe.tracking import PARENT_ENV, git_info, setup
+
+    raw, params = prepare(root, overrides, profile)  # validate before anything runs
+    exp_id = setup(root, params.common.experiment)
+    client = mlflow.MlflowClient()
+    wt = create(root, name)
+    try:
+        write_params(wt, raw)
+        parent = start_pipeline_run(client, exp_id, {"dvc.exp_name": name, **git_info(root)})
+        run_env = env(root, **{PARENT_ENV: parent})
+        print(f"+ dvc repro  (experiment {name} in {wt})", flush=True)
+        code = subprocess.call([*DVC, "repro"], cwd=wt, env=run_env)
+        if code == 0:
+            save(wt, name, run_env)
+            print(f"experiment {name} saved: dvc exp show", flush=True)
+        client.set_terminated(parent, "FINISHED" if code == 0 else "FAILED")
+        return code
+    finally:
+        remove(root, wt)
