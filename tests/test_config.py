@@ -48,6 +48,18 @@ def test_block_size_beyond_model_positions():
         validate(raw)
 
 
+def test_scratch_init_with_a_scratch_baseline_is_refused_in_one_line():
+    raw = _raw()
+    raw["finetune"].update(init="scratch", scratch_baseline=True)
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("params.yaml: finetune.scratch_baseline: "), lines
+    assert "finetune.init: scratch" in lines[0] and "twice" in lines[0], lines
+    raw["finetune"]["scratch_baseline"] = False
+    assert validate(raw).finetune.init == "scratch"
+
+
 def test_override_applies_dotted_keys():
     p = load_params(ROOT / "params.yaml", overrides={"pretrain.learning_rate": 3e-4})
     assert p.pretrain.learning_rate == 3e-4

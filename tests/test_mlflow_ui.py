@@ -32,7 +32,7 @@ import yaml
 from conftest import clean_env, free_port, make_repo, mlflow_runs, sh, tiny_params, write_tiny_data
 
 PARAM = "pretrain.learning_rate"  # the one param the two executions differ in
-NEW_VALUE = "0.01"  # tiny_params keeps params.yaml's 0.002
+NEW_VALUE = "0.01"  # params.yaml (and tiny_params) have 0.002
 WAIT_S = 120  # explicit waits: the UI shares 2 cores with whatever else runs
 
 
@@ -69,11 +69,12 @@ def two_executions(base: Path) -> Path:
     data = write_tiny_data(base / "data")
     repo = base / "repo"
     repo.mkdir()
-    make_repo(repo, tiny_params(data))
+    make_repo(repo, tiny_params(), data)
     sh(repo, "dvc", "repro")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline run")
-    assert str(yaml.safe_load((repo / "params.yaml").read_text())["pretrain"]["learning_rate"]) != NEW_VALUE
+    section, name = PARAM.split(".")
+    assert str(yaml.safe_load((repo / "params.yaml").read_text())[section][name]) != NEW_VALUE
     sh(repo, "dvc", "exp", "run", "-S", f"{PARAM}={NEW_VALUE}")
     return repo
 
@@ -187,8 +188,8 @@ def _pipeline_rows(driver) -> set[str]:
 def _row_checkbox(driver, run_id: str):
     from selenium.webdriver.common.by import By
 
-    boxes = [b for b in driver.find_elements(By.CSS_SELECTOR, f"div[role=row][row-id='{run_id}'] input.ag-checkbox-input")
-             if b.is_displayed()]
+    # ag-grid draws its own box over the (transparent) input: Selenium calls it not displayed, clicks work
+    boxes = driver.find_elements(By.CSS_SELECTOR, f"div[role=row][row-id='{run_id}'] input.ag-checkbox-input")
     return boxes[0] if boxes else None
 
 
@@ -209,6 +210,18 @@ for (let i = 0; i + 1 < grids.length; i++) {
 // not rendered yet (virtualized): scroll the values grids on and report nothing
 for (const g of grids) if (getComputedStyle(g).overflowY === 'auto') g.scrollTop += 200;
 return null;
+"""
+
+
+# if the metric's row is below the fold, scroll the page just enough to show it (and a bit of the next row)
+_SHOW_METRIC_JS = """
+const link = [...document.querySelectorAll('.ReactVirtualized__Grid a')].find(a => a.textContent.trim() === arguments[0]);
+if (!link) return;
+let box = link.parentElement;
+let pane = box.parentElement;
+while (pane && !(pane.scrollHeight > pane.clientHeight && /auto|scroll/.test(getComputedStyle(pane).overflowY))) pane = pane.parentElement;
+const below = box.getBoundingClientRect().bottom + 30 - window.innerHeight;
+if (pane && below > 0) pane.scrollTop += below;
 """
 
 
@@ -270,9 +283,11 @@ def compare_in_ui(driver, base: str, experiment_id: str, runs: list, param: str,
             break
     with contextlib.suppress(Exception):
         driver.find_element(By.CSS_SELECTOR, "[aria-label='collapse Visualizations']").click()
+    time.sleep(0.5)  # let the folding animation settle
     heading = driver.find_element(By.XPATH, "//*[normalize-space()='Comparing 2 Runs from 1 Experiment']")
     driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", heading)
-    time.sleep(0.5)  # let the folding animation settle before the picture
+    driver.execute_script(_SHOW_METRIC_JS, key)
+    time.sleep(0.3)
     shot = shots / "mlflow-compare.png"
     driver.save_screenshot(str(shot))
     return {"order": order, "screenshot": shot, "metric": key, "expected": expected}
@@ -289,7 +304,8 @@ def test_mlflow_ui_compare_two_pipeline_runs_in_chromium(tmp_path):
     runs = summary_runs(repo)
     a, b = (r.data.params for r in runs)
     assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {PARAM}, "the executions differ in more than one param"
-    assert {a[PARAM], b[PARAM]} == {"0.002", NEW_VALUE}
+    section, name = PARAM.split(".")
+    assert {a[PARAM], b[PARAM]} == {str(tiny_params()[section][name]), NEW_VALUE}
 
     import mlflow
 
@@ -305,5 +321,5 @@ def test_mlflow_ui_compare_two_pipeline_runs_in_chromium(tmp_path):
 def test_format_metric_matches_the_mlflow_ui():
     """Values as the compare page showed them (MLflow 3.17): 3 decimals below 10, then 2, then 1."""
     cases = {0.0: "0", 0.5: "0.5", 1.0: "1", 1 / 3: "0.333", 5.64444: "5.644", 12.0: "12", 30.0: "30",
-             282.5213: "282.5", 66.4449: "66.44", 0.00012345: "1.235e-4", -0.25: "-0.25", 0.7833333: "0.783"}
+             282.5213: "282.5", 66.4449: "66.44", 0.000123456: "1.235e-4", -0.25: "-0.25", 0.7833333: "0.783"}
     assert {v: format_metric(v) for v in cases} == cases

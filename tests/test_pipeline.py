@@ -36,9 +36,13 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     assert (repo / "models" / "pretrain" / "model.safetensors").is_file()
     assert (repo / "plots" / "pretrain_loss.csv").is_file()
     assert (repo / "models" / "deploy" / "model" / "config.json").is_file()
-    # metrics and plots are versioned by git (DVC's cache: false outputs), not ignored
-    for path in ("metrics/eval.json", "plots/confusion.csv", "plots/pretrain_loss.csv"):
-        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=repo).returncode == 1, path
+    # metrics and plots are DVC outputs: dvc.lock (staged for commit by DVC) records them, the cache holds them
+    assert "dvc.lock" in sh(repo, "git", "diff", "--cached", "--name-only").stdout
+    recorded = {o["path"]: o["md5"] for st in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values()
+                for o in st.get("outs", [])}
+    for path in ("metrics/eval.json", "plots/confusion.csv", "plots/confusion.png", "plots/pretrain_loss.csv"):
+        md5 = recorded[path]
+        assert (repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file(), path
 
     # exactly one finished MLflow run per stage, with DVC's own lineage; the id is in each metrics file
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]

@@ -17,10 +17,16 @@ import yaml
 from conftest import copy_for_reference, mlflow_runs, prepare_workdir, run_module
 
 
-def _steps(folder: Path) -> list[int]:
-    from lmpipe.training import checkpoint_complete
+def _steps(folder: Path, variant: str | None = None) -> list[int]:
+    """Steps of the complete checkpoints under folder (of one finetune variant only, when given)."""
+    from lmpipe.checkpoints import checkpoint_complete
 
-    return sorted(int(p.name.split("-")[1]) for p in folder.rglob("checkpoint-*") if checkpoint_complete(p))
+    try:
+        found = list(folder.rglob("checkpoint-*"))
+    except FileNotFoundError:  # Trainer rotated a checkpoint away while we walked: look again later
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in found
+                  if checkpoint_complete(p) and (variant is None or p.parent.name == variant))
 
 
 def _start(stage: str, workdir: Path) -> subprocess.Popen:
@@ -29,12 +35,13 @@ def _start(stage: str, workdir: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _kill_after(stage: str, workdir: Path, ckpt_root: Path, past: int, timeout: float = 300) -> int:
-    """Start the stage, SIGKILL it once a checkpoint beyond `past` is complete; returns that step."""
+def _kill_after(stage: str, workdir: Path, ckpt_root: Path, past: int, timeout: float = 300,
+                variant: str | None = None) -> int:
+    """Start the stage, SIGKILL it once a checkpoint beyond `past` (of `variant`) is complete; returns that step."""
     proc = _start(stage, workdir)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        done = [s for s in _steps(ckpt_root) if s > past]
+        done = [s for s in _steps(ckpt_root, variant) if s > past]
         if done:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -98,6 +105,53 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     assert got["classifier"]["val_accuracy"] == expected["val_accuracy"]
     runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "finetune"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_finetune_killed_during_the_scratch_twin_keeps_the_finished_classifier(workdir: Path, tmp_path: Path):
+    prepare_workdir(workdir, lambda r: r["finetune"].update(max_steps=200, eval_every=20, batch_size=4,
+                                                      scratch_baseline=True))
+    res = run_module("stages.pretrain", workdir)
+    assert res.returncode == 0, res.stderr
+    ref = copy_for_reference(workdir, tmp_path / "ref")
+    res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    assert res.returncode == 0, res.stderr
+    expected = json.loads((ref / "metrics" / "finetune.json").read_text())
+
+    # SIGKILL while the scratch twin trains: the classifier is finished by then
+    ckpts = workdir / "checkpoints" / "finetune"
+    _kill_after("finetune", workdir, ckpts, past=0, variant="scratch")
+    killed_ms = time.time() * 1000
+    fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
+    assert (fp_dir / "finished" / "classifier" / "model.safetensors").is_file()
+
+    res = run_module("stages.finetune", workdir)
+    assert res.returncode == 0, res.stderr
+    assert "finetune[classifier]: finished by an earlier attempt" in res.stdout, res.stdout
+    got = json.loads((workdir / "metrics" / "finetune.json").read_text())
+    for variant in ("classifier", "scratch"):
+        assert got[variant]["steps"] == expected[variant]["steps"] == 200
+        assert abs(got[variant]["val_loss"] - expected[variant]["val_loss"]) < 1e-4, (variant, got, expected)
+        assert got[variant]["val_accuracy"] == expected[variant]["val_accuracy"]
+    assert not any(ckpts.iterdir()), "checkpoints are deleted once the whole stage succeeded"
+
+    import mlflow
+
+    runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "finetune"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    ref_uri = f"sqlite:///{ref / 'mlflow.db'}"
+    ref_run_id = next(r.info.run_id for r in mlflow_runs(ref_uri) if r.data.tags.get("lmpipe.stage") == "finetune")
+    # the classifier was not trained again: its curve was logged by the first attempt only, as in one run
+    for key in ("classifier.eval_accuracy", "classifier.train_loss"):
+        logged = client.get_metric_history(run_id, key)
+        assert all(m.timestamp <= killed_ms for m in logged), key
+        assert sorted(m.step for m in logged) == sorted(
+            m.step for m in mlflow.MlflowClient(ref_uri).get_metric_history(ref_run_id, key))
+    assert {m.step for m in client.get_metric_history(run_id, "scratch.eval_accuracy")} == set(range(20, 201, 20))
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"finetune_classifier_loss.png", "finetune_scratch_loss.png"} <= artifacts
+    assert sorted(d.dataset.name for d in runs[0].inputs.dataset_inputs) == ["labeled_train", "labeled_validation"]
 
 
 def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):

@@ -103,7 +103,7 @@ def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
     raw["tokenize"]["kind"] = "wordpiece"
     raw["pretrain"].update(objective="mlm", arch="bert", max_steps=20, eval_every=10, checkpoint_every=10)
     # budget enough to learn the tiny task (whose test split holds its training sentences)
-    raw["finetune"].update(max_steps=30, eval_every=10, learning_rate=0.003, scratch_baseline=False)
+    raw["finetune"].update(max_steps=60, eval_every=20, learning_rate=0.003, scratch_baseline=False)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in ("clean", "tokenize", "pretrain", "finetune", "evaluate"):
         res = run_module(f"stages.{stage}", workdir)

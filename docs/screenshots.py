@@ -1,0 +1,110 @@
+"""Regenerate the README's two screenshots: docs/mlflow-compare.png and docs/dvc-plots-diff.png.
+
+    .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR]
+
+Builds the same temporary repo as tests/test_mlflow_ui.py (tiny data, `dvc repro`, commit, then
+`dvc exp run -S pretrain.learning_rate=0.01`), then in headless Chromium (Debian's chromium +
+chromium-driver, apt-installed when missing and root):
+
+1. `mlflow ui` over the repo's mlflow.db: the test's own steps (tick the two `pipeline` runs, Compare,
+   check param and accuracy), screenshot of the compare page;
+2. `dvc plots diff HEAD -o dvc_plots` (HEAD = the committed baseline, workspace = the experiment),
+   screenshot of dvc_plots/index.html. That page loads vega, vega-lite and vega-embed from a CDN;
+   for an offline machine this script fetches the same versions with `npm pack` and points the page's
+   <script> tags at them (the page is otherwise DVC's, unchanged).
+
+Both PNGs are cut down to a 256-colour palette (no dithering, text stays sharp) to keep the repo small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import pytest  # noqa: E402  (ensure_chromium skips through pytest)
+
+import test_mlflow_ui as ui  # noqa: E402
+from conftest import sh  # noqa: E402
+
+CDN = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/(vega(?:-lite|-embed)?)@([0-9.]+)"></script>')
+
+
+def small_png(src: Path, dest: Path) -> None:
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(dest, optimize=True)
+    print(f"{dest}: {img.width}x{img.height}, {dest.stat().st_size // 1024} KiB")
+
+
+def offline_vega(html: Path, work: Path) -> None:
+    """Point dvc_plots/index.html's CDN <script> tags at the same packages fetched with `npm pack`."""
+    text = html.read_text()
+    libs = CDN.findall(text)
+    assert libs, "no vega <script> tags in the page: dvc_render changed its template?"
+    for name, version in libs:
+        subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=work, check=True,
+                       capture_output=True, timeout=300)
+        with tarfile.open(work / f"{name}-{version}.tgz") as tar:
+            member = tar.extractfile(f"package/build/{name}.min.js")
+            (html.parent / f"{name}.min.js").write_bytes(member.read())
+    html.write_text(CDN.sub(lambda m: f'<script src="{m.group(1)}.min.js"></script>', text))
+
+
+def plots_diff_screenshot(driver, html: Path, shot: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(html.as_uri())
+    n_vega = len(re.findall(r"vegaEmbed\(", html.read_text()))
+    ui._wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".vega-embed svg, .vega-embed canvas")) >= n_vega,
+                           f"the {n_vega} vega plots did not render")
+    time.sleep(0.5)
+    driver.save_screenshot(str(shot))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--keep", type=Path, help="build the repo here and keep it (default: a temp dir, removed)")
+    args = ap.parse_args()
+    try:
+        chromium, chromedriver = ui.ensure_chromium()
+    except pytest.skip.Exception as exc:
+        print(f"screenshots: error: {exc}", file=sys.stderr)
+        return 1
+    work = args.keep or Path(tempfile.mkdtemp(prefix="lmpipe-shots-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        repo = ui.two_executions(work)
+        runs = ui.summary_runs(repo)
+        import mlflow
+
+        exp_id = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment_by_name("lmpipe").experiment_id
+        sh(repo, "dvc", "plots", "diff", "HEAD", "-o", "dvc_plots")
+        html = repo / "dvc_plots" / "index.html"
+        offline_vega(html, work)
+        with ui.mlflow_ui(repo, work / "mlflow-ui.log") as base, \
+                ui.chrome(chromium, chromedriver, work / "chromedriver.log") as driver:
+            result = ui.compare_in_ui(driver, base, exp_id, runs, ui.PARAM, work)
+            plots_diff_screenshot(driver, html, work / "dvc-plots-diff.png")
+        args.out.mkdir(parents=True, exist_ok=True)
+        small_png(result["screenshot"], args.out / "mlflow-compare.png")
+        small_png(work / "dvc-plots-diff.png", args.out / "dvc-plots-diff.png")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
