@@ -98,38 +98,11 @@ def _last_line(text: str) -> str:
     return (errors or lines or ["no output"])[-1].strip("│ ")
 
 
-def prefect_cli(args: list[str]) -> None:
-    """The `prefect` CLI, with one compatibility shim for `prefect deploy`.
-
-    After creating each deployment, prefect 3.8.8's `deploy` asks the API for the pool's online workers
-    (only to print a "start a worker" hint) with `offset: null, limit: null`, which the server rejects
-    under the installed FastAPI (422 "Input should be a valid integer") -- so `prefect deploy --all`
-    stops after the first deployment. The shim treats that 422 as "no workers online".
-    """
-    from prefect.cli import app
-    from prefect.client.orchestration import PrefectClient
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    original = PrefectClient.read_workers_for_work_pool
-
-    async def read_workers_for_work_pool(self, work_pool_name, worker_filter=None, offset=None, limit=None):
-        try:
-            return await original(self, work_pool_name, worker_filter=worker_filter, offset=offset, limit=limit)
-        except PrefectHTTPStatusError as exc:
-            if exc.response.status_code != 422:
-                raise
-            return []
-
-    PrefectClient.read_workers_for_work_pool = read_workers_for_work_pool
-    sys.argv = ["prefect", *args]
-    app()
-
-
 def run_prefect_deploy(workspace: Path, url: str) -> None:
     """`prefect deploy --all` of prefect.yaml, the pull step resolved to `workspace` at deploy time."""
     env = {**os.environ, "LMPIPE_WORKSPACE": str(workspace), "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false"}
-    cmd = [sys.executable, "-c", "import sys; from flows.deployments import prefect_cli; prefect_cli(sys.argv[1:])",
-           "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE)]
+    cmd = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all",
+           "--prefect-file", str(PREFECT_FILE)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise DeployError(f"prefect deploy failed: {_last_line(res.stderr + chr(10) + res.stdout)}")

@@ -132,15 +132,21 @@ def test_deployments_and_process_worker(tmp_path):
                 time.sleep(5)
             assert state.is_completed(), f"flow run {state.name}: {state.message}\n{_tail(worker_log)}"
             run_name = client.read_flow_run(flow_run.id).name
+        # the README's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
+        ls = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "ls", "--flow-name",
+                             "lmpipe-pipeline"], cwd=repo, env=_prefect_env(home, api), capture_output=True,
+                            text=True, timeout=120)
+        assert ls.returncode == 0, ls.stdout + ls.stderr
+        assert run_name in ls.stdout and "COMPLETED" in ls.stdout, ls.stdout
     finally:
         _stop(worker)
         _stop(server)
 
-    # MLflow: the flow's parent run carries the deployment, the six stage runs hang under it
+    # MLflow: the execution's pipeline run carries the deployment, the six stage runs hang under it
     with sqlite3.connect(repo / "mlflow.db") as db:
         parents = db.execute(
             "SELECT r.run_uuid, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE r.name = 'lmpipe-pipeline' AND t.key = 'prefect.deployment'").fetchall()
+            "WHERE r.name = 'pipeline' AND t.key = 'prefect.deployment'").fetchall()
         assert [p[1] for p in parents] == ["on-demand"], parents
         stages = db.execute(
             "SELECT s.value FROM tags p JOIN tags s ON s.run_uuid = p.run_uuid "

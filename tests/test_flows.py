@@ -34,40 +34,48 @@ def _runs(repo: Path):
     return mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
 
 
-def test_flow_experiment_then_all_cached(tmp_path, tiny_data, harness, flow_env):
+def test_flow_experiment_reuses_the_workspace_then_all_cached(tmp_path, tiny_data, harness, flow_env):
     from flows.pipeline import pipeline
 
-    base = tiny_params()
-    repo = make_repo(tmp_path / "repo", base)
+    repo = make_repo(tmp_path / "repo", tiny_params(), tiny_data)
+    sh(repo, "dvc", "repro")  # the workspace's results, as after `make run`
+    sh(repo, "git", "commit", "-qm", "results")
     before = (repo / "params.yaml").read_text()
-    overrides = {"pretrain.learning_rate": 0.002}
+    overrides = {"finetune.max_steps": 4}
+    upstream = ["clean", "tokenize", "pretrain"]
 
     first = pipeline(overrides=overrides, workspace=str(repo))
-    assert [r["stage"] for r in first["stages"]] == STAGES and all(r["ran"] for r in first["stages"])
+    ran = {r["stage"]: r["ran"] for r in first["stages"]}
+    assert list(ran) == STAGES
+    assert not any(ran[s] for s in upstream), ran                 # DVC's run cache served them
+    assert ran["finetune"] and ran["evaluate"]
     assert (repo / "params.yaml").read_text() == before          # user's params untouched
     assert first["exp_name"] in sh(repo, "dvc", "exp", "ls").stdout  # experiment saved and listed
-    assert first["metrics"]["classifier"]["accuracy"] >= 0
-    import httpx
-    from prefect.settings import PREFECT_API_URL
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    # plain REST call: this prefect/fastapi pair rejects the client's null limit/offset/sort defaults
-    resp = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", timeout=30,
-                      json={"artifacts": {"key": {"any_": ["lmpipe-pipeline-report"]}},
-                            "limit": 10, "offset": 0, "sort": "CREATED_DESC"})
-    resp.raise_for_status()
-    arts = resp.json()
-    report = arts[0]["data"]
-    assert "classifier.accuracy" in report and "| pretrain | ran |" in report and first["parent_run_id"] in report
+    with get_client(sync_client=True) as client:  # the client's own defaults (nulls) are accepted
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmpipe-pipeline-report"])))
+    report = arts[-1].data if arts[-1].data and first["parent_run_id"] in arts[-1].data else arts[0].data
+    assert "classifier.accuracy" in report and "| finetune | ran |" in report and "| pretrain | cached |" in report
+    assert first["parent_run_id"] in report
 
     runs = _runs(repo)
     parent = next(r for r in runs if r.info.run_id == first["parent_run_id"])
+    assert parent.info.run_name == "pipeline" and parent.data.tags["lmpipe.kind"] == "summary"
     assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["dvc.exp_name"] == first["exp_name"]
+    assert parent.data.metrics["accuracy"] == first["metrics"]["classifier"]["accuracy"]
+    assert "mlflow.parentRunId" not in parent.data.tags
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                 and r.data.tags.get("lmpipe.stage")]
-    assert sorted(r.data.tags["lmpipe.stage"] for r in children) == sorted(STAGES)
+    assert sorted(r.data.tags["lmpipe.stage"] for r in children) == ["deploy", "evaluate", "finetune"]
     assert all(r.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"] for r in children)
-    pre = next(r for r in children if r.data.tags["lmpipe.stage"] == "pretrain")
-    assert pre.data.params["pretrain.learning_rate"] == "0.002"
+    ft = next(r for r in children if r.data.tags["lmpipe.stage"] == "finetune")
+    assert ft.data.params["finetune.max_steps"] == "4"
+    for stage in upstream:  # cached stages point at the workspace execution's runs
+        assert parent.data.tags[f"stage.{stage}"] == "cached"
+        workspace_run = next(r for r in runs if r.info.run_id == parent.data.tags[f"stage.{stage}.run_id"])
+        assert workspace_run.data.tags["mlflow.parentRunId"] != parent.info.run_id
 
     # same experiment again: DVC's run cache serves every stage, no new stage runs appear
     n_stage_runs = len([r for r in runs if r.data.tags.get("lmpipe.stage")])
@@ -80,12 +88,13 @@ def test_flow_experiment_then_all_cached(tmp_path, tiny_data, harness, flow_env)
         assert parent2.data.tags[f"stage.{stage}"] == "cached"
         first_id = next(r["mlflow_run_id"] for r in first["stages"] if r["stage"] == stage)
         assert parent2.data.tags[f"stage.{stage}.run_id"] == first_id
+    assert parent2.data.metrics["accuracy"] == parent.data.metrics["accuracy"]  # figures even when all cached
 
 
 def test_flow_stage_failure_stops_pipeline(tmp_path, tiny_data, harness, flow_env):
     from flows.pipeline import pipeline
 
-    repo = make_repo(tmp_path / "repo", tiny_params())
+    repo = make_repo(tmp_path / "repo", tiny_params(), tiny_data)
     state = pipeline(overrides={"clean.labeled.train.label_column": "sentiment"}, workspace=str(repo),
                      retries=0, return_state=True)
     assert state.is_failed()
@@ -114,7 +123,7 @@ def test_flow_stage_failure_stops_pipeline(tmp_path, tiny_data, harness, flow_en
 def test_two_flows_on_one_workspace_serialise(tmp_path, tiny_data, harness, flow_env):
     from flows.pipeline import pipeline
 
-    repo = make_repo(tmp_path / "repo", tiny_params())
+    repo = make_repo(tmp_path / "repo", tiny_params(), tiny_data)
     results: list = [None, None]
 
     def go(i: int) -> None:
