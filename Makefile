@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make run: the pipeline on params.yaml; a re-run with nothing changed does no work.
+## make run: the pipeline on params.yaml; a re-run with nothing changed does no work. DVC stages dvc.lock
+## (which versions every output, metrics and plots included): `git commit` records the run.
 run: $(STAMP)
 	test -d .git || git init -q
 	test -d .dvc || $(BIN)/dvc init -q
+	$(BIN)/lmpipe data link
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 ## make smoke: the whole pipeline with profiles/smoke.yaml, as a DVC experiment (params.yaml untouched).

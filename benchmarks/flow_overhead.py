@@ -28,14 +28,14 @@ def build_repo(dest: Path) -> Path:
         if (ROOT / rel).is_file() and not rel.startswith("tests/"):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
-    from lmpipe.config import data_dir, flatten, load_params, load_raw, set_dotted
     import yaml
 
-    raw = load_raw(dest / "params.yaml")
-    for key, value in flatten(load_raw(dest / "profiles" / "smoke.yaml")).items():
-        set_dotted(raw, key, value)
-    raw["common"]["data_dir"] = str(data_dir(load_params(ROOT / "params.yaml").common, ROOT))
+    from lmpipe import datasource
+    from lmpipe.config import load_raw, merge
+
+    raw = merge(load_raw(dest / "params.yaml"), dest / "profiles" / "smoke.yaml")
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    datasource.link(dest, datasource.data_dir(ROOT))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=dest, check=True)
     return dest

@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmpipe.config import Pretrain, data_dir, load_params, parse_override  # noqa: E402
+from lmpipe.config import Pretrain, load_params, parse_override  # noqa: E402
+from lmpipe.datasource import data_dir  # noqa: E402
 from lmpipe.modeling import attention_implementation, build_lm, build_lm_config  # noqa: E402
 from lmpipe.tokenizer import encode_stream, pack_blocks, train_tokenizer  # noqa: E402
 from lmpipe.training import precision_flags  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> None:
     cfg = params.pretrain.model_copy(update=dict(max_steps=args.steps, eval_every=10**6, checkpoint_every=10**6))
     block = params.tokenize.block_size
     torch.manual_seed(0)
-    text = (data_dir(params.common, ROOT) / "pretrain" / "tinyshakespeare" / "input.txt").read_text()
+    text = (data_dir(ROOT) / "pretrain" / "tinyshakespeare" / "input.txt").read_text()
     tok = train_tokenizer([text], params.tokenize.kind, params.tokenize.vocab_size, 1, block)
     ids = encode_stream(tok, [text], total=1)
     split = int(len(ids) * 0.9)

@@ -96,16 +96,3 @@ def test_flow_cli_rejects_bad_input_before_prefect_starts():
     assert res.returncode == 2 and "unknown stage(s) ['bogus']" in res.stderr
     res = run_module("flows.pipeline", ROOT, "--profile", "nope")
     assert res.returncode == 2 and "profile 'nope'" in res.stderr
-
-
-def test_env_data_dir_must_match_what_dvc_tracks(tmp_path, monkeypatch):
-    from lmpipe.config import Common, ConfigError, data_dir
-
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    monkeypatch.setenv("LMPIPE_DATA_DIR", str(tmp_path / "b"))
-    assert data_dir(Common(data_dir=str(tmp_path / "a")), tmp_path) == tmp_path / "b"  # outside DVC: env wins
-    monkeypatch.setenv("DVC_STAGE", "clean")
-    with pytest.raises(ConfigError, match="LMPIPE_DATA_DIR .* differs from common.data_dir"):
-        data_dir(Common(data_dir=str(tmp_path / "a")), tmp_path)
-    assert data_dir(Common(data_dir=str(tmp_path / "b")), tmp_path) == tmp_path / "b"
