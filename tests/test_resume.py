@@ -154,6 +154,19 @@ def test_finetune_killed_during_the_scratch_twin_keeps_the_finished_classifier(w
     assert sorted(d.dataset.name for d in runs[0].inputs.dataset_inputs) == ["labeled_train", "labeled_validation"]
 
 
+def test_a_finished_variant_alone_is_an_unfinished_run_and_refuses_another_configuration(tmp_path: Path):
+    from lmpipe.checkpoints import claim_checkpoint_dir, load_finished, save_finished
+    from lmpipe.errors import ConfigError
+
+    old = claim_checkpoint_dir(tmp_path, {"finetune": {"learning_rate": 0.001}}, "finetune")
+    save_finished(old, "classifier", lambda out: (out / "model.safetensors").write_bytes(b"weights"), {"metrics": {}})
+    with pytest.raises(ConfigError, match=r"unfinished finetune run .*finetune\.learning_rate 0\.001 -> 0\.002"):
+        claim_checkpoint_dir(tmp_path, {"finetune": {"learning_rate": 0.002}}, "finetune")
+    assert load_finished(old, "classifier").record == {"metrics": {}}
+    # the same configuration claims it again and finds the finished variant
+    assert claim_checkpoint_dir(tmp_path, {"finetune": {"learning_rate": 0.001}}, "finetune") == old
+
+
 def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):
     prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                       log_every=20))
