@@ -157,28 +157,35 @@ def test_param_change_reruns_only_dependent_stages(tmp_path, tiny_data):
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
 def test_make_smoke_is_a_dvc_experiment_that_leaves_params_untouched(tmp_path):
-    """`make smoke` = `lmpipe smoke`: the smoke profile on the real data, `dvc exp run --temp`."""
-    repo = make_repo(tmp_path / "repo", None)
+    """`make smoke` = `lmpipe smoke`: the smoke profile on the real data, as a DVC experiment."""
+    repo = make_repo(tmp_path / "repo", None, SHARED_DATA)
     before = (repo / "params.yaml").read_text()
-    res = sh(repo, sys.executable, "-m", "lmpipe.cli", "smoke", timeout=900, LMPIPE_DATA_DIR=str(SHARED_DATA))
+    res = sh(repo, sys.executable, "-m", "lmpipe.cli", "smoke", "--name", "smoke-test", timeout=900)
+    assert "Running stage 'deploy'" in res.stdout
     assert (repo / "params.yaml").read_text() == before
     assert not (repo / "metrics").exists()  # the workspace is untouched; results live in the experiment
+    assert not list((repo / ".lmpipe" / "worktrees").iterdir())  # its worktree is gone
+
+    # dvc exp show lists it with the profile's params and its eval metrics
     exps = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    smoke = next(r for rev in exps for e in rev.get("experiments") or [] for r in e.get("revs") or []
+                 if r.get("name") == "smoke-test")
+    pre = smoke["data"]["params"]["params.yaml"]["data"]["pretrain"]
+    assert pre["max_steps"] == 30 and pre["hidden_size"] == 32
+    ev = smoke["data"]["metrics"]["metrics/eval.json"]["data"]
+    assert ev["classifier"]["accuracy"] > 0.5 and ev["lm"]["perplexity"] > 1  # SST-2 dev, above chance
+    assert "accuracy" in ev["scratch_baseline"]
 
-    def smoke_params(node) -> bool:  # any experiment whose params.yaml carries the smoke profile
-        if isinstance(node, dict):
-            pre = node.get("pretrain")
-            if isinstance(pre, dict) and pre.get("max_steps") == 30 and pre.get("hidden_size") == 32:
-                return True
-            return any(smoke_params(v) for v in node.values())
-        return isinstance(node, list) and any(smoke_params(v) for v in node)
-
-    assert smoke_params(exps)
-    runs = stage_runs(repo)  # MLflow runs landed in the repo's own store, with usable artifacts
+    # its MLflow runs landed in the repo's own store, under one pipeline run, with usable artifacts
+    runs = stage_runs(repo)
     assert all(len(runs[s]) == 1 for s in STAGES), {s: len(r) for s, r in runs.items()}
+    parents = {runs[s][0].data.tags.get("mlflow.parentRunId") for s in STAGES}
+    assert len(parents) == 1 and None not in parents
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    summary = mlflow.get_run(parents.pop())
+    assert summary.info.run_name == "pipeline" and summary.data.tags["dvc.exp_name"] == "smoke-test"
+    assert summary.data.metrics["accuracy"] == pytest.approx(ev["classifier"]["accuracy"])
     model = mlflow.pyfunc.load_model("models:/lmpipe-sst2-smoke@champion")
     assert len(model.predict(["a fine film"])) == 1
-    assert "Running stage 'deploy'" in res.stdout
