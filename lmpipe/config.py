@@ -168,7 +168,7 @@ class Pretrain(Section):
     """auto = bf16 on CUDA that supports it; on CPU bf16 only with compile on a CPU with native bf16
     (avx512_bf16/AMX), where it measured faster; fp32 otherwise."""
     compile: bool = False
-    """torch.compile the model (Trainer's torch_compile, inductor): ~20 s of compiling, then faster steps."""
+    """torch.compile the model (Trainer's torch_compile, inductor): a one-off compile, then faster steps."""
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     """transformers attention implementation; auto = eager under compile (inductor fuses it: measured
     faster on CPU than SDPA's flash kernel at short contexts, much faster in bf16), sdpa otherwise."""

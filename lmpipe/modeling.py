@@ -39,9 +39,9 @@ def build_lm_config(cfg: Pretrain, tokenizer: PreTrainedTokenizerBase) -> Pretra
 
 
 def attention_implementation(cfg: Pretrain) -> str:
-    """auto -> eager under torch.compile (inductor fuses mask + softmax into its own kernels; on 2 CPU
-    cores that measured faster per step than SDPA's flash kernel at context 64, whose bf16 backward
-    was 4x slower than its fp32 one), sdpa otherwise."""
+    """auto -> eager under torch.compile (inductor fuses mask + softmax into its own kernels, which measured
+    faster on CPU than SDPA's flash kernel at short contexts, in bf16 especially; README, Pretraining),
+    sdpa otherwise."""
     if cfg.attention != "auto":
         return cfg.attention
     return "eager" if cfg.compile else "sdpa"

@@ -54,8 +54,8 @@ def check_compile(compiled: bool, device: str) -> None:
 
 def precision_flags(precision: str, device: str, compiled: bool = False) -> dict[str, bool]:
     """auto: bf16 on a CUDA device that supports it; on CPU bf16 only for a compiled model on a CPU with
-    native bf16 (measured on 2 Zen 4 cores, nanoGPT shape: 28 ms/step vs 38 ms fp32; eager bf16 autocast
-    gained nothing because its casts are separate kernels), fp32 elsewhere."""
+    native bf16, where it measured faster (README, Results); eager bf16 autocast gained nothing because its
+    casts are separate kernels. fp32 elsewhere."""
     if precision == "auto":
         if device == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -192,7 +192,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     # 1) data: clm labels are the inputs (the model shifts them); mlm masks dynamically per batch
     clm = cfg.objective == "clm"
     # compiled: every batch full, so the model never meets a new shape (a partial batch at the epoch end
-    # cost a ~40 s recompile). Training leaves out fewer than one global batch of blocks (what drop_last
+    # cost a recompile). Training leaves out fewer than one global batch of blocks (what drop_last
     # does) and the final evaluation covers the full batches of the validation split.
     per_step = cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
     train_ds = BlockDataset(train_blocks, with_labels=clm,
