@@ -29,11 +29,11 @@ class Section(BaseModel):
 
 
 class Common(Section):
-    seed: int = 1337
+    seed: int
     """Global seed for python, numpy and torch; every split and init derives from it."""
-    experiment: str = "lmpipe"
+    experiment: str
     """MLflow experiment name."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"]
     """auto = cuda when present, else cpu. Env LMPIPE_DEVICE overrides."""
 
 
@@ -62,9 +62,9 @@ class Labeled(Section):
     """Labelled training file; a seeded `validation_fraction` of it becomes the validation split."""
     test: LabeledSource
     """Held-out labelled file used only by evaluate (SST-2 dev by default)."""
-    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    validation_fraction: float = Field(gt=0, lt=1)
     """Share of the labelled train file held out for model selection."""
-    label_names: list[str] | None = None
+    label_names: list[str] | None
     """Human names for the classes, in the sorted order of the raw label values (default: the values)."""
 
 
@@ -73,17 +73,17 @@ class Clean(Section):
     """Unlabelled pretraining sources, concatenated."""
     labeled: Labeled
     """The classification task."""
-    min_chars: int = Field(20, ge=1)
+    min_chars: int = Field(ge=1)
     """Drop documents shorter than this after normalisation (characters)."""
-    max_chars: int = Field(20000, ge=1)
+    max_chars: int = Field(ge=1)
     """Drop documents longer than this after normalisation (characters)."""
-    validation_fraction: float = Field(0.05, gt=0, lt=1)
+    validation_fraction: float = Field(gt=0, lt=1)
     """Share of corpus documents held out for validation / perplexity."""
     keep_newlines: bool = False
     """Keep line breaks inside corpus documents (verse, char-level LMs); other whitespace is still collapsed."""
-    out_dir: str = "data/clean"
+    out_dir: str
     """Output folder for the parquet splits."""
-    metrics: str = "metrics/clean.json"
+    metrics: str
     """Rows in/out per rule, and the MLflow run id."""
 
     @model_validator(mode="after")
@@ -94,19 +94,19 @@ class Clean(Section):
 
 
 class Tokenize(Section):
-    kind: Literal["bpe", "wordpiece", "char"] = "bpe"
+    kind: Literal["bpe", "wordpiece", "char"]
     """Tokenizer model: byte-level BPE, WordPiece, or one token per character."""
-    vocab_size: int = Field(4096, ge=1)
+    vocab_size: int = Field(ge=1)
     """Vocabulary size including special tokens (ignored by char, which uses the corpus alphabet)."""
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: int = Field(ge=1)
     """Minimum pair frequency for a merge."""
-    block_size: int = Field(128, ge=2)
+    block_size: int = Field(ge=2)
     """Tokens per packed training block."""
-    tokenizer_dir: str = "models/tokenizer"
+    tokenizer_dir: str
     """Output: a transformers fast-tokenizer directory."""
-    out_dir: str = "data/tokens"
+    out_dir: str
     """Output: packed blocks, one .npy per split (memory-mappable)."""
-    metrics: str = "metrics/tokenize.json"
+    metrics: str
     """Tokens per split, tokens/s, MLflow run id."""
 
     @model_validator(mode="after")
@@ -122,54 +122,54 @@ class Tokenize(Section):
 
 
 class Pretrain(Section):
-    objective: Literal["clm", "mlm"] = "clm"
+    objective: Literal["clm", "mlm"]
     """clm = causal LM (next token); mlm = masked LM (BERT style)."""
-    arch: Literal["llama", "gpt2", "bert"] = "llama"
+    arch: Literal["llama", "gpt2", "bert"]
     """transformers architecture for the model config."""
-    hidden_size: int = Field(192, ge=8)
+    hidden_size: int = Field(ge=8)
     """Model width."""
-    num_layers: int = Field(4, ge=1)
+    num_layers: int = Field(ge=1)
     """Transformer blocks."""
-    num_heads: int = Field(4, ge=1)
+    num_heads: int = Field(ge=1)
     """Attention heads; must divide hidden_size."""
-    intermediate_size: int = Field(768, ge=1)
+    intermediate_size: int = Field(ge=1)
     """MLP width."""
-    max_position_embeddings: int = Field(256, ge=2)
+    max_position_embeddings: int = Field(ge=2)
     """Longest sequence the model accepts; block_size and finetune.max_length must fit."""
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(ge=0, lt=1)
     """Dropout in attention and MLP (0 for short pretraining runs)."""
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mlm_probability: float = Field(gt=0, lt=1)
     """Share of tokens masked per batch (mlm only)."""
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(gt=0)
     """Peak AdamW learning rate."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(ge=0, le=1)
     """Cosine decay floor as a share of the peak."""
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(ge=0)
     """Linear warmup steps."""
-    max_steps: int = Field(1500, ge=1)
+    max_steps: int = Field(ge=1)
     """Optimizer steps."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(ge=1)
     """Blocks per device per micro-batch."""
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches per optimizer step."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(ge=0)
     """AdamW weight decay."""
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(gt=0)
     """Gradient clipping norm."""
-    eval_every: int = Field(250, ge=1)
+    eval_every: int = Field(ge=1)
     """Validation loss/perplexity every N steps."""
-    eval_batches: int = Field(50, ge=1)
+    eval_batches: int = Field(ge=1)
     """At most this many validation batches per evaluation (the final one uses all)."""
-    checkpoint_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(ge=1)
     """Checkpoint every N steps."""
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(ge=1)
     """Checkpoints kept on disk."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
     """auto = bf16 on CUDA that supports it; on CPU bf16 only with compile on a CPU with native bf16
     (avx512_bf16/AMX), where it measured faster; fp32 otherwise."""
-    compile: bool = False
+    compile: bool
     """torch.compile the model (Trainer's torch_compile, inductor): a one-off compile, then faster steps."""
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    attention: Literal["auto", "sdpa", "eager"]
     """transformers attention implementation; auto = eager under compile (inductor fuses it: measured
     faster on CPU than SDPA's flash kernel at short contexts, much faster in bf16), sdpa otherwise."""
     fsdp: str = ""
@@ -177,15 +177,15 @@ class Pretrain(Section):
     nproc_per_node: int | Literal["auto"] = Field(1)
     """Processes on this host: >1 or auto launches the stage through torchrun (DDP; gloo on CPU, nccl on GPU).
     auto = one per GPU, or one per CPU core without GPUs. batch_size stays per process."""
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(ge=1)
     """Log loss/lr/tokens-per-s to MLflow every N steps."""
-    out_dir: str = "models/pretrain"
+    out_dir: str
     """Output: final model (HF format, safetensors)."""
-    checkpoint_dir: str = "checkpoints/pretrain"
+    checkpoint_dir: str
     """Checkpoints, one folder per configuration fingerprint; not a DVC output, so it survives re-runs (resume)."""
-    metrics: str = "metrics/pretrain.json"
+    metrics: str
     """Final losses, perplexity, throughput, MLflow run id."""
-    plot: str = "plots/pretrain_loss.csv"
+    plot: str
     """Loss curve (step, split, loss) as a DVC plot."""
 
     @model_validator(mode="after")
@@ -202,57 +202,57 @@ class Pretrain(Section):
 
 
 class Finetune(Section):
-    init: str = "pretrained"
+    init: str
     """pretrained (the pretrain stage's model), scratch (same architecture, random init), or a local HF model dir."""
-    scratch_baseline: bool = True
+    scratch_baseline: bool
     """Also fine-tune a randomly initialised copy with the same budget (evaluate reports the benefit)."""
-    max_length: int = Field(64, ge=2)
+    max_length: int = Field(ge=2)
     """Truncate inputs to this many tokens."""
-    learning_rate: float = Field(3e-4, gt=0)
+    learning_rate: float = Field(gt=0)
     """Peak AdamW learning rate."""
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    warmup_ratio: float = Field(ge=0, lt=1)
     """Share of steps spent in linear warmup."""
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(ge=0)
     """AdamW weight decay."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(ge=1)
     """Examples per step."""
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(gt=0)
     """Passes over the training split (fractions allowed)."""
-    max_steps: int = Field(-1, ge=-1)
+    max_steps: int = Field(ge=-1)
     """If > 0, overrides epochs: the fixed step budget for every model."""
-    eval_every: int = Field(200, ge=1)
+    eval_every: int = Field(ge=1)
     """Validation accuracy every N steps; the best checkpoint is kept."""
-    out_dir: str = "models/finetune"
+    out_dir: str
     """Output: the selected classifier (HF format)."""
-    scratch_dir: str = "models/finetune_scratch"
+    scratch_dir: str
     """Output: the scratch baseline classifier."""
-    checkpoint_dir: str = "checkpoints/finetune"
+    checkpoint_dir: str
     """Checkpoints and finished variants, one folder per configuration fingerprint; not a DVC output, so it survives re-runs (resume)."""
-    metrics: str = "metrics/finetune.json"
+    metrics: str
     """Validation metrics and MLflow run id."""
 
 
 class Evaluate(Section):
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(ge=1)
     """Inference batch size."""
-    metrics: str = "metrics/eval.json"
+    metrics: str
     """Output: lm.perplexity, classifier.*, scratch_baseline.*."""
-    confusion: str = "plots/confusion.csv"
+    confusion: str
     """Output: one row per test example (actual, predicted) for the DVC confusion plot."""
-    confusion_png: str = "plots/confusion.png"
+    confusion_png: str
     """Output: the confusion matrix as an image (also an MLflow artifact)."""
 
 
 class Deploy(Section):
-    min_accuracy: float = Field(0.6, ge=0, le=1)
+    min_accuracy: float = Field(ge=0, le=1)
     """Quality gate: register only when test accuracy reaches this."""
-    model_name: str = "lmpipe-sst2"
+    model_name: str
     """MLflow registered model name."""
-    alias: str = "champion"
+    alias: str
     """Alias moved to a new version only if it beats the current holder."""
-    out_dir: str = "models/deploy"
+    out_dir: str
     """Output: the deployable model (HF dir + labels)."""
-    metrics: str = "metrics/deploy.json"
+    metrics: str
     """Gate outcome, registered version, MLflow run id."""
 
 

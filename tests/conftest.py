@@ -37,6 +37,14 @@ def write_tiny_data(folder: Path) -> Path:
     return folder
 
 
+def section(name: str, **values):
+    """One validated params section: params.yaml's values (their one home) with `values` on top."""
+    from lmpipe.config import Params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())[name]
+    return Params.model_fields[name].annotation.model_validate({**raw, **values})
+
+
 def tiny_params() -> dict:
     """params.yaml (repo copy), shrunk for tiny data (the data folder is not a param: see tiny_data)."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -96,3 +96,39 @@ def test_flow_cli_rejects_bad_input_before_prefect_starts():
     assert res.returncode == 2 and "unknown stage(s) ['bogus']" in res.stderr
     res = run_module("flows.pipeline", ROOT, "--profile", "nope")
     assert res.returncode == 2 and "profile 'nope'" in res.stderr
+
+
+def _defaults_also_in_params_yaml(model, node, prefix=""):
+    """Keys written in params.yaml whose pydantic field also carries a default (two homes for one value)."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from lmpipe.config import LabeledSource, TextSource
+
+    found = []
+    for name, field in model.model_fields.items():
+        if not isinstance(node, dict) or name not in node:
+            continue
+        has_default = field.default is not PydanticUndefined or field.default_factory is not None
+        if has_default and model not in (TextSource, LabeledSource):  # a data file's format options
+            found.append(f"{prefix}{name}")
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            found += _defaults_also_in_params_yaml(ann, node[name], f"{prefix}{name}.")
+    return found
+
+
+def test_every_default_has_one_home():
+    """A value in params.yaml has no second default in lmpipe/config.py; options params.yaml leaves out
+    (fsdp, nproc_per_node, keep_newlines, ...) keep theirs in the model only."""
+    from lmpipe.config import Params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert _defaults_also_in_params_yaml(Params, raw) == []
+    # and the guard can fail: a model whose field has a default, written in params.yaml too
+    from lmpipe.config import Section
+
+    class Probe(Section):
+        seed: int = 1
+
+    assert _defaults_also_in_params_yaml(Probe, {"seed": 2}) == ["seed"]

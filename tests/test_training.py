@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmpipe.checkpoints import latest_checkpoint
-from lmpipe.config import Finetune, Pretrain
+from conftest import section
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import perplexity, predict_proba
 from lmpipe.modeling import build_lm, build_lm_config, check_vocab, load_classifier
@@ -20,7 +20,7 @@ TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", 
 def _setup(arch="llama", objective="clm", steps=20):
     tok = train_tokenizer(TEXTS, "bpe", vocab_size=300, min_frequency=1, model_max_length=32)
     blocks = pack_blocks(encode_stream(tok, TEXTS, total=len(TEXTS)), 8, len(tok))
-    cfg = Pretrain(objective=objective, arch=arch, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+    cfg = section("pretrain", compile=False, objective=objective, arch=arch, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
                    max_position_embeddings=32, max_steps=steps, warmup_steps=2, batch_size=4, eval_every=10,
                    eval_batches=2, checkpoint_every=10, log_every=5, learning_rate=3e-3)
     return tok, blocks, cfg
@@ -72,7 +72,7 @@ def test_finetune_keeps_the_best_checkpoint_and_classifies(tmp_path, monkeypatch
                  "the cat", "a dog"]  # never trained on
     val_labels = np.array([0, 0, 1, 1, 0, 1])
     model = load_classifier(tmp_path / "lm", 2, {0: "cat", 1: "dog"}, False, tok.pad_token_id)
-    fcfg = Finetune(max_steps=30, eval_every=10, batch_size=8, learning_rate=3e-3)
+    fcfg = section("finetune", max_steps=30, eval_every=10, batch_size=8, learning_rate=3e-3)
     with mlflow.start_run():
         res = finetune(model, tok, encode_labeled(tok, texts, labels, 16),
                        encode_labeled(tok, val_texts, val_labels.tolist(), 16), fcfg, "cpu", 0, tmp_path / "ft",
