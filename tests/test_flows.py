@@ -51,6 +51,12 @@ def test_flow_experiment_reuses_the_workspace_then_all_cached(tmp_path, tiny_dat
     assert ran["finetune"] and ran["evaluate"]
     assert (repo / "params.yaml").read_text() == before          # user's params untouched
     assert first["exp_name"] in sh(repo, "dvc", "exp", "ls").stdout  # experiment saved and listed
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exp = next(r for rev in shown for e in rev.get("experiments") or [] for r in e.get("revs") or []
+               if r.get("name") == first["exp_name"])
+    ev = exp["data"]["metrics"]["metrics/eval.json"]["data"]  # dvc exp show carries its metrics
+    assert ev["classifier"]["accuracy"] == first["metrics"]["classifier"]["accuracy"]
+    assert exp["data"]["params"]["params.yaml"]["data"]["finetune"]["max_steps"] == 4
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
