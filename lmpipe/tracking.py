@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +40,9 @@ def setup(root: Path, experiment: str) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # mlflow.data.from_pandas hints meant for model signatures (our label column is int on purpose)
+    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri(root))
     client = mlflow.MlflowClient()
