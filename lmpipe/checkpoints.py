@@ -44,14 +44,22 @@ def fingerprint(*parts: Any) -> str:
 # -- what a checkpoint depends on ---------------------------------------------------------------------------
 
 def _pretrain_key(params: Params, root: Path) -> dict[str, Any]:
-    """The training params, seed, tokenizer and data. Cadence settings (eval, checkpoint, logging) are left
-    out: changing them resumes all the same."""
+    """The training params, seed, tokenizer and data, and the init checkpoint's files (continued pretraining:
+    the reference alone could name other weights after a package upgrade). Cadence settings (eval,
+    checkpoint, logging) are left out: changing them resumes all the same."""
     cfg = params.pretrain
-    return {"pretrain": cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir",
-                                                "eval_every", "eval_batches", "checkpoint_every", "keep_last"}),
-            "common.seed": params.common.seed, "tokenize.block_size": params.tokenize.block_size,
-            "tokenizer.json md5": file_md5(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
-            "train.npy md5": file_md5(root / params.tokenize.out_dir / "train.npy")}
+    key = {"pretrain": cfg.model_dump(exclude={"out_dir", "metrics", "plot", "log_every", "checkpoint_dir",
+                                               "eval_every", "eval_batches", "checkpoint_every", "keep_last"}),
+           "common.seed": params.common.seed, "tokenize.block_size": params.tokenize.block_size,
+           "tokenizer.json md5": file_md5(root / params.tokenize.tokenizer_dir / "tokenizer.json"),
+           "train.npy md5": file_md5(root / params.tokenize.out_dir / "train.npy")}
+    if cfg.init != "scratch":
+        from lmpipe.modeling import resolve_model_ref
+
+        init = resolve_model_ref(cfg.init, root, "pretrain.init")
+        key["init md5"] = {f.name: file_md5(f) for f in sorted(init.iterdir())
+                           if f.name == "config.json" or f.suffix in (".safetensors", ".bin")}
+    return key
 
 
 def _finetune_key(params: Params, root: Path) -> dict[str, Any]:

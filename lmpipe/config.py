@@ -94,10 +94,12 @@ class Clean(Section):
 
 
 class Tokenize(Section):
-    kind: Literal["bpe", "wordpiece", "char"]
-    """Tokenizer model: byte-level BPE, WordPiece, or one token per character."""
+    kind: Literal["bpe", "wordpiece", "char", "pretrained"]
+    """Tokenizer model: byte-level BPE, WordPiece, one token per character (all trained on the corpus), or
+    pretrained = the tokenizer of the pretrain.init checkpoint, used as it is (continued pretraining)."""
     vocab_size: int = Field(ge=1)
-    """Vocabulary size including special tokens (ignored by char, which uses the corpus alphabet)."""
+    """Vocabulary size including special tokens (ignored by char, which uses the corpus alphabet, and by
+    pretrained, which keeps the checkpoint's)."""
     min_frequency: int = Field(ge=1)
     """Minimum pair frequency for a merge."""
     block_size: int = Field(ge=2)
@@ -111,6 +113,8 @@ class Tokenize(Section):
 
     @model_validator(mode="after")
     def _vocab(self) -> "Tokenize":
+        if self.kind == "pretrained":
+            return self
         if self.kind != "char" and self.vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(
                 f"vocab_size: {self.vocab_size} must exceed the {len(SPECIAL_TOKENS)} special tokens "
@@ -122,10 +126,16 @@ class Tokenize(Section):
 
 
 class Pretrain(Section):
+    init: str
+    """scratch = a new model built from the keys below; otherwise a checkpoint to continue pretraining
+    (domain-adaptive): `package:<name>` (an installed model package's model/ folder) or a local HF model dir.
+    The checkpoint's config.json is then the architecture: arch and the shape keys (hidden_size, num_layers,
+    num_heads, intermediate_size, max_position_embeddings, dropout) are not used; objective must be one the
+    checkpoint has (mlm for encoders, clm for decoders), and tokenize.kind must be pretrained."""
     objective: Literal["clm", "mlm"]
     """clm = causal LM (next token); mlm = masked LM (BERT style)."""
     arch: Literal["llama", "gpt2", "bert"]
-    """transformers architecture for the model config."""
+    """transformers architecture for the model config (init: scratch only)."""
     hidden_size: int = Field(ge=8)
     """Model width."""
     num_layers: int = Field(ge=1)
@@ -192,6 +202,8 @@ class Pretrain(Section):
     def _shape(self) -> "Pretrain":
         if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node: {self.nproc_per_node} must be >= 1 or auto")
+        if self.init != "scratch":
+            return self  # the checkpoint's config is the architecture (checked against it by the stages)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads ({self.num_heads})")
         if self.objective == "mlm" and self.arch != "bert":
@@ -201,11 +213,69 @@ class Pretrain(Section):
         return self
 
 
+class Freeze(Section):
+    layers: int = Field(ge=0)
+    """Transformer layers frozen from the bottom, on top of the embeddings (0 = embeddings only)."""
+
+
+class Llrd(Section):
+    decay: float = Field(gt=0, le=1)
+    """Learning-rate factor per layer going down: the top layer trains at learning_rate, the one below at
+    learning_rate * decay, ..., the embeddings lowest; the classifier head at learning_rate."""
+
+
+class Lora(Section):
+    r: int = Field(ge=1)
+    """Rank of the low-rank update."""
+    alpha: float = Field(gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = Field(ge=0, lt=1)
+    """Dropout on the LoRA branch input."""
+    target_modules: list[str] | Literal["auto", "all-linear"]
+    """Module names (or name suffixes) to adapt; auto = peft's per-architecture default (the attention
+    query/value projections), all-linear = every linear layer except the head."""
+
+    @model_validator(mode="after")
+    def _targets(self) -> "Lora":
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules: empty list; name modules, or use auto or all-linear")
+        return self
+
+
+class VirtualTokens(Section):
+    num_virtual_tokens: int = Field(ge=1)
+    """Trained virtual tokens; they take positions from the model, so this + max_length must fit."""
+
+
+class Distill(Section):
+    teacher: str | None
+    """A fine-tuned classifier: a local HF model dir or models:/NAME@alias | models:/NAME/VERSION (registry)."""
+    temperature: float = Field(gt=0)
+    """Softmax temperature T for both teacher and student soft labels."""
+    alpha: float = Field(ge=0, le=1)
+    """Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the hard labels."""
+
+
 class Finetune(Section):
     init: str
     """pretrained (the pretrain stage's model), scratch (same architecture, random init), or a local HF model dir."""
     scratch_baseline: bool
     """Also fine-tune a randomly initialised copy with the same budget (evaluate reports the benefit)."""
+    strategy: Literal["full", "freeze", "llrd", "lora", "prefix", "prompt", "distill"]
+    """What trains (lmpipe/strategies.py): all weights, a frozen bottom, layer-wise LRs, a PEFT adapter, or a
+    student distilled from a teacher. Only the strategy's own block below is read."""
+    freeze: Freeze
+    """strategy freeze."""
+    llrd: Llrd
+    """strategy llrd (layer-wise learning-rate decay)."""
+    lora: Lora
+    """strategy lora (peft LoRA; merged into a plain model on save)."""
+    prefix: VirtualTokens
+    """strategy prefix (peft prefix tuning: trained key/value prefixes in every layer)."""
+    prompt: VirtualTokens
+    """strategy prompt (peft prompt tuning: trained input embeddings prepended to the text)."""
+    distill: Distill
+    """strategy distill (knowledge distillation from a teacher classifier)."""
     max_length: int = Field(ge=2)
     """Truncate inputs to this many tokens."""
     learning_rate: float = Field(gt=0)
@@ -268,14 +338,25 @@ class Params(Section):
     @model_validator(mode="after")
     def _cross(self) -> "Params":
         issues = []
-        if self.tokenize.block_size > self.pretrain.max_position_embeddings:
+        # a pretrain.init checkpoint brings its own positions: the stages check block_size and max_length
+        # against its config.json (the params cannot see it)
+        scratch = self.pretrain.init == "scratch"
+        if scratch and self.tokenize.block_size > self.pretrain.max_position_embeddings:
             issues.append(
                 f"tokenize.block_size: {self.tokenize.block_size} exceeds pretrain.max_position_embeddings "
                 f"({self.pretrain.max_position_embeddings})")
-        if self.finetune.init in ("pretrained", "scratch") and self.finetune.max_length > self.pretrain.max_position_embeddings:
+        if (self.tokenize.kind == "pretrained") == scratch:
+            issues.append(
+                f"tokenize.kind: {self.tokenize.kind} with pretrain.init: {self.pretrain.init}; a checkpoint "
+                "continues with its own tokenizer (tokenize.kind: pretrained), and only a checkpoint has one "
+                "(pretrain.init: scratch trains a new tokenizer: bpe, wordpiece or char)")
+        if scratch and self.finetune.init in ("pretrained", "scratch") and self.finetune.max_length > self.pretrain.max_position_embeddings:
             issues.append(
                 f"finetune.max_length: {self.finetune.max_length} exceeds pretrain.max_position_embeddings "
                 f"({self.pretrain.max_position_embeddings})")
+        if self.finetune.strategy == "distill" and not self.finetune.distill.teacher:
+            issues.append("finetune.distill.teacher: strategy distill needs a teacher (a fine-tuned model dir or "
+                          "models:/NAME@alias)")
         if self.finetune.init == "scratch" and self.finetune.scratch_baseline:
             issues.append("finetune.scratch_baseline: true with finetune.init: scratch trains the same random-init "
                           "model twice (a benefit of 0); set finetune.scratch_baseline: false or another init")

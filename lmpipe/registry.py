@@ -32,7 +32,7 @@ def register(model_dir: Path, name: str, alias: str, accuracy: float, f1: float,
     info = mlflow.pyfunc.log_model(
         name="model", python_model=ClassifierPyfunc(), artifacts={"model_dir": str(model_dir)},
         registered_model_name=name,
-        pip_requirements=["torch==2.13.0", "transformers>=5,<6", "pandas", "mlflow>=3,<4"],
+        pip_requirements=["torch==2.13.0", "transformers>=5,<6", "peft>=0.17,<1", "pandas", "mlflow>=3,<4"],
         input_example=["a gripping, funny film"])
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()

@@ -32,12 +32,10 @@ class HFClassifier:
     length stored with the model (the one it was fine-tuned and evaluated at): no train/serve skew."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from lmpipe.modeling import load_tokenizer
+        from lmpipe.modeling import load_finetuned, load_tokenizer
 
         self.tokenizer = load_tokenizer(Path(model_dir))
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(device)
+        self.model = load_finetuned(Path(model_dir)).eval().to(device)  # plain, or base + prefix/prompt adapter
         self.device = device
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Tokenizer training (Hugging Face `tokenizers`) and packing into fixed-size blocks.
+"""Tokenizer training (Hugging Face `tokenizers`), or a checkpoint's own tokenizer, and packing into
+fixed-size blocks.
 
 Blocks are stored as one .npy per split, shape (n_blocks, block_size), uint16 when the vocabulary
 fits (else uint32), so training memory-maps them (`np.load(path, mmap_mode="r")`) without copies.
@@ -13,9 +14,10 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmpipe.config import SPECIAL_TOKENS
+from lmpipe.errors import DataError
 
 PAD, BOS, EOS, UNK, MASK = SPECIAL_TOKENS
 
@@ -57,21 +59,27 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, min_frequency:
         cls_token=BOS, sep_token=EOS, model_max_length=model_max_length, padding_side="right")
 
 
-def encode_stream(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], total: int,
-                  batch: int = 1000, desc: str = "encode") -> np.ndarray:
-    """All documents encoded (each `<s> ... </s>`) and concatenated into one 1-D int64 array."""
+def encode_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], total: int,
+                  batch: int = 1000, desc: str = "encode", separator: int | None = None) -> np.ndarray:
+    """All documents encoded (each `<s> ... </s>`, or whatever the tokenizer's own template adds, e.g.
+    `[CLS] ... [SEP]`; `separator` is appended to each when the template adds nothing) and concatenated
+    into one 1-D int64 array."""
     chunks: list[np.ndarray] = []
     buf: list[str] = []
+    tail = [] if separator is None else [separator]
+
+    def flush() -> None:
+        chunks.extend(np.asarray(ids + tail, dtype=np.int64) for ids in tokenizer(buf)["input_ids"])
+        bar.update(len(buf))
+
     with tqdm(total=total, desc=desc, unit="doc", mininterval=2) as bar:
         for text in texts:
             buf.append(text)
             if len(buf) == batch:
-                chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(buf)["input_ids"])
-                bar.update(len(buf))
+                flush()
                 buf = []
         if buf:
-            chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tokenizer(buf)["input_ids"])
-            bar.update(len(buf))
+            flush()
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
@@ -80,6 +88,35 @@ def pack_blocks(ids: np.ndarray, block_size: int, vocab_size: int) -> np.ndarray
     n = len(ids) // block_size
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     return ids[: n * block_size].reshape(n, block_size).astype(dtype)
+
+
+# the files a transformers tokenizer can be loaded from (fast tokenizer.json, or a slow one's vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def load_pretrained_tokenizer(path: Path, ref: str, field: str = "pretrain.init") -> PreTrainedTokenizerBase:
+    """A checkpoint's own tokenizer, as it is (continued pretraining needs the ids its embeddings were
+    trained on); a checkpoint without one is refused in one line."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise DataError(f"{field}: {ref} has no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES)}); "
+                        "tokenize.kind: pretrained packs with the checkpoint's own tokenizer: save it there "
+                        "(tokenizer.save_pretrained)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{field}: {ref}: cannot load the tokenizer in {path} ({first[:200]})") from None
+
+
+def document_separator(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id to put between packed documents when the tokenizer's template marks no boundary itself
+    (GPT-2 style: no BOS/EOS added): its EOS; None when the template already adds them (BERT: [CLS] [SEP])."""
+    if len(tokenizer("a")["input_ids"]) > len(tokenizer("a", add_special_tokens=False)["input_ids"]):
+        return None
+    return tokenizer.eos_token_id
 
 
 def load_blocks(path: str | Path) -> np.ndarray:

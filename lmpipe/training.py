@@ -257,6 +257,62 @@ def encode_labeled(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels:
                   remove_columns=["text"], desc="tokenize")
 
 
+class FinetuneTrainer(GuardedTrainer):
+    """GuardedTrainer plus the two hooks fine-tuning strategies need (lmpipe/strategies.py), both Trainer's own
+    extension points: `create_optimizer` with a learning-rate multiplier per parameter (llrd), and
+    `compute_loss` against a teacher's soft labels (distill)."""
+
+    def __init__(self, *args, lr_scale: dict[str, float] | None = None, teacher=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr_scale, self.teacher = lr_scale, teacher
+
+    def create_optimizer(self, model=None):
+        if self.lr_scale is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # Trainer's optimizer class and settings and its weight-decay split, one group per (multiplier, decay)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((self.lr_scale[name], name in decay), []).append(p)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(
+            [{"params": params, "lr": self.args.learning_rate * scale,
+              "weight_decay": self.args.weight_decay if decayed else 0.0}
+             for (scale, decayed), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1]))],
+            **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_inputs = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
+        if self.teacher is None or not model.training or not teacher_inputs:
+            # evaluation keeps the plain cross-entropy, so val_loss compares across strategies
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        with torch.no_grad():  # the teacher is fixed: eval mode (set at load), no graph
+            teacher_logits = self.teacher.model(**teacher_inputs).logits  # (B, num_labels)
+        loss = self.teacher.loss(outputs.logits, teacher_logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+@dataclass
+class OptimizerRecord(TrainerCallback):
+    """What the optimizer really holds at the start of training: each parameter group's learning rate,
+    weight decay and parameter names, and the parameters that train nowhere (frozen)."""
+
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.groups = [{"lr": float(g.get("initial_lr", g["lr"])), "weight_decay": float(g["weight_decay"]),
+                        "numel": int(sum(p.numel() for p in g["params"])),
+                        "params": [names.get(id(p), "?") for p in g["params"]]} for g in optimizer.param_groups]
+        self.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
 @dataclass
 class FinetuneResult:
     model: PreTrainedModel
@@ -268,12 +324,16 @@ class FinetuneResult:
     """Trainer's log history up to the end of training."""
     best_checkpoint: str | None
     """The checkpoint the returned model was loaded from."""
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    """OptimizerRecord of this process's training: {"groups": [...], "frozen": [...]}."""
 
 
 def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
-             device: str, seed: int, ckpt_dir: Path, prefix: str) -> FinetuneResult:
+             device: str, seed: int, ckpt_dir: Path, prefix: str, plan=None) -> FinetuneResult:
     """Fine-tune a sequence classifier; evaluate every eval_every steps and keep the best by accuracy.
-    Resumes from the newest complete checkpoint in ckpt_dir."""
+    Resumes from the newest complete checkpoint in ckpt_dir. `plan` (a lmpipe.strategies.Plan for `model`)
+    adds per-parameter learning rates (llrd) or a teacher (distill)."""
+    teacher = getattr(plan, "teacher", None)
     args = TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
@@ -282,17 +342,26 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
         save_steps=cfg.eval_every, save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="accuracy", greater_is_better=True, logging_steps=max(1, cfg.eval_every // 5),
         report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda", disable_tqdm=False)
-    logger = MlflowCallback(prefix=prefix)
-    trainer = GuardedTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                             data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_compute_metrics,
-                             callbacks=[logger])
+        dataloader_pin_memory=device == "cuda", disable_tqdm=False,
+        remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns for compute_loss
+    logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
+    collator = DataCollatorWithPadding(tokenizer)
+    trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                              data_collator=teacher.collator(collator) if teacher else collator,
+                              compute_metrics=_compute_metrics, callbacks=[logger, timer, record],
+                              lr_scale=getattr(plan, "lr_scale", None), teacher=teacher)
     t0 = time.perf_counter()
     resume = latest_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
     history = list(trainer.state.log_history)  # before the best model's own evaluation below
     best = trainer.evaluate()
+    steps = int(trainer.state.global_step)
+    trained = steps - (int(resume.name.split("-")[1]) if resume else 0)
     metrics = {"val_accuracy": best["eval_accuracy"], "val_f1_macro": best["eval_f1_macro"],
-               "val_loss": best["eval_loss"], "train_seconds": time.perf_counter() - t0,
-               "steps": int(trainer.state.global_step)}
-    return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint)
+               "val_loss": best["eval_loss"], "train_seconds": seconds, "steps": steps,
+               # steady state (evaluations and checkpoint saves left out); the whole run's rate without them
+               "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
+               else trained / max(seconds, 1e-9)}
+    return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint,
+                          {"groups": record.groups, "frozen": record.frozen})

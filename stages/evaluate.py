@@ -18,13 +18,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from lmpipe.config import Params, device, flatten
 from lmpipe.errors import DataError
 from lmpipe.evaluation import classification_metrics, perplexity, plot_confusion, predict_proba
 from lmpipe.io import atomic_path, read_json, write_json
-from lmpipe.modeling import load_tokenizer
+from lmpipe.modeling import load_finetuned, load_tokenizer
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.lineage import INHERITED_TAGS, log_summary, start_pipeline_run
@@ -61,7 +61,7 @@ def evaluate(params: Params, root: Path, run) -> None:
         path = _need(root / folder, "finetune")
         if not (path / "config.json").is_file():
             continue  # finetune.scratch_baseline: false
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model = load_finetuned(path)  # a plain classifier, or base + prefix/prompt adapter
         probs = predict_proba(model, load_tokenizer(path), test["text"].tolist(), cfg.batch_size,
                               dev)  # truncates at the length stored with the model
         preds = probs.argmax(-1)

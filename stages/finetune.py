@@ -6,6 +6,12 @@ finetune.init: `pretrained` (the pretrain stage's model), `scratch` (same archit
 init) or a local Hugging Face model dir. With finetune.scratch_baseline, a random-init twin is
 trained with the same budget so evaluate can measure what pretraining bought.
 
+finetune.strategy (lmpipe/strategies.py) decides what trains: `full`, `freeze`, `llrd`, `lora`, `prefix`,
+`prompt` or `distill`; the scratch twin uses the same strategy from a random init. Adapter strategies log
+the adapter to MLflow; LoRA is merged into a plain model, prefix/prompt keep the adapter beside the base
+model (lmpipe.modeling.load_finetuned applies it). metrics: per variant the best validation figures plus
+trainable_params, total_params, trainable_percent and steps_per_s.
+
 Resume covers the whole stage (lmpipe/checkpoints.py): both variants' checkpoints and each finished
 variant live in finetune.checkpoint_dir/<fingerprint>/, so a re-run after a crash during the scratch twin
 reuses the finished classifier and continues the twin from its newest checkpoint, in the same MLflow run.
@@ -22,12 +28,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import checkpoints
+from lmpipe import checkpoints, strategies
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init, save_classifier
+from lmpipe.modeling import check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init
 from lmpipe.stage import run_stage, seed_everything
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import encode_labeled, finetune as train_classifier
@@ -41,9 +47,19 @@ def _load_split(clean_dir: Path, split: str) -> pd.DataFrame:
 
 
 def _log_variant(name: str, record: dict) -> None:
-    """A finished variant's best metrics and its curve (PNG) in the active MLflow run."""
+    """A finished variant's best metrics, its trainable share, its curve (PNG) and its optimizer's parameter
+    groups (learning rate, weight decay, parameter names) in the active MLflow run."""
     log_metrics_bounded({f"{name}.best_{k}": v for k, v in record["metrics"].items()})
+    log_metrics_bounded({f"{name}.{k}": v for k, v in record.get("training", {}).items()})
     mlflow.log_figure(curve_figure(record["curve"], f"finetune[{name}]"), f"finetune_{name}_loss.png")
+    if record.get("optimizer"):
+        mlflow.log_dict(record["optimizer"], f"finetune_{name}_optimizer.json")
+
+
+def _log_adapter(name: str, model_dir: Path) -> None:
+    """Adapter strategies: the peft adapter (with the trained head) as the artifact <variant>_adapter/."""
+    for f in strategies.adapter_files(model_dir):
+        mlflow.log_artifact(str(f), f"{name}_adapter")
 
 
 def finetune(params: Params, root: Path, run) -> None:
@@ -63,6 +79,11 @@ def finetune(params: Params, root: Path, run) -> None:
     check_vocab(base_config, tokenizer, "finetune")
     if cfg.max_length > max_positions(base_config):
         raise ConfigError(f"finetune.max_length: {cfg.max_length} exceeds the model's {max_positions(base_config)} positions")
+    strategies.check(cfg, base_config)  # before anything is written
+    if strategies.pads_left(cfg.strategy, base_config):
+        tokenizer.padding_side = "left"
+    dev = device(params.common)
+    teacher = strategies.load_teacher(cfg, labels, root, dev) if cfg.strategy == "distill" else None
 
     train_df, val_df = _load_split(clean_dir, "train"), _load_split(clean_dir, "validation")
     for df, split, context in ((train_df, "train", "training"), (val_df, "validation", "validation")):
@@ -70,7 +91,8 @@ def finetune(params: Params, root: Path, run) -> None:
                                                  name=f"labeled_{split}", targets="label"), context=context)
     train = encode_labeled(tokenizer, train_df["text"].tolist(), train_df["label"].tolist(), cfg.max_length)
     val = encode_labeled(tokenizer, val_df["text"].tolist(), val_df["label"].tolist(), cfg.max_length)
-    dev = device(params.common)
+    if teacher is not None:
+        train = strategies.with_teacher_inputs(train, train_df["text"].tolist(), teacher)
 
     # one checkpoint folder for the whole stage, keyed by everything that makes it resumable: a retry
     # (Prefect, or a re-run after a crash) resumes it; another configuration's unfinished run is refused
@@ -78,23 +100,35 @@ def finetune(params: Params, root: Path, run) -> None:
     variants = [("classifier", cfg.out_dir, source is None)]
     if cfg.scratch_baseline:
         variants.append(("scratch", cfg.scratch_dir, True))
-    summary: dict = {"init": cfg.init, "mlflow_run_id": run.info.run_id}
+    summary: dict = {"init": cfg.init, "strategy": cfg.strategy, "mlflow_run_id": run.info.run_id}
+    if teacher is not None:
+        summary["teacher"] = teacher.source
     for name, out_dir, random_init in variants:
         done = checkpoints.load_finished(ckpt, name)
         if done is None:
             seed_everything(seed)  # same init RNG and data order for both variants
             model = load_classifier(base, len(labels), id2label, random_init, tokenizer.pad_token_id)
-            res = train_classifier(model, tokenizer, train, val, cfg, dev, seed, ckpt / name, prefix=f"{name}.")
-            record = {"metrics": res.metrics, "curve": res.curve, "mlflow_run_id": run.info.run_id}
+            plan = strategies.prepare(model, cfg, teacher)  # the same strategy for the scratch twin
+            trainable, total = strategies.parameter_counts(plan.model)
+            res = train_classifier(plan.model, tokenizer, train, val, cfg, dev, seed, ckpt / name,
+                                   prefix=f"{name}.", plan=plan)
+            training = {"trainable_params": trainable, "total_params": total,
+                        "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s")}
+            record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
+                      "mlflow_run_id": run.info.run_id}
             _log_variant(name, record)
-            done = checkpoints.save_finished(ckpt, name, lambda out: save_classifier(res.model, tokenizer,
-                                                                                     cfg.max_length, out), record)
+            done = checkpoints.save_finished(ckpt, name, lambda out: strategies.save(
+                res.model, tokenizer, cfg.max_length, out, cfg.strategy), record)
+            _log_adapter(name, done.path)
+            print(f"finetune[{name}]: {cfg.strategy}: {trainable:,} of {total:,} parameters trained "
+                  f"({training['trainable_percent']:.2f}%)")
         else:
             print(f"finetune[{name}]: finished by an earlier attempt; reusing {done.path}")
             if done.record["mlflow_run_id"] != run.info.run_id:  # that attempt logged to another run
                 _log_variant(name, done.record)
+                _log_adapter(name, done.path)
         checkpoints.copy_finished(done, root / out_dir)
-        metrics = done.record["metrics"]
+        metrics = {**done.record["metrics"], **done.record.get("training", {})}
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         print(f"finetune[{name}]: best val accuracy {metrics['val_accuracy']:.4f} in {metrics['steps']} steps")
     if not cfg.scratch_baseline:

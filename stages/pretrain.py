@@ -1,10 +1,12 @@
-"""Pretrain a small language model from scratch on the packed token blocks.
+"""Pretrain a small language model from scratch on the packed token blocks, or continue a checkpoint's.
 
     python -m stages.pretrain         # what `dvc repro pretrain` runs
 
-Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`,
-trains with Trainer, checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (lmpipe/checkpoints.py: a
-re-run after a crash resumes there and reattaches to the same MLflow run; a different configuration is
+Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`, or, with
+pretrain.init: <checkpoint> (`package:<name>` or a local HF dir), loads that checkpoint with its MLM or CLM
+head (continued, domain-adaptive pretraining on the blocks its own tokenizer packed), trains with Trainer,
+checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (lmpipe/checkpoints.py: a re-run after a crash
+resumes there and reattaches to the same MLflow run; a different configuration is
 refused while that unfinished run's checkpoint is there), saves the final model (safetensors) + tokenizer
 to pretrain.out_dir and logs the loss curve (pretrain.plot, and as a PNG) to MLflow.
 """
@@ -17,13 +19,15 @@ import sys
 from pathlib import Path
 
 import mlflow
+from transformers import AutoConfig
 
 from lmpipe import checkpoints
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import attention_implementation, build_lm, build_lm_config, check_vocab, load_tokenizer, max_positions
+from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab,
+                             load_continued_lm, load_tokenizer, max_positions, resolve_model_ref, save_lm)
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
@@ -41,13 +45,24 @@ def pretrain(params: Params, root: Path, run) -> None:
             raise DataError(f"{path}: missing; run the tokenize stage first (dvc repro tokenize)")
         blocks[split] = load_blocks(path)
 
-    # 1) model from a transformers config; refuse shapes the model cannot take
-    config = build_lm_config(cfg, tokenizer)
+    # 1) model from a transformers config, or the init checkpoint; refuse shapes the model cannot take
     block = blocks["train"].shape[1]
-    if block > max_positions(config):
-        raise ConfigError(f"tokenize.block_size: {block} exceeds pretrain.max_position_embeddings ({max_positions(config)})")
-    check_vocab(config, tokenizer, "pretrain")
-    model = build_lm(config, cfg.objective, attention_implementation(cfg))
+    if cfg.init == "scratch":
+        config = build_lm_config(cfg, tokenizer)
+        if block > max_positions(config):
+            raise ConfigError(f"tokenize.block_size: {block} exceeds pretrain.max_position_embeddings ({max_positions(config)})")
+        check_vocab(config, tokenizer, "pretrain")
+        model, init_dir, continued = build_lm(config, cfg.objective, attention_implementation(cfg)), None, None
+    else:
+        init_dir = resolve_model_ref(cfg.init, root, "pretrain.init")
+        config = AutoConfig.from_pretrained(init_dir)
+        check_checkpoint(config, cfg.init, cfg.objective, block)
+        check_vocab(config, tokenizer, "pretrain")
+        continued = load_continued_lm(init_dir, cfg.objective, attention_implementation(cfg))
+        model = continued.model
+        if continued.new_weights:
+            print(f"pretrain: {cfg.init} has no weights for {', '.join(continued.new_weights)}; "
+                  f"transformers initialised them (the {cfg.objective} head is trained from here)")
 
     # 2) checkpoints live under a fingerprint of everything that makes them resumable; an unfinished
     #    run of another configuration is refused, never loaded or deleted
@@ -60,6 +75,10 @@ def pretrain(params: Params, root: Path, run) -> None:
     if is_main:
         mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters()),
                          "pretrain.world_size": os.environ.get("WORLD_SIZE", "1")})
+        if continued is not None:
+            mlflow.set_tags({"pretrain.init": cfg.init, "pretrain.init_model_type": config.model_type,
+                             "pretrain.init_new_weights": ",".join(continued.new_weights)[:5000] or "none",
+                             "pretrain.init_carried_weights": ",".join(continued.unused_weights)[:5000] or "none"})
 
     # 3) train
     dev = device(params.common)
@@ -71,7 +90,7 @@ def pretrain(params: Params, root: Path, run) -> None:
 
     # 4) outputs: model + tokenizer (self-contained HF dir), curve, metrics
     with atomic_dir(root / cfg.out_dir) as out:
-        result.model.save_pretrained(str(out), safe_serialization=True)
+        save_lm(result.model, out, init_dir, continued.unused_weights if continued else ())
         tokenizer.save_pretrained(str(out))
     write_curve(root / cfg.plot, result.curve)
     metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()},

@@ -4,6 +4,8 @@
 
 Writes a transformers fast-tokenizer directory (tokenize.tokenizer_dir) and
 {train,validation}.npy blocks of shape (n_blocks, block_size) under tokenize.out_dir.
+With tokenize.kind: pretrained nothing is trained: the pretrain.init checkpoint's own tokenizer packs the
+splits (continued pretraining), and block_size must fit the checkpoint's positions.
 """
 
 from __future__ import annotations
@@ -13,17 +15,31 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json
+from lmpipe.modeling import check_checkpoint, resolve_model_ref
 from lmpipe.stage import run_stage
-from lmpipe.tokenizer import Throughput, encode_stream, pack_blocks, train_tokenizer
+from lmpipe.tokenizer import (Throughput, document_separator, encode_stream, load_pretrained_tokenizer, pack_blocks,
+                              train_tokenizer)
 from lmpipe.tracking import log_metrics_bounded
+
+
+def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenizerBase, int | None]:
+    """The pretrain.init checkpoint's tokenizer and the id that separates documents (tokenize.kind:
+    pretrained); the checkpoint is checked first, so a bad one is refused before anything is read or written."""
+    ref = params.pretrain.init
+    path = resolve_model_ref(ref, root, "pretrain.init")
+    check_checkpoint(AutoConfig.from_pretrained(path), ref, params.pretrain.objective, params.tokenize.block_size)
+    tok = load_pretrained_tokenizer(path, ref)
+    return tok, document_separator(tok)
 
 
 def tokenize(params: Params, root: Path, run) -> None:
     cfg = params.tokenize
+    pretrained = checkpoint_tokenizer(params, root) if cfg.kind == "pretrained" else None
     clean_dir = root / params.clean.out_dir
     splits = {}
     for split in ("train", "validation"):
@@ -32,10 +48,14 @@ def tokenize(params: Params, root: Path, run) -> None:
             raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
         splits[split] = pd.read_parquet(path)["text"].tolist()
 
-    # 1) train on the training split only (validation stays unseen)
+    # 1) train on the training split only (validation stays unseen), or take the checkpoint's tokenizer
     timer = Throughput()
-    tok = train_tokenizer(splits["train"], cfg.kind, cfg.vocab_size, cfg.min_frequency,
-                          params.pretrain.max_position_embeddings)
+    if pretrained is not None:
+        tok, separator = pretrained
+    else:
+        tok = train_tokenizer(splits["train"], cfg.kind, cfg.vocab_size, cfg.min_frequency,
+                              params.pretrain.max_position_embeddings)
+        separator = None  # its template adds <s> ... </s>
     train_seconds = timer.rate(1) ** -1
     vocab = len(tok)
     max_len, tok.model_max_length = tok.model_max_length, int(1e12)  # documents are packed, not truncated
@@ -43,10 +63,12 @@ def tokenize(params: Params, root: Path, run) -> None:
     # 2) encode + pack each split
     stats: dict = {"vocab_size": vocab, "kind": cfg.kind, "block_size": cfg.block_size,
                    "tokenizer_train_seconds": round(train_seconds, 2)}
+    if pretrained is not None:
+        stats["tokenizer_from"] = params.pretrain.init
     blocks = {}
     for split, texts in splits.items():
         timer = Throughput()
-        ids = encode_stream(tok, texts, total=len(texts), desc=f"tokenize {split}")
+        ids = encode_stream(tok, texts, total=len(texts), desc=f"tokenize {split}", separator=separator)
         blocks[split] = pack_blocks(ids, cfg.block_size, vocab)
         if len(blocks[split]) == 0:
             raise DataError(f"tokenize.block_size: {cfg.block_size} is longer than the whole {split} split "

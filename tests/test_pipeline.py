@@ -155,6 +155,7 @@ def test_param_change_reruns_only_dependent_stages(tmp_path, tiny_data):
     assert ran[0] == "evaluate" and not set(ran) & {"clean", "tokenize", "pretrain", "finetune"}
 
 
+@pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs ../shared/data")
 def test_make_smoke_is_a_dvc_experiment_that_leaves_params_untouched(tmp_path):
     """`make smoke` = `lmpipe smoke`: the smoke profile on the real data, as a DVC experiment."""

@@ -52,6 +52,7 @@ def _kill_after(stage: str, workdir: Path, ckpt_root: Path, past: int, timeout: 
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
 def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypatch):
     prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                       log_every=20, keep_last=2))
@@ -83,6 +84,7 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
     assert runs[0].data.tags["pretrain.resumed_from"].endswith(f"checkpoint-{second}")
 
 
+@pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
 def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     prepare_workdir(workdir, lambda r: r["finetune"].update(max_steps=300, eval_every=30, batch_size=4,
                                                       scratch_baseline=False))
@@ -107,6 +109,7 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
 
 
+@pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
 def test_finetune_killed_during_the_scratch_twin_keeps_the_finished_classifier(workdir: Path, tmp_path: Path):
     prepare_workdir(workdir, lambda r: r["finetune"].update(max_steps=200, eval_every=20, batch_size=4,
                                                       scratch_baseline=True))

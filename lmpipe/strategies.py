@@ -1,0 +1,327 @@
+"""Fine-tuning strategies: which weights train, at which learning rate, against which targets, and how the
+result is saved so that evaluate, deploy and serving see an ordinary classifier.
+
+    python -m stages.finetune --set finetune.strategy=lora     # full | freeze | llrd | lora | prefix | prompt | distill
+
+Layers are found in the model itself: the ModuleList holding its `num_hidden_layers` blocks
+(bert.encoder.layer.N, model.layers.N, transformer.h.N), so every strategy works on the project's Llama,
+GPT-2 and BERT models and on MiniLM. Parameters registered before the first block are the embeddings,
+those after the last block the head (final norm, pooler, classifier). Trainer trains what `prepare`
+returns; the Trainer side (parameter groups, distillation loss) is in lmpipe/training.py.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedTokenizerBase
+
+from lmpipe.config import Finetune
+from lmpipe.errors import ConfigError, DataError
+from lmpipe.modeling import (ADAPTER_CONFIG, accept_past_key_values, load_finetuned, load_tokenizer, max_positions,
+                             save_classifier, stored_max_length)
+
+ADAPTERS = ("lora", "prefix", "prompt")
+"""Strategies that train a peft adapter (the base model frozen)."""
+PROMPT_LEARNING = ("prefix", "prompt")
+"""Adapters that add virtual tokens: they cannot be merged into the weights."""
+ADAPTER_SUBDIR = "adapter"
+"""LoRA: where the adapter is kept next to the merged model."""
+
+
+@dataclass
+class Teacher:
+    """strategy distill: the teacher classifier, its own tokenizer (the student's may differ) and the loss mix."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    temperature: float
+    alpha: float
+    source: str
+    """What finetune.distill.teacher named (a dir or a models:/ URI)."""
+
+    def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
+
+    def collator(self, student_collator: Any) -> "DistillCollator":
+        from transformers import DataCollatorWithPadding
+
+        return DistillCollator(student_collator, DataCollatorWithPadding(self.tokenizer))
+
+
+@dataclass
+class Plan:
+    """What Trainer trains, and how."""
+
+    model: torch.nn.Module
+    """The classifier itself, or its peft wrapper (adapter strategies)."""
+    lr_scale: dict[str, float] | None = None
+    """llrd: learning-rate multiplier per trainable parameter name (Trainer builds the parameter groups)."""
+    frozen: list[str] = field(default_factory=list)
+    """freeze: parameter names with requires_grad False."""
+    teacher: Teacher | None = None
+    """distill: soft labels come from here."""
+
+
+# -- where the layers are ---------------------------------------------------------------------------------
+
+def blocks(model: torch.nn.Module) -> tuple[str, int]:
+    """(name, count) of the model's transformer blocks: the first ModuleList holding config.num_hidden_layers
+    modules (bert.encoder.layer, model.layers, transformer.h)."""
+    n = int(model.config.num_hidden_layers)
+    for name, module in model.named_modules():
+        if name and isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name, n
+    raise ConfigError(f"finetune.strategy: cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def depths(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter name -> depth: 0 = embeddings (registered before the first block), 1..L = the blocks bottom-up,
+    L + 1 = the head (registered after the last block: final norm, pooler, classifier)."""
+    prefix, n = blocks(model)
+    block = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    out: dict[str, int] = {}
+    past_blocks = False
+    for name, _ in model.named_parameters():
+        m = block.match(name)
+        if m:
+            out[name], past_blocks = int(m.group(1)) + 1, True
+        else:
+            out[name] = n + 1 if past_blocks else 0
+    return out
+
+
+def freeze(model: torch.nn.Module, layers: int) -> list[str]:
+    """Embeddings and the lowest `layers` blocks stop training (requires_grad False); returns their names."""
+    d = depths(model)
+    frozen = []
+    for name, p in model.named_parameters():
+        if d[name] <= layers:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def llrd_scales(model: torch.nn.Module, decay: float) -> dict[str, float]:
+    """Learning-rate multiplier per parameter: the top block 1, each block below x decay, the embeddings
+    decay ** L (lowest), the head 1."""
+    d = depths(model)
+    n = blocks(model)[1]
+    return {name: 1.0 if depth > n else decay ** (n - depth) for name, depth in d.items()}
+
+
+# -- checks before anything is written --------------------------------------------------------------------
+
+def _skeleton(config: PretrainedConfig) -> torch.nn.Module:
+    """The classifier's module tree without weights (meta device): names and shapes for the checks."""
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def _adaptable_names(model: torch.nn.Module) -> list[str]:
+    """Distinct short names of the modules LoRA can adapt (linear, embedding, GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, kinds)})
+
+
+def check(cfg: Finetune, config: PretrainedConfig) -> None:
+    """The strategy's params against the model they will act on; one line per problem (ConfigError)."""
+    model = _skeleton(config)
+    issues = []
+    if cfg.strategy == "freeze":
+        n = blocks(model)[1]
+        if cfg.freeze.layers > n:
+            issues.append(f"finetune.freeze.layers: {cfg.freeze.layers} exceeds the model's {n} layers")
+    if cfg.strategy == "lora" and isinstance(cfg.lora.target_modules, list):
+        names = [n for n, _ in model.named_modules() if n]
+        unknown = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if unknown:
+            issues.append(f"finetune.lora.target_modules: {', '.join(unknown)} not in {type(model).__name__}; "
+                          f"its adaptable modules: {', '.join(_adaptable_names(model))}")
+    if cfg.strategy in PROMPT_LEARNING:
+        virtual = getattr(cfg, cfg.strategy).num_virtual_tokens
+        if virtual + cfg.max_length > max_positions(config):
+            issues.append(f"finetune.{cfg.strategy}.num_virtual_tokens: {virtual} virtual tokens + finetune.max_length "
+                          f"{cfg.max_length} exceed the model's {max_positions(config)} positions")
+    if issues:
+        raise ConfigError("\n".join(issues))
+
+
+def pads_left(strategy: str, config: PretrainedConfig) -> bool:
+    """prompt on a decoder (head `score`, which reads the last non-pad token): the virtual tokens arrive as
+    embeddings, so the model cannot find the padding and reads the last position; left padding makes that the
+    last real token. Saved with the tokenizer, so evaluate and serving pad the same way."""
+    return strategy == "prompt" and hasattr(_skeleton(config), "score")
+
+
+# -- the model Trainer trains -------------------------------------------------------------------------------
+
+def peft_config(cfg: Finetune):
+    """peft's config for an adapter strategy; task SEQ_CLS makes the classifier head trained and saved
+    (modules_to_save)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    if cfg.strategy == "lora":
+        targets = None if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                          lora_dropout=cfg.lora.dropout, target_modules=targets)
+    config_cls = PrefixTuningConfig if cfg.strategy == "prefix" else PromptTuningConfig
+    return config_cls(task_type=TaskType.SEQ_CLS, num_virtual_tokens=getattr(cfg, cfg.strategy).num_virtual_tokens)
+
+
+def prepare(model: torch.nn.Module, cfg: Finetune, teacher: Teacher | None = None) -> Plan:
+    """A freshly loaded classifier -> what Trainer trains under cfg.strategy."""
+    if cfg.strategy == "freeze":
+        return Plan(model, frozen=freeze(model, cfg.freeze.layers))
+    if cfg.strategy == "llrd":
+        return Plan(model, lr_scale=llrd_scales(model, cfg.llrd.decay))
+    if cfg.strategy == "distill":
+        return Plan(model, teacher=teacher)
+    if cfg.strategy in ADAPTERS:
+        from peft import get_peft_model
+
+        if cfg.strategy == "prefix":
+            accept_past_key_values(model)
+        try:
+            peft_model = get_peft_model(model, peft_config(cfg))
+        except ValueError as e:  # e.g. target_modules auto on an architecture peft has no default for
+            raise ConfigError(f"finetune.{cfg.strategy}: peft refuses {type(model).__name__}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+        peft_model.peft_config["default"].base_model_name_or_path = None  # no machine path in the outputs
+        return Plan(peft_model)
+    return Plan(model)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; peft's own count for a peft model (the adapter included in the total)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# -- saving: an ordinary classifier in the output, the adapter beside it -------------------------------------
+
+def _trained_heads(peft_model) -> torch.nn.Module:
+    """The base model of a prompt-learning peft model with each wrapped head (modules_to_save) replaced by its
+    trained copy: a plain module tree whose state dict loads into the architecture."""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = peft_model.get_base_model()
+    for name, module in list(base.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent) if parent else base, child, module.modules_to_save["default"])
+    return base
+
+
+def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, out: Path,
+         strategy: str) -> None:
+    """Write the trained classifier to `out` (consumes a peft model: merged or unwrapped in place).
+
+    lora: the merged plain model, the adapter in out/adapter. prefix/prompt: the base model with the trained
+    head plus the adapter files beside it (lmpipe.modeling.load_finetuned applies them). Others: the model."""
+    if strategy == "lora":
+        model.save_pretrained(str(out / ADAPTER_SUBDIR))
+        (out / ADAPTER_SUBDIR / "README.md").unlink(missing_ok=True)  # peft's model card template
+        save_classifier(model.merge_and_unload(), tokenizer, max_length, out)
+    elif strategy in PROMPT_LEARNING:
+        model.save_pretrained(str(out))
+        (out / "README.md").unlink(missing_ok=True)
+        save_classifier(_trained_heads(model), tokenizer, max_length, out)
+    else:
+        save_classifier(model, tokenizer, max_length, out)
+
+
+def adapter_files(model_dir: Path) -> list[Path]:
+    """The adapter a saved classifier carries (logged to MLflow), or [] for a plain model."""
+    for folder in (model_dir / ADAPTER_SUBDIR, model_dir):
+        if (folder / ADAPTER_CONFIG).is_file():
+            return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith("adapter_"))
+    return []
+
+
+# -- distillation -------------------------------------------------------------------------------------------
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels) (Hinton et al. 2015; T^2
+    keeps the soft term's gradients on the hard term's scale). logits: (B, C), labels: (B,)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                    reduction="batchmean", log_target=True)
+    return alpha * t * t * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def _registry_model_dir(uri: str, dest: Path) -> Path:
+    """The HF model dir inside a registered pyfunc model (the artifact lmpipe.registry logs as model_dir)."""
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as e:  # unknown name, alias or version; unreachable store
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"finetune.distill.teacher: cannot load {uri} ({first[:200]})") from None
+    found = sorted(p.parent for p in local.rglob("config.json"))
+    if len(found) != 1:
+        raise DataError(f"finetune.distill.teacher: {uri} holds {len(found)} transformers model dirs, expected 1")
+    return found[0]
+
+
+def load_teacher(cfg: Finetune, labels: list[str], root: Path, device: str) -> Teacher:
+    """The teacher named by finetune.distill.teacher (a fine-tuned model dir or models:/NAME@alias |
+    models:/NAME/VERSION), in eval mode on `device`; refused when it predicts other labels than the task's."""
+    ref = str(cfg.distill.teacher)
+    with tempfile.TemporaryDirectory(prefix="lmpipe-teacher-") as tmp:
+        if ref.startswith("models:/"):
+            path = _registry_model_dir(ref, Path(tmp))
+        else:
+            path = Path(ref).expanduser()
+            path = path if path.is_absolute() else root / path
+            if not (path / "config.json").is_file():
+                raise DataError(f"finetune.distill.teacher: {path} is not a fine-tuned model dir (no config.json)")
+        model = load_finetuned(path)
+        tokenizer = load_tokenizer(path)
+    id2label = model.config.id2label
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    if names != [str(x) for x in labels]:
+        raise ConfigError(f"finetune.distill.teacher: {ref} predicts labels {names}, the task's are {list(labels)}")
+    max_length = stored_max_length(tokenizer, model.config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model.eval().to(device), tokenizer, max_length, cfg.distill.temperature, cfg.distill.alpha, ref)
+
+
+def with_teacher_inputs(dataset, texts: list[str], teacher: Teacher):
+    """The training split with the teacher's own encoding of each text (columns teacher_input_ids, ...): the
+    teacher reads the text with its tokenizer, whatever the student's is."""
+    enc = teacher.tokenizer(texts, truncation=True, max_length=teacher.max_length)
+    for key, values in enc.items():
+        dataset = dataset.add_column(f"teacher_{key}", values)
+    return dataset
+
+
+@dataclass
+class DistillCollator:
+    """Pads the student's and the teacher's encodings separately (each with its own tokenizer)."""
+
+    student: Any
+    teacher: Any
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        own = [{k: v for k, v in f.items() if not k.startswith("teacher_")} for f in features]
+        theirs = [{k[len("teacher_"):]: v for k, v in f.items() if k.startswith("teacher_")} for f in features]
+        batch = self.student(own)
+        if theirs and theirs[0]:
+            batch.update({f"teacher_{k}": v for k, v in self.teacher(theirs).items()})
+        return batch
