@@ -134,7 +134,8 @@ def test_deployments_and_process_worker(tmp_path):
             run_name = client.read_flow_run(flow_run.id).name
         # the README's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
         ls = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "ls", "--flow-name",
-                             "lmpipe-pipeline"], cwd=repo, env=_prefect_env(home, api), capture_output=True,
+                             "lmpipe-pipeline"], cwd=repo, env={**_prefect_env(home, api), "COLUMNS": "250"},  # no truncated cells
+                            capture_output=True,
                             text=True, timeout=120)
         assert ls.returncode == 0, ls.stdout + ls.stderr
         assert run_name in ls.stdout and "COMPLETED" in ls.stdout, ls.stdout
