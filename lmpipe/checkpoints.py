@@ -57,24 +57,54 @@ def _pretrain_key(params: Params, root: Path) -> dict[str, Any]:
         from lmpipe.modeling import resolve_model_ref
 
         init = resolve_model_ref(cfg.init, root, "pretrain.init")
-        key["init md5"] = {f.name: file_md5(f) for f in sorted(init.iterdir())
-                           if f.name == "config.json" or f.suffix in (".safetensors", ".bin")}
+        key["init md5"] = _model_files_md5(init)
     return key
 
 
+def _model_files_md5(folder: Path) -> dict[str, str]:
+    """md5 of a model dir's config and weights: a reference (package:, models:/ alias) can name other weights later."""
+    return {f.name: file_md5(f) for f in sorted(folder.iterdir())
+            if f.name == "config.json" or f.suffix in (".safetensors", ".bin")}
+
+
 def _finetune_key(params: Params, root: Path) -> dict[str, Any]:
-    """The fine-tuning params (both variants), seed, base model and the labelled splits."""
-    from lmpipe.modeling import resolve_init
+    """The fine-tuning params (every variant), seed, base model, the labelled splits, and what the params only
+    name: the original checkpoint (original_baseline) and a teacher dir's weights (distill)."""
+    from lmpipe.modeling import resolve_init, resolve_model_ref
 
     cfg = params.finetune
     source = resolve_init(cfg.init, root, params.pretrain.out_dir) if cfg.init != "scratch" else None
     base = source if source is not None else root / params.pretrain.out_dir
     clean = root / params.clean.out_dir
-    return {"finetune": cfg.model_dump(exclude={"out_dir", "scratch_dir", "metrics", "checkpoint_dir"}),
-            "common.seed": params.common.seed, "base config.json md5": file_md5(base / "config.json"),
-            "base model.safetensors md5": file_md5(base / "model.safetensors"),
-            "labeled_train.parquet md5": file_md5(clean / "labeled_train.parquet"),
-            "labeled_validation.parquet md5": file_md5(clean / "labeled_validation.parquet")}
+    key = {"finetune": cfg.model_dump(exclude={"out_dir", "scratch_dir", "original_dir", "metrics", "checkpoint_dir"}),
+           "common.seed": params.common.seed, "base config.json md5": file_md5(base / "config.json"),
+           "base model.safetensors md5": file_md5(base / "model.safetensors"),
+           "labeled_train.parquet md5": file_md5(clean / "labeled_train.parquet"),
+           "labeled_validation.parquet md5": file_md5(clean / "labeled_validation.parquet")}
+    if cfg.original_baseline:
+        key["original md5"] = _model_files_md5(resolve_model_ref(params.pretrain.init, root, "pretrain.init"))
+    teacher = cfg.distill.teacher if cfg.strategy == "distill" else None
+    if teacher and not teacher.startswith("models:/"):
+        path = Path(teacher).expanduser()
+        path = path if path.is_absolute() else root / path
+        if path.is_dir():
+            key["teacher md5"] = _model_files_md5(path)
+    elif teacher:
+        key["teacher version"] = _registry_version(teacher)
+    return key
+
+
+def _registry_version(uri: str) -> str:
+    """models:/NAME@alias -> models:/NAME/VERSION it points at now (an alias that moves names another teacher)."""
+    import mlflow
+
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    if not ref:
+        return uri
+    try:
+        return f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, ref).version}"
+    except Exception:  # unknown alias: load_teacher refuses it in one line
+        return uri
 
 
 _KEYS: dict[str, Callable[[Params, Path], dict[str, Any]]] = {"pretrain": _pretrain_key, "finetune": _finetune_key}

@@ -256,11 +256,37 @@ class Distill(Section):
     """Loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy on the hard labels."""
 
 
+class Adversarial(Section):
+    method: Literal["none", "fgm", "pgd"]
+    """Adversarial training on the word embeddings: none, FGM (one step of size epsilon along the loss gradient)
+    or PGD (`steps` steps of size `alpha`, projected into the epsilon ball); the model trains on the clean plus
+    the adversarial loss."""
+    epsilon: float = Field(gt=0)
+    """Radius of the perturbation (L2 norm per example over its tokens' embeddings)."""
+    alpha: float = Field(gt=0)
+    """pgd: step size of each ascent step."""
+    steps: int = Field(ge=1)
+    """pgd: ascent steps per training step (each one more forward and backward pass)."""
+
+
+class Augment(Section):
+    copies: int = Field(ge=0)
+    """Augmented copies added per training example (0 = off); validation and test are never augmented."""
+    probability: float = Field(gt=0, le=1)
+    """Share of an example's words each operation touches (deleted, swapped or inserted; at least one)."""
+    ops: list[Literal["delete", "swap", "insert"]] = Field(min_length=1)
+    """Operations drawn from per copy: random deletion, random swap, random insertion of a word from the
+    training split's vocabulary (no downloaded resources)."""
+
+
 class Finetune(Section):
     init: str
     """pretrained (the pretrain stage's model), scratch (same architecture, random init), or a local HF model dir."""
     scratch_baseline: bool
     """Also fine-tune a randomly initialised copy with the same budget (evaluate reports the benefit)."""
+    original_baseline: bool
+    """With continued pretraining (pretrain.init a checkpoint, finetune.init pretrained): also fine-tune the
+    original checkpoint with the same budget, so evaluate compares continued vs original vs scratch."""
     strategy: Literal["full", "freeze", "llrd", "lora", "prefix", "prompt", "distill"]
     """What trains (lmpipe/strategies.py): all weights, a frozen bottom, layer-wise LRs, a PEFT adapter, or a
     student distilled from a teacher. Only the strategy's own block below is read."""
@@ -284,6 +310,17 @@ class Finetune(Section):
     """Share of steps spent in linear warmup."""
     weight_decay: float = Field(ge=0)
     """AdamW weight decay."""
+    label_smoothing: float = Field(ge=0, lt=1)
+    """Label smoothing of the training cross-entropy (Trainer's label_smoothing_factor); 0 = off."""
+    dropout: float | None = Field(ge=0, lt=1)
+    """Overrides every dropout probability of the model's config (hidden, attention, classifier); null keeps
+    the checkpoint's own."""
+    patience: int | None = Field(ge=1)
+    """Early stopping: stop after this many evaluations without a better validation accuracy; null = off."""
+    adversarial: Adversarial
+    """Adversarial training (FGM / PGD on the word embeddings)."""
+    augment: Augment
+    """Text augmentation of the training split."""
     batch_size: int = Field(ge=1)
     """Examples per step."""
     epochs: float = Field(gt=0)
@@ -296,6 +333,8 @@ class Finetune(Section):
     """Output: the selected classifier (HF format)."""
     scratch_dir: str
     """Output: the scratch baseline classifier."""
+    original_dir: str
+    """Output: the classifier fine-tuned from the original checkpoint (original_baseline)."""
     checkpoint_dir: str
     """Checkpoints and finished variants, one folder per configuration fingerprint; not a DVC output, so it survives re-runs (resume)."""
     metrics: str
@@ -357,6 +396,10 @@ class Params(Section):
         if self.finetune.strategy == "distill" and not self.finetune.distill.teacher:
             issues.append("finetune.distill.teacher: strategy distill needs a teacher (a fine-tuned model dir or "
                           "models:/NAME@alias)")
+        if self.finetune.original_baseline and (scratch or self.finetune.init != "pretrained"):
+            issues.append(f"finetune.original_baseline: true needs continued pretraining (pretrain.init a checkpoint, "
+                          f"finetune.init: pretrained); got pretrain.init: {self.pretrain.init}, finetune.init: "
+                          f"{self.finetune.init}")
         if self.finetune.init == "scratch" and self.finetune.scratch_baseline:
             issues.append("finetune.scratch_baseline: true with finetune.init: scratch trains the same random-init "
                           "model twice (a benefit of 0); set finetune.scratch_baseline: false or another init")

@@ -12,14 +12,14 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedModel, PreTr
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, device: str,
+def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, device: str, mlm: bool,
                tokenizer: PreTrainedTokenizerBase | None = None, mlm_probability: float = 0.15,
                seed: int = 0) -> dict[str, float]:
-    """Token-weighted mean loss over all blocks -> perplexity. For masked LMs the masking is seeded
-    (a fixed mask per run), so the figure is comparable between runs."""
+    """Token-weighted mean loss over all blocks -> perplexity; `mlm` (the pretraining objective) says whether
+    the model predicts masked tokens or the next one. For masked LMs the masking is seeded (a fixed mask per
+    run), so the figure is comparable between runs."""
     model.eval().to(device)
-    is_mlm = not getattr(model.config, "is_decoder", False) and model.config.model_type == "bert"
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability) if is_mlm else None
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability) if mlm else None
     gen = torch.Generator().manual_seed(seed)
     total_loss, total_tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):

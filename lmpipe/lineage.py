@@ -28,7 +28,9 @@ PARENT_TAG = "mlflow.parentRunId"
 # plain names for the figures people compare; they lead the compare view (sorted before dotted names)
 HEADLINE = {"accuracy": ("classifier", "accuracy"), "f1_macro": ("classifier", "f1_macro"),
             "perplexity": ("lm", "perplexity"), "benefit_accuracy": ("benefit", "accuracy"),
-            "benefit_f1_macro": ("benefit", "f1_macro"), "scratch_accuracy": ("scratch_baseline", "accuracy")}
+            "benefit_f1_macro": ("benefit", "f1_macro"), "scratch_accuracy": ("scratch_baseline", "accuracy"),
+            "original_accuracy": ("original_baseline", "accuracy"),
+            "benefit_continued_accuracy": ("benefit_continued", "accuracy")}
 # tags a stage run passes on to the pipeline run it opens or joins
 INHERITED_TAGS = ("prefect.flow_run_id", "prefect.flow_run_name", "prefect.deployment", "dvc.exp_name",
                   "git.commit", "git.dirty")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoModelForSequenceClassification, AutoTokenizer, BertConfig, GPT2Config,
@@ -190,9 +191,11 @@ def save_lm(model: PreTrainedModel, out: Path, init: Path | None = None, unused:
 
 
 def load_classifier(source: Path, num_labels: int, id2label: dict[int, str], random_init: bool,
-                    pad_token_id: int | None) -> PreTrainedModel:
-    """Sequence classifier on the model in `source`; random_init keeps only its config (the scratch twin)."""
-    kwargs = dict(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+                    pad_token_id: int | None, config_overrides: dict[str, Any] | None = None) -> PreTrainedModel:
+    """Sequence classifier on the model in `source`; random_init keeps only its config (the scratch twin).
+    config_overrides replace config values (e.g. the dropout probabilities)."""
+    kwargs = dict(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                  **(config_overrides or {}))
     if random_init:
         config = AutoConfig.from_pretrained(source, **kwargs)
         if pad_token_id is not None:

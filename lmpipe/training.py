@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedModel,
+from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, EarlyStoppingCallback, PreTrainedModel,
                           PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
 
 from lmpipe.checkpoints import checkpoint_write_error, latest_checkpoint
@@ -258,13 +258,51 @@ def encode_labeled(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels:
 
 
 class FinetuneTrainer(GuardedTrainer):
-    """GuardedTrainer plus the two hooks fine-tuning strategies need (lmpipe/strategies.py), both Trainer's own
-    extension points: `create_optimizer` with a learning-rate multiplier per parameter (llrd), and
-    `compute_loss` against a teacher's soft labels (distill)."""
+    """GuardedTrainer plus the hooks fine-tuning needs, all Trainer's own extension points: `create_optimizer`
+    with a learning-rate multiplier per parameter (llrd), `compute_loss` against a teacher's soft labels
+    (distill), and `training_step` adding an adversarial pass on perturbed embeddings (finetune.adversarial,
+    lmpipe/regularization.py)."""
 
-    def __init__(self, *args, lr_scale: dict[str, float] | None = None, teacher=None, **kwargs) -> None:
+    def __init__(self, *args, lr_scale: dict[str, float] | None = None, teacher=None, adversarial=None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lr_scale, self.teacher = lr_scale, teacher
+        self.adversary = None
+        self._adversarial_losses: list[float] = []
+        if adversarial is not None and adversarial.method != "none":
+            from lmpipe.regularization import EmbeddingAdversary
+
+            self.adversary = EmbeddingAdversary(self.model, adversarial)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.adversary is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        adv = self.adversary
+        # 1) the clean pass (forward + backward), recording d loss / d embeddings
+        with adv.capture():
+            loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        if adv.embedded is None or adv.embedded.grad is None:
+            return loss  # the loss does not reach the embeddings (nothing to perturb along)
+        delta = adv.first_step(adv.embedded.grad.detach())
+        # 2) pgd: more ascent steps, each a forward + backward to the perturbation only (parameters untouched)
+        for _ in range(adv.cfg.steps - 1 if adv.cfg.method == "pgd" else 0):
+            leaf = delta.clone().requires_grad_()
+            with adv.applied(leaf), self.compute_loss_context_manager():
+                step_loss = self.compute_loss(model, self._prepare_inputs(dict(inputs)))
+            (grad,) = torch.autograd.grad(step_loss, leaf)
+            delta = adv.ascend(delta, grad.detach())
+        # 3) the adversarial pass: its gradients add to the clean ones before the optimizer step
+        with adv.applied(delta.detach()):
+            adversarial_loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        self._adversarial_losses.append(float(adversarial_loss))
+        return loss  # the logged train loss stays the clean one, comparable across settings
+
+    def log(self, logs, *args, **kwargs):
+        # the adversarial loss beside the clean train loss, averaged over the same steps
+        if self._adversarial_losses and "loss" in logs:
+            logs["adversarial_loss"] = sum(self._adversarial_losses) / len(self._adversarial_losses)
+            self._adversarial_losses.clear()
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.lr_scale is None or self.optimizer is not None:
@@ -338,28 +376,35 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
+        label_smoothing_factor=cfg.label_smoothing, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
         save_steps=cfg.eval_every, save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="accuracy", greater_is_better=True, logging_steps=max(1, cfg.eval_every // 5),
         report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda", disable_tqdm=False,
         remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns for compute_loss
     logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
+    callbacks: list[TrainerCallback] = [logger, timer, record]
+    if cfg.patience is not None:  # stops after `patience` evaluations without a better val accuracy
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
     collator = DataCollatorWithPadding(tokenizer)
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
                               data_collator=teacher.collator(collator) if teacher else collator,
-                              compute_metrics=_compute_metrics, callbacks=[logger, timer, record],
-                              lr_scale=getattr(plan, "lr_scale", None), teacher=teacher)
+                              compute_metrics=_compute_metrics, callbacks=callbacks,
+                              lr_scale=getattr(plan, "lr_scale", None), teacher=teacher,
+                              adversarial=cfg.adversarial)
     t0 = time.perf_counter()
     resume = latest_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
+    if trainer.adversary is not None:
+        trainer.adversary.remove()
     history = list(trainer.state.log_history)  # before the best model's own evaluation below
     best = trainer.evaluate()
     steps = int(trainer.state.global_step)
     trained = steps - (int(resume.name.split("-")[1]) if resume else 0)
     metrics = {"val_accuracy": best["eval_accuracy"], "val_f1_macro": best["eval_f1_macro"],
                "val_loss": best["eval_loss"], "train_seconds": seconds, "steps": steps,
+               "stopped_early": float(steps < trainer.state.max_steps),  # early stopping ended it before its budget
                # steady state (evaluations and checkpoint saves left out); the whole run's rate without them
                "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
                else trained / max(seconds, 1e-9)}

@@ -2,7 +2,8 @@
 
     python -m stages.evaluate         # what `dvc repro evaluate` runs
 
-Writes evaluate.metrics (lm.*, classifier.*, scratch_baseline.*, benefit.*), the confusion matrix
+Writes evaluate.metrics (lm.*, classifier.*, scratch_baseline.*, benefit.*, and with continued pretraining
+original_baseline.* and benefit_continued.*), the confusion matrix
 as a DVC plot (CSV of actual/predicted) and a PNG, and logs one `pipeline` summary run to MLflow
 carrying every param and the final metrics, so pipeline executions compare side by side.
 """
@@ -50,17 +51,18 @@ def evaluate(params: Params, root: Path, run) -> None:
     lm = auto.from_pretrained(lm_dir)
     lm_tok = load_tokenizer(lm_dir)
     val_blocks = load_blocks(_need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
-    lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, lm_tok, params.pretrain.mlm_probability,
-                            params.common.seed)
+    lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, params.pretrain.objective == "mlm", lm_tok,
+                            params.pretrain.mlm_probability, params.common.seed)
     del lm
 
     # 2) classifiers on the test split: the selected model and the from-scratch baseline
     results = {}
     preds_main = None
-    for key, folder in (("classifier", params.finetune.out_dir), ("scratch_baseline", params.finetune.scratch_dir)):
+    for key, folder in (("classifier", params.finetune.out_dir), ("scratch_baseline", params.finetune.scratch_dir),
+                        ("original_baseline", params.finetune.original_dir)):
         path = _need(root / folder, "finetune")
         if not (path / "config.json").is_file():
-            continue  # finetune.scratch_baseline: false
+            continue  # that baseline is off (finetune.scratch_baseline / original_baseline: false)
         model = load_finetuned(path)  # a plain classifier, or base + prefix/prompt adapter
         probs = predict_proba(model, load_tokenizer(path), test["text"].tolist(), cfg.batch_size,
                               dev)  # truncates at the length stored with the model
@@ -74,9 +76,11 @@ def evaluate(params: Params, root: Path, run) -> None:
                "test_examples": int(len(test))}
     for key, m in results.items():
         metrics[key] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
-    if "scratch_baseline" in results:
-        metrics["benefit"] = {k: results["classifier"][k] - results["scratch_baseline"][k]
-                              for k in ("accuracy", "f1_macro")}
+    # what pretraining bought (vs random init) and what continuing a checkpoint's pretraining bought (vs the
+    # original checkpoint), each fine-tuned with the same budget
+    for baseline, benefit in (("scratch_baseline", "benefit"), ("original_baseline", "benefit_continued")):
+        if baseline in results:
+            metrics[benefit] = {k: results["classifier"][k] - results[baseline][k] for k in ("accuracy", "f1_macro")}
     metrics["classifier"]["confusion_matrix"] = results["classifier"]["confusion_matrix"]
 
     # 3) outputs: confusion rows for the DVC plot, PNG, metrics json (with this run's id)
@@ -108,6 +112,8 @@ def evaluate(params: Params, root: Path, run) -> None:
     line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; classifier accuracy {metrics['classifier']['accuracy']:.4f}"
     if "scratch_baseline" in metrics:
         line += f" vs scratch {metrics['scratch_baseline']['accuracy']:.4f}"
+    if "original_baseline" in metrics:
+        line += f" vs original checkpoint {metrics['original_baseline']['accuracy']:.4f}"
     print(line)
 
 

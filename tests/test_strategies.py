@@ -65,11 +65,14 @@ def _finetune(wd: Path, *sets: str) -> dict:
     return json.loads((wd / "metrics" / "finetune.json").read_text())
 
 
-def _artifact(wd: Path, run_id: str, path: str) -> Path:
+def _client(wd: Path):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
-    return Path(client.download_artifacts(run_id, path, str(wd / "downloaded")))
+    return mlflow.MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
+
+
+def _artifact(wd: Path, run_id: str, path: str) -> Path:
+    return Path(_client(wd).download_artifacts(run_id, path, str(wd / "downloaded")))
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -234,9 +237,7 @@ def test_lora_trains_peft_count_and_merges_to_a_plain_model(work):
     with torch.no_grad():
         diff = (merged(**batch).logits - peft_model(**batch).logits).abs().max()
     assert diff <= 1e-4, diff
-    import mlflow
-
-    run = mlflow.MlflowClient().get_run(got["mlflow_run_id"])
+    run = _client(work).get_run(got["mlflow_run_id"])
     assert run.data.params["finetune.strategy"] == "lora"
     assert run.data.metrics["classifier.trainable_percent"] == pytest.approx(100 * trainable / total)
 
@@ -327,6 +328,8 @@ def _other_labels_teacher(work: Path) -> str:
      "finetune.distill.teacher: animals predicts labels ['cat', 'dog', 'fish'], the task's are ['negative', 'positive']"),
     (["finetune.strategy=distill", "finetune.distill.teacher=models:/nope@champion"],
      "finetune.distill.teacher: cannot load models:/nope@champion"),
+    (["finetune.augment.ops=[]"], "finetune.augment.ops: List should have at least 1 item"),
+    (["finetune.adversarial.method=free"], "finetune.adversarial.method: Input should be 'none', 'fgm' or 'pgd'"),
 ])
 def test_bad_strategy_input_is_one_line_and_writes_nothing(work, sets, expected):
     sets = [s(work) if callable(s) else s for s in sets]
@@ -337,6 +340,57 @@ def test_bad_strategy_input_is_one_line_and_writes_nothing(work, sets, expected)
     assert "Traceback" not in res.stderr
     assert not (work / "models" / "finetune").exists() and not (work / "metrics" / "finetune.json").exists()
     assert not list(work.rglob("checkpoint-*")) and not list(work.rglob("finished"))
+
+
+# -- regularisation, adversarial training, augmentation (lmpipe/regularization.py) ------------------------------
+
+def test_regularisation_reaches_the_trainer_and_the_saved_model(work):
+    import pandas as pd
+
+    from lmpipe.evaluation import predict_proba
+    from lmpipe.modeling import load_finetuned, load_tokenizer
+
+    # a learning rate of ~0 keeps the validation accuracy where it starts: evaluation 2 (step 4) does not
+    # beat evaluation 1 (step 2), so patience 1 stops training at step 4 of 12
+    got = _finetune(work, "finetune.dropout=0.3", "finetune.label_smoothing=0.2", "finetune.patience=1",
+                    "finetune.learning_rate=1e-12", "finetune.max_steps=12", "finetune.eval_every=2")
+    assert got["classifier"]["steps"] == 4 and got["classifier"]["stopped_early"] == 1
+    out = work / "models" / "finetune"
+    assert json.loads((out / "config.json").read_text())["attention_dropout"] == 0.3  # Llama's one dropout
+    # label smoothing: the validation loss is 0.8 x cross-entropy + 0.2 x mean over classes of -log p
+    val = pd.read_parquet(work / "data" / "clean" / "labeled_validation.parquet")
+    probs = torch.from_numpy(predict_proba(load_finetuned(out), load_tokenizer(out), val["text"].tolist(), 64, "cpu"))
+    logp = probs.log()
+    nll = -logp[torch.arange(len(val)), torch.tensor(val["label"].to_numpy())]
+    assert got["classifier"]["val_loss"] == pytest.approx(float((0.8 * nll - 0.2 * logp.mean(-1)).mean()), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd"])
+def test_adversarial_training_logs_a_higher_loss_on_perturbed_embeddings(work, method):
+    got = _finetune(work, f"finetune.adversarial.method={method}", "finetune.adversarial.epsilon=0.5",
+                    "finetune.dropout=0.0")  # no dropout: the clean and the perturbed pass see the same model
+    client = _client(work)
+    adversarial = {m.step: m.value for m in client.get_metric_history(got["mlflow_run_id"], "classifier.adversarial_loss")}
+    clean = {m.step: m.value for m in client.get_metric_history(got["mlflow_run_id"], "classifier.train_loss")}
+    assert adversarial and set(adversarial) == set(clean)
+    assert sum(adversarial.values()) > sum(clean.values())
+
+
+def test_augmentation_adds_copies_of_the_training_split_only(work):
+    import pandas as pd
+
+    n = len(pd.read_parquet(work / "data" / "clean" / "labeled_train.parquet"))
+    got = _finetune(work, "finetune.augment.copies=2", "finetune.augment.ops=[swap, delete]")
+    assert (got["train_examples"], got["augmented_examples"]) == (3 * n, 2 * n)
+    run = _client(work).get_run(got["mlflow_run_id"])
+    assert run.data.metrics["augmented_examples"] == 2 * n and run.data.metrics["train_examples"] == 3 * n
+    # the validation split is the one clean wrote: its dataset digest in MLflow is the file's
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    import mlflow
+
+    expected = mlflow.data.from_pandas(pd.read_parquet(work / "data" / "clean" / "labeled_validation.parquet"),
+                                       targets="label").digest
+    assert inputs["labeled_validation"].digest == expected
 
 
 def test_distill_without_a_teacher_is_refused_by_validation():

@@ -1,0 +1,144 @@
+"""Regularisation beyond weight decay for fine-tuning: dropout override, text augmentation, adversarial training.
+
+    python -m stages.finetune --set finetune.adversarial.method=fgm --set finetune.augment.copies=1
+
+Label smoothing and early stopping are Trainer's own (label_smoothing_factor, EarlyStoppingCallback; wired in
+lmpipe/training.py). What Trainer lacks lives here:
+- `dropout_overrides`: one dropout probability for every dropout setting the model's config has;
+- `augment`: seeded random deletion / swap / insertion of in-vocabulary words (Wei & Zou 2019, EDA, without
+  its WordNet synonyms, which would need a download), applied to the training split only;
+- `EmbeddingAdversary`: FGM (Miyato et al. 2017) and PGD (Madry et al. 2018, on embeddings as in FreeLB)
+  perturbations of the word embeddings' output, used by FinetuneTrainer.training_step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Iterator
+
+import pandas as pd
+import torch
+from transformers import PretrainedConfig
+
+from lmpipe.config import Adversarial, Augment
+from lmpipe.errors import ConfigError
+
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "hidden_dropout", "dropout")
+"""Config attributes that hold a dropout probability (BERT, Llama, GPT-2 and most other transformers configs)."""
+
+
+def dropout_overrides(config: PretrainedConfig, p: float | None) -> dict[str, float]:
+    """{config key: p} for every dropout setting `config` has; {} when p is None (keep the model's own)."""
+    if p is None:
+        return {}
+    keys = [k for k in DROPOUT_KEYS if k in config.to_dict()]
+    if not keys:
+        raise ConfigError(f"finetune.dropout: {type(config).__name__} has no dropout setting to override")
+    return {k: p for k in keys}
+
+
+# -- augmentation -------------------------------------------------------------------------------------------
+
+def _augment_one(words: list[str], op: str, p: float, vocabulary: list[str], rng: random.Random) -> list[str]:
+    """One operation on one example's words; touches max(1, round(p * len)) words (deletion: each with p)."""
+    n = max(1, round(p * len(words)))
+    out = list(words)
+    if op == "delete":
+        kept = [w for w in out if rng.random() >= p]
+        return kept if kept else [rng.choice(out)]
+    if op == "swap":
+        for _ in range(n if len(out) > 1 else 0):
+            i, j = rng.sample(range(len(out)), 2)
+            out[i], out[j] = out[j], out[i]
+        return out
+    for _ in range(n):  # insert
+        out.insert(rng.randint(0, len(out)), rng.choice(vocabulary))
+    return out
+
+
+def augment(df: pd.DataFrame, cfg: Augment, seed: int) -> pd.DataFrame:
+    """The training split with cfg.copies augmented copies of each example appended (labels kept), seeded.
+    Inserted words come from the split's own vocabulary (whitespace words). copies 0 returns `df` itself."""
+    if cfg.copies == 0 or df.empty:
+        return df
+    rng = random.Random(seed)
+    vocabulary = sorted({w for text in df["text"] for w in text.split()})
+    rows = []
+    for text, label in zip(df["text"], df["label"]):
+        words = text.split()
+        for _ in range(cfg.copies):
+            op = rng.choice(cfg.ops)
+            rows.append({"text": " ".join(_augment_one(words, op, cfg.probability, vocabulary, rng)) if words
+                         else text, "label": label})
+    return pd.concat([df[["text", "label"]], pd.DataFrame(rows)], ignore_index=True)
+
+
+# -- adversarial training -----------------------------------------------------------------------------------
+
+def _per_example_unit(g: torch.Tensor) -> torch.Tensor:
+    """g / ||g|| with the L2 norm taken per example over all its tokens' embeddings. g: (B, T, H)."""
+    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
+    return g / norm.view(-1, *([1] * (g.dim() - 1)))
+
+
+def _project(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """delta scaled back into the L2 ball of radius epsilon, per example."""
+    norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (epsilon / norm).clamp(max=1.0)
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+
+
+class EmbeddingAdversary:
+    """Perturbs the output of the model's input-embedding module (a forward hook), so it works with every
+    strategy, frozen embeddings and peft adapters included: the perturbation is on the embedded tokens, not on
+    the embedding matrix. `capture()` records d loss / d embeddings of the pass it wraps; `applied(delta)`
+    adds delta to the embeddings of the pass it wraps."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Adversarial) -> None:
+        self.cfg = cfg
+        self._capture = False
+        self._delta: torch.Tensor | None = None
+        self.embedded: torch.Tensor | None = None
+        self._handle = model.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self._delta is not None:
+            output = output + self._delta
+        if self._capture:
+            if not output.requires_grad:  # frozen embeddings (freeze, peft): make the output a leaf that records
+                output = output.detach().requires_grad_()
+            else:
+                output.retain_grad()
+            self.embedded = output
+        return output
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        self._capture, self.embedded = True, None
+        try:
+            yield
+        finally:
+            self._capture = False
+
+    @contextlib.contextmanager
+    def applied(self, delta: torch.Tensor) -> Iterator[None]:
+        self._delta = delta
+        try:
+            yield
+        finally:
+            self._delta = None
+
+    def first_step(self, grad: torch.Tensor) -> torch.Tensor:
+        """The perturbation after the clean pass: FGM epsilon * unit gradient; PGD one step of alpha (projected)."""
+        if self.cfg.method == "fgm":
+            return self.cfg.epsilon * _per_example_unit(grad)
+        return _project(self.cfg.alpha * _per_example_unit(grad), self.cfg.epsilon)
+
+    def ascend(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One more PGD step from delta along grad (d loss / d perturbed embeddings), projected."""
+        return _project(delta + self.cfg.alpha * _per_example_unit(grad), self.cfg.epsilon)
+
+    def remove(self) -> None:
+        self._handle.remove()

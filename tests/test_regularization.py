@@ -1,0 +1,174 @@
+"""Regularisation pieces on models and data built in the test: augmentation semantics, the dropout override,
+and FGM / PGD inside Trainer's training step checked against gradients computed by hand. The same features
+through the stage CLI are in tests/test_strategies.py (they share its tiny pretrained model)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+import torch
+
+from lmpipe.config import Adversarial, Augment
+from lmpipe.regularization import DROPOUT_KEYS, augment, dropout_overrides
+
+TEXTS = ["a gripping and beautifully acted film", "dull , lifeless and far too long",
+         "the best thing i have seen this year", "an utter waste of a fine cast"]
+
+
+def _df() -> pd.DataFrame:
+    return pd.DataFrame({"text": TEXTS, "label": [1, 0, 1, 0]})
+
+
+def test_augment_appends_seeded_copies_with_the_labels_kept():
+    cfg = Augment(copies=2, probability=0.3, ops=["delete", "swap", "insert"])
+    out = augment(_df(), cfg, seed=0)
+    assert len(out) == len(TEXTS) * 3
+    assert out["text"].iloc[:4].tolist() == TEXTS  # the originals first, untouched
+    assert out["label"].tolist() == [1, 0, 1, 0] + [1, 1, 0, 0, 1, 1, 0, 0]
+    assert augment(_df(), cfg, seed=0).equals(out)  # seeded
+    assert not augment(_df(), cfg, seed=1).equals(out)
+    assert augment(_df(), Augment(copies=0, probability=0.3, ops=["swap"]), seed=0) is not None
+    assert len(augment(_df(), Augment(copies=0, probability=0.3, ops=["swap"]), seed=0)) == len(TEXTS)
+
+
+@pytest.mark.parametrize("op", ["delete", "swap", "insert"])
+def test_each_augmentation_does_what_it_says(op):
+    out = augment(_df(), Augment(copies=3, probability=0.3, ops=[op]), seed=0)
+    vocabulary = {w for t in TEXTS for w in t.split()}
+    originals = [t.split() for t in TEXTS for _ in range(3)]
+    changed = 0
+    for words, new in zip(originals, (t.split() for t in out["text"].iloc[len(TEXTS):])):
+        changed += new != words
+        if op == "delete":  # an ordered subsequence, never empty
+            it = iter(words)
+            assert new and all(w in it for w in new) and len(new) <= len(words)
+        elif op == "swap":  # the same words, reordered
+            assert Counter(new) == Counter(words)
+        else:  # the original words in order, plus words of the training split's vocabulary
+            assert len(new) == len(words) + max(1, round(0.3 * len(words)))
+            assert set(new) <= vocabulary
+            it = iter(new)
+            assert all(w in it for w in words)
+    assert changed >= 9  # of 12 copies: the operations really change the text
+
+
+def test_dropout_override_covers_every_dropout_setting_of_the_config():
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    for config in (BertConfig(), GPT2Config(), LlamaConfig()):
+        got = dropout_overrides(config, 0.25)
+        assert got and set(got) == {k for k in DROPOUT_KEYS if k in config.to_dict()}
+        assert set(got.values()) == {0.25}
+    assert dropout_overrides(BertConfig(), None) == {}
+
+
+# -- adversarial training inside Trainer ----------------------------------------------------------------------
+
+def _tiny_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic passes
+    return BertForSequenceClassification(config)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"input_ids": torch.randint(1, 50, (4, 7), generator=g), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+            "labels": torch.tensor([0, 1, 1, 0])}
+
+
+def _trainer(model, tmp_path, adversarial: Adversarial):
+    from transformers import TrainingArguments
+
+    from lmpipe.training import FinetuneTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=4)
+    trainer = FinetuneTrainer(model=model, args=args, adversarial=adversarial)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's loop sets before each step
+    return trainer
+
+
+def _grads_by_hand(model, batch, delta_of):
+    """Gradient of L(x) + L(x + delta) with delta = delta_of(d L / d embeddings), computed without Trainer."""
+    emb = model.get_input_embeddings()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    embedded = emb(inputs["input_ids"]).detach().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(model(inputs_embeds=embedded, attention_mask=inputs["attention_mask"]).logits,
+                                             batch["labels"])
+    (g,) = torch.autograd.grad(loss, embedded)
+    delta = delta_of(g, model, inputs, batch["labels"])
+    model.zero_grad()
+    for d in (None, delta):
+        e = emb(inputs["input_ids"])
+        logits = model(inputs_embeds=e if d is None else e + d, attention_mask=inputs["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, delta
+
+
+def test_fgm_adds_the_gradient_at_the_worst_case_perturbation(tmp_path):
+    cfg = Adversarial(method="fgm", epsilon=0.5, alpha=0.1, steps=1)
+    model = _tiny_classifier()
+    trainer = _trainer(model, tmp_path, cfg)
+    model.zero_grad()
+    trainer.training_step(model, _batch())
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def fgm(g, *_):
+        return 0.5 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+
+    expected, delta = _grads_by_hand(_tiny_classifier(), _batch(), fgm)
+    assert delta.flatten(1).norm(dim=1) == pytest.approx([0.5] * 4)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, atol=1e-5), name
+    # and the perturbation raised the loss: that is what the second pass trains against
+    assert trainer._adversarial_losses[0] > float(trainer.compute_loss(model, _batch()).detach())
+
+
+def test_pgd_takes_its_steps_and_stays_in_the_ball(tmp_path):
+    cfg = Adversarial(method="pgd", epsilon=0.4, alpha=0.3, steps=3)
+    model = _tiny_classifier()
+    trainer = _trainer(model, tmp_path, cfg)
+    calls = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    model.zero_grad()
+    trainer.training_step(model, _batch())
+    assert len(calls) == 1 + (3 - 1) + 1  # clean, two more ascent steps, the adversarial pass
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def pgd(g, model, inputs, labels):
+        def project(d):
+            n = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+            return d * (0.4 / n).clamp(max=1.0).view(-1, 1, 1)
+
+        def unit(x):
+            return x / x.flatten(1).norm(dim=1).view(-1, 1, 1)
+
+        emb = model.get_input_embeddings()
+        delta = project(0.3 * unit(g))
+        for _ in range(2):
+            leaf = delta.clone().requires_grad_()
+            logits = model(inputs_embeds=emb(inputs["input_ids"]) + leaf, attention_mask=inputs["attention_mask"]).logits
+            (step,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, labels), leaf)
+            delta = project(delta + 0.3 * unit(step))
+        return delta
+
+    expected, delta = _grads_by_hand(_tiny_classifier(), _batch(), pgd)
+    assert (delta.flatten(1).norm(dim=1) <= 0.4 + 1e-6).all()
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, atol=1e-5), name
+
+
+def test_adversary_reaches_frozen_embeddings(tmp_path):
+    """freeze and peft strategies leave the embedding matrix without gradient: the perturbation is on the
+    embedded tokens, so adversarial training still works."""
+    model = _tiny_classifier()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    trainer = _trainer(model, tmp_path, Adversarial(method="fgm", epsilon=0.5, alpha=0.1, steps=1))
+    trainer.training_step(model, _batch())
+    assert len(trainer._adversarial_losses) == 1
+    assert model.get_input_embeddings().weight.grad is None
