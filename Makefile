@@ -33,9 +33,10 @@ run: $(STAMP)
 smoke: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m lmpipe.cli smoke --profile profiles/smoke.yaml
 
-## make test: the default suite (slow tests excluded).
+## make test: the default suite (slow tests excluded), on two pytest-xdist workers (one test file per worker
+## at a time; each worker's torch uses one thread, so two workers fill two cores).
 test: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow" -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadfile
 
 test-all: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q

@@ -76,7 +76,16 @@ def _finetune_key(params: Params, root: Path) -> dict[str, Any]:
     source = resolve_init(cfg.init, root, params.pretrain.out_dir) if cfg.init != "scratch" else None
     base = source if source is not None else root / params.pretrain.out_dir
     clean = root / params.clean.out_dir
-    key = {"finetune": cfg.model_dump(exclude={"out_dir", "scratch_dir", "original_dir", "metrics", "checkpoint_dir"}),
+    settings = cfg.model_dump(exclude={"out_dir", "scratch_dir", "original_dir", "metrics", "checkpoint_dir"})
+    # blocks that do nothing when their feature is off do not change what trains
+    if cfg.adversarial.method == "none":
+        settings["adversarial"] = "none"
+    if cfg.augment.copies == 0:
+        settings["augment"] = "off"
+    for strategy in ("freeze", "llrd", "lora", "prefix", "prompt", "distill"):
+        if cfg.strategy != strategy:
+            settings.pop(strategy)
+    key = {"finetune": settings,
            "common.seed": params.common.seed, "base config.json md5": file_md5(base / "config.json"),
            "base model.safetensors md5": file_md5(base / "model.safetensors"),
            "labeled_train.parquet md5": file_md5(clean / "labeled_train.parquet"),
@@ -90,21 +99,27 @@ def _finetune_key(params: Params, root: Path) -> dict[str, Any]:
         if path.is_dir():
             key["teacher md5"] = _model_files_md5(path)
     elif teacher:
-        key["teacher version"] = _registry_version(teacher)
+        key["teacher version"] = _registry_version(teacher, root)
     return key
 
 
-def _registry_version(uri: str) -> str:
-    """models:/NAME@alias -> models:/NAME/VERSION it points at now (an alias that moves names another teacher)."""
+def _registry_version(uri: str, root: Path) -> str:
+    """models:/NAME@alias -> models:/NAME/VERSION it points at now (an alias that moves names another teacher);
+    models:/NAME/VERSION as it is. An unknown name or alias, or an unreachable store: one line."""
     import mlflow
 
-    name, _, ref = uri.removeprefix("models:/").partition("@")
-    if not ref:
+    from lmpipe.errors import DataError
+    from lmpipe.tracking import tracking_uri
+
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if not alias:
         return uri
     try:
-        return f"models:/{name}/{mlflow.MlflowClient().get_model_version_by_alias(name, ref).version}"
-    except Exception:  # unknown alias: load_teacher refuses it in one line
-        return uri
+        version = mlflow.MlflowClient(tracking_uri(root)).get_model_version_by_alias(name, alias).version
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"finetune.distill.teacher: cannot load {uri} ({first[:200]})") from None
+    return f"models:/{name}/{version}"
 
 
 _KEYS: dict[str, Callable[[Params, Path], dict[str, Any]]] = {"pretrain": _pretrain_key, "finetune": _finetune_key}

@@ -4,6 +4,7 @@
     lmpipe smoke [--profile profiles/smoke.yaml] [--set KEY=VALUE ...]   # whole pipeline as a DVC experiment
     lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
     lmpipe data link [PATH]                                             # where this checkout's input data is
+    lmpipe exp-run profiles/minilm-sst2.yaml [--queue] [-S KEY=VALUE]  # dvc exp run with a profile's keys
     lmpipe validate [params.yaml] [--profile P]                         # check params, list every problem
 """
 
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p_smoke.add_argument("--profile", default="profiles/smoke.yaml")
     p_smoke.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p_smoke.add_argument("--name", default=None, help="experiment name (default smoke-<timestamp>)")
+    p_exp = sub.add_parser("exp-run", help="dvc exp run with a profile's keys as -S overrides",
+                           description="dvc exp run -S <each key of PROFILE> [DVC_ARGS]: a native DVC experiment "
+                                       "(--queue, --temp, -n NAME and more -S work as in dvc exp run)")
+    p_exp.add_argument("profile", help="profiles/<name>.yaml or a profile name")
+    p_exp.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc exp run")
     p_lin = sub.add_parser("lineage", help="what produced a model version or MLflow run")
     p_lin.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
     p_lin.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -69,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides = dict(parse_override(s) for s in args.set)
             return experiments.run(root, args.name or experiments.default_name("smoke"), overrides,
                                    experiments.resolve_profile(root, args.profile))
+        if args.cmd == "exp-run":
+            from lmpipe import experiments
+
+            return experiments.dvc_exp_run(root, experiments.resolve_profile(root, args.profile), args.dvc_args)
         if args.cmd == "lineage":
             from lmpipe.lineage import format_lineage, lineage
 

@@ -396,6 +396,9 @@ class Params(Section):
         if self.finetune.strategy == "distill" and not self.finetune.distill.teacher:
             issues.append("finetune.distill.teacher: strategy distill needs a teacher (a fine-tuned model dir or "
                           "models:/NAME@alias)")
+        if self.finetune.strategy == "distill" and self.finetune.label_smoothing > 0:
+            issues.append(f"finetune.label_smoothing: {self.finetune.label_smoothing} with strategy distill: the "
+                          "teacher's soft labels are the smoothing (its loss has no label-smoothing term); set 0")
         if self.finetune.original_baseline and (scratch or self.finetune.init != "pretrained"):
             issues.append(f"finetune.original_baseline: true needs continued pretraining (pretrain.init a checkpoint, "
                           f"finetune.init: pretrained); got pretrain.init: {self.pretrain.init}, finetune.init: "

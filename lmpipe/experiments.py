@@ -29,7 +29,7 @@ import yaml
 
 from lmpipe import datasource
 from lmpipe.config import Params, load_raw, merge, validate
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import ConfigError, LmpipeError
 
 DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PATH a worker has
 
@@ -127,3 +127,73 @@ def run(root: Path, name: str, overrides: dict[str, Any] | None = None, profile:
         return code
     finally:
         remove(root, wt)
+
+
+# -- a profile as native `dvc exp run -S` overrides ----------------------------------------------------------
+
+def _hydra_value(value: Any) -> str:
+    """A YAML value in Hydra's override grammar, which `dvc exp run -S` parses: strings quoted, lists and
+    dicts as [..] and {k:v}."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        text = repr(value)  # Hydra reads 5e-05 as a string: its floats need a dot (5.0e-05)
+        return text.replace("e", ".0e") if "e" in text and "." not in text else text
+    if isinstance(value, int):
+        return repr(value)
+    text = str(value)
+    if "\\" in text or "${" in text:  # Hydra's escaping rules and DVC's interpolation would change them
+        raise ConfigError(f"profile value {text!r}: backslashes and ${{ cannot pass through dvc exp run -S; "
+                          "use lmpipe smoke --profile, which writes params.yaml directly")
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def dvc_set_params(root: Path, profile: Path) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run` that apply `profile` to root's params.yaml (every leaf key;
+    lists whole; `++key` adds an optional key params.yaml leaves out)."""
+    from lmpipe.config import flatten
+
+    present = flatten(load_raw(root / "params.yaml"))
+    return [a for key, value in flatten(load_raw(profile)).items()
+            for a in ("-S", f"{'' if key in present else '++'}{key}={_hydra_value(value)}")]
+
+
+def _user_set_params(dvc_args: list[str]) -> list[str]:
+    """The -S / --set-param values among dvc exp run arguments."""
+    out, it = [], iter(dvc_args)
+    for arg in it:
+        if arg in ("-S", "--set-param"):
+            out.append(next(it, ""))
+        elif arg.startswith("--set-param="):
+            out.append(arg.split("=", 1)[1])
+    return out
+
+
+def dvc_exp_run(root: Path, profile: Path, dvc_args: list[str]) -> int:
+    """`dvc exp run` with the profile's keys as -S overrides, plus dvc_args (--queue, --temp, -n NAME, more -S
+    ...). The params DVC will write (profile and your -S applied by DVC's own parser) are validated first:
+    every problem one line, nothing runs. The experiment is DVC's own (without --temp/--queue DVC runs it in
+    the workspace, which then holds its params and results, as `dvc exp run` always does)."""
+    import tempfile
+
+    from dvc.exceptions import DvcException
+    from dvc.utils.hydra import apply_overrides
+
+    sets = dvc_set_params(root, profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "params.yaml"
+        shutil.copy(root / "params.yaml", trial)
+        try:
+            apply_overrides(trial, sets[1::2] + _user_set_params(dvc_args))
+        except DvcException as e:
+            cause = f": {str(e.__cause__).splitlines()[0]}" if e.__cause__ else ""
+            raise ConfigError(f"dvc exp run -S: {e}{cause}") from None
+        validate(yaml.safe_load(trial.read_text()), f"params.yaml + {profile.name} + -S")
+    cmd = [*DVC, "exp", "run", *sets, *dvc_args]
+    return subprocess.run(cmd, cwd=root, env=env(root)).returncode

@@ -25,8 +25,11 @@ from lmpipe.config import Adversarial, Augment
 from lmpipe.errors import ConfigError
 
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
-                "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "hidden_dropout", "dropout")
-"""Config attributes that hold a dropout probability (BERT, Llama, GPT-2 and most other transformers configs)."""
+                "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "summary_last_dropout",
+                "hidden_dropout", "dropout", "seq_classif_dropout", "qa_dropout", "classifier_dropout_prob",
+                "dropout_rate", "activation_dropout")
+"""Config attributes that hold a dropout probability (BERT, Llama, GPT-2, DistilBERT, ALBERT, ELECTRA, T5 and
+most other transformers configs)."""
 
 
 def dropout_overrides(config: PretrainedConfig, p: float | None) -> dict[str, float]:
@@ -47,6 +50,8 @@ def _augment_one(words: list[str], op: str, p: float, vocabulary: list[str], rng
     out = list(words)
     if op == "delete":
         kept = [w for w in out if rng.random() >= p]
+        if len(kept) == len(out) and len(out) > 1:  # at least one word goes
+            kept.pop(rng.randrange(len(kept)))
         return kept if kept else [rng.choice(out)]
     if op == "swap":
         for _ in range(n if len(out) > 1 else 0):

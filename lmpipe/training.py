@@ -7,6 +7,7 @@ checkpoints with optimizer/scheduler/RNG state); this module only wires data, pa
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -272,6 +273,10 @@ class FinetuneTrainer(GuardedTrainer):
         if adversarial is not None and adversarial.method != "none":
             from lmpipe.regularization import EmbeddingAdversary
 
+            if self.args.n_gpu > 1:  # DataParallel replicas would share one embedding hook
+                raise ConfigError(f"finetune.adversarial.method: {adversarial.method} needs one device per process; "
+                                  f"{self.args.n_gpu} GPUs are visible (set CUDA_VISIBLE_DEVICES or use torchrun)")
+
             self.adversary = EmbeddingAdversary(self.model, adversarial)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -324,6 +329,14 @@ class FinetuneTrainer(GuardedTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_inputs = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
+        if not model.training and self.label_smoother is not None:
+            # evaluation keeps the plain cross-entropy (label smoothing is a training loss), so val_loss
+            # compares across settings
+            smoother, self.label_smoother = self.label_smoother, None
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.label_smoother = smoother
         if self.teacher is None or not model.training or not teacher_inputs:
             # evaluation keeps the plain cross-entropy, so val_loss compares across strategies
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -366,14 +379,30 @@ class FinetuneResult:
     """OptimizerRecord of this process's training: {"groups": [...], "frozen": [...]}."""
 
 
+def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | None:
+    """The checkpoint's step when early stopping had ended training there (its patience counter, saved in
+    trainer_state.json, reached `patience`); None otherwise."""
+    if checkpoint is None or patience is None:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback") or {}
+    saved = saved[0] if isinstance(saved, list) and saved else saved
+    counter = (saved.get("attributes") or {}).get("early_stopping_patience_counter", 0) if isinstance(saved, dict) else 0
+    return int(state["global_step"]) if counter >= patience else None
+
+
 def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
              device: str, seed: int, ckpt_dir: Path, prefix: str, plan=None) -> FinetuneResult:
     """Fine-tune a sequence classifier; evaluate every eval_every steps and keep the best by accuracy.
     Resumes from the newest complete checkpoint in ckpt_dir. `plan` (a lmpipe.strategies.Plan for `model`)
     adds per-parameter learning rates (llrd) or a teacher (distill)."""
     teacher = getattr(plan, "teacher", None)
+    resume = latest_checkpoint(ckpt_dir)
+    # an interrupted run that early stopping had already ended at its newest checkpoint: resume to that step
+    # (no more training), so a crash after training changes neither the steps nor the best model
+    stopped_at = _early_stopped_at(resume, cfg.patience)
     args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
+        output_dir=str(ckpt_dir), max_steps=stopped_at or cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
         label_smoothing_factor=cfg.label_smoothing, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
@@ -381,6 +410,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
         metric_for_best_model="accuracy", greater_is_better=True, logging_steps=max(1, cfg.eval_every // 5),
         report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
         dataloader_pin_memory=device == "cuda", disable_tqdm=False,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a resume
         remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns for compute_loss
     logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
     callbacks: list[TrainerCallback] = [logger, timer, record]
@@ -393,7 +423,6 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                               lr_scale=getattr(plan, "lr_scale", None), teacher=teacher,
                               adversarial=cfg.adversarial)
     t0 = time.perf_counter()
-    resume = latest_checkpoint(ckpt_dir)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     if trainer.adversary is not None:
@@ -404,7 +433,8 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     trained = steps - (int(resume.name.split("-")[1]) if resume else 0)
     metrics = {"val_accuracy": best["eval_accuracy"], "val_f1_macro": best["eval_f1_macro"],
                "val_loss": best["eval_loss"], "train_seconds": seconds, "steps": steps,
-               "stopped_early": float(steps < trainer.state.max_steps),  # early stopping ended it before its budget
+               # early stopping ended it before its budget
+               "stopped_early": float(stopped_at is not None or steps < trainer.state.max_steps),
                # steady state (evaluations and checkpoint saves left out); the whole run's rate without them
                "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
                else trained / max(seconds, 1e-9)}

@@ -17,6 +17,14 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on a 2-core machine: one thread each (and in the stage processes
+    # they start, which inherit the environment), instead of four threads fighting over two cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 POS = ["a moving and beautiful film", "the acting is superb and warm", "funny , smart and touching",
        "a delight from start to finish", "wonderful performances all around", "an absolute joy to watch"]

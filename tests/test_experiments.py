@@ -8,10 +8,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import STAGES, clean_env, make_repo, sh, tiny_params
+from conftest import ROOT, STAGES, clean_env, make_repo, sh, tiny_params
 
 UPSTREAM = ("clean", "tokenize", "pretrain")
 
@@ -30,6 +32,7 @@ def _exp_metrics(repo, name: str) -> dict:
     raise AssertionError(f"experiment {name} not in dvc exp show")
 
 
+@pytest.mark.slow  # the flow test runs the same experiment mechanism in the default set
 def test_experiments_reuse_cached_stages_and_carry_metrics(tmp_path, tiny_data):
     repo = make_repo(tmp_path / "repo", tiny_params())
     sh(repo, "dvc", "repro")
@@ -111,3 +114,35 @@ def test_two_checkouts_at_different_paths_agree_on_upstream_hashes(tmp_path, tin
     assert "remote://lmpipe-data" in [d["path"] for d in locks[0]["clean"]["deps"]]
     assert not any(str(tmp_path) in json.dumps(lock) for lock in locks)  # no machine path in the record
     assert (b / "data" / "clean" / "labeled_test.parquet").is_file()
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (ROOT / "profiles").glob("*.yaml")))
+def test_profile_as_dvc_exp_run_overrides_gives_the_merged_params(tmp_path, profile):
+    """`lmpipe exp-run PROFILE` hands DVC one -S per key: DVC's own parser (Hydra) must rebuild exactly the
+    params the profile means (lists of dicts, quoted strings, floats, booleans)."""
+    from dvc.utils.hydra import apply_overrides
+
+    from lmpipe.config import load_raw, merge, validate
+    from lmpipe.experiments import dvc_set_params
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    args = dvc_set_params(ROOT, ROOT / "profiles" / profile)
+    assert args[::2] == ["-S"] * (len(args) // 2)
+    apply_overrides(tmp_path / "params.yaml", args[1::2])
+    # as the stages read them (DVC writes 5e-05, which YAML 1.1 loads as a string; validation makes it a float)
+    assert validate(yaml.safe_load((tmp_path / "params.yaml").read_text())) == \
+        validate(merge(load_raw(ROOT / "params.yaml"), ROOT / "profiles" / profile))
+
+
+@pytest.mark.parametrize("bad,expected", [
+    ("finetune.max_steps=lots", "finetune.max_steps: Input should be a valid integer"),
+    ("finetune.nope=1", "dvc exp run -S: Invalid `--set-param` value: Could not override 'finetune.nope'"),
+])
+def test_exp_run_refuses_bad_overrides_in_one_line_before_dvc_runs(tmp_path, bad, expected):
+    repo = make_repo(tmp_path / "repo", tiny_params())
+    res = subprocess.run([str(Path(sys.executable).parent / "lmpipe"), "exp-run", "profiles/smoke.yaml", "-S", bad],
+                         cwd=repo, env=clean_env(), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("lmpipe: error:")]
+    assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr
+    assert not (repo / "metrics").exists() and not sh(repo, "dvc", "exp", "ls").stdout.strip()
+    assert sh(repo, "git", "status", "--porcelain").stdout.strip() == ""  # params.yaml untouched

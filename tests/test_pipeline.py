@@ -143,6 +143,7 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     assert len(mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")) == n_before
 
 
+@pytest.mark.slow  # two full dvc repro runs; the e2e test covers the no-op re-run
 def test_param_change_reruns_only_dependent_stages(tmp_path, tiny_data):
     repo = make_repo(tmp_path / "repo", tiny_params())
     sh(repo, "dvc", "repro")

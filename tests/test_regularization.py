@@ -172,3 +172,66 @@ def test_adversary_reaches_frozen_embeddings(tmp_path):
     trainer.training_step(model, _batch())
     assert len(trainer._adversarial_losses) == 1
     assert model.get_input_embeddings().weight.grad is None
+
+
+# -- label smoothing and early stopping through lmpipe.training.finetune (what the stage calls) ----------------
+
+def _finetune_setup(tmp_path, monkeypatch, **values):
+    import mlflow
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from conftest import NEG, POS, section
+    from lmpipe.tokenizer import train_tokenizer
+    from lmpipe.training import encode_labeled
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    texts, labels = POS + NEG, [1] * len(POS) + [0] * len(NEG)
+    tok = train_tokenizer(texts * 3, "wordpiece", vocab_size=120, min_frequency=1, model_max_length=32)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, pad_token_id=tok.pad_token_id,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))  # deterministic: the loss is reproducible
+    data = encode_labeled(tok, texts, labels, 16)
+    # one batch is the whole split, so a logged training loss is the loss over every example
+    cfg = section("finetune", batch_size=len(texts), learning_rate=1e-12, warmup_ratio=0.0, **values)
+    return model, tok, data, cfg, texts, labels
+
+
+def test_label_smoothing_is_in_the_training_loss_only(tmp_path, monkeypatch):
+    import mlflow
+
+    from lmpipe.training import finetune
+
+    model, tok, data, cfg, texts, labels = _finetune_setup(tmp_path, monkeypatch, label_smoothing=0.2,
+                                                           max_steps=2, eval_every=2)
+    enc = tok(texts, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(**enc).logits, -1)  # the model before training (lr ~0)
+    nll = -logp[torch.arange(len(labels)), torch.tensor(labels)]
+    with mlflow.start_run():  # the stage's run
+        res = finetune(model, tok, data, data, cfg, "cpu", 0, tmp_path / "ckpt", prefix="")
+    first = next(h for h in res.log_history if "loss" in h)
+    assert first["loss"] == pytest.approx(float((0.8 * nll - 0.2 * logp.mean(-1)).mean()), abs=1e-4)
+    assert res.metrics["val_loss"] == pytest.approx(float(nll.mean()), abs=1e-4)  # evaluation: plain CE
+
+
+def test_early_stopping_survives_a_crash_after_it_stopped(tmp_path, monkeypatch):
+    """patience 1 and a learning rate of ~0: evaluation 2 (step 4) does not beat evaluation 1 (step 2), so
+    training stops at step 4. A crash before the stage saved its result resumes from checkpoint-4: it must
+    end there again, not train on to the next evaluation."""
+    import mlflow
+
+    from lmpipe.training import finetune
+
+    model, tok, data, cfg, *_ = _finetune_setup(tmp_path, monkeypatch, patience=1, max_steps=12, eval_every=2)
+    with mlflow.start_run():
+        first = finetune(model, tok, data, data, cfg, "cpu", 0, tmp_path / "ckpt", prefix="")
+    assert (first.metrics["steps"], first.metrics["stopped_early"]) == (4, 1.0)
+    assert (tmp_path / "ckpt" / "checkpoint-4").is_dir()
+    again, *_ = _finetune_setup(tmp_path, monkeypatch, patience=1, max_steps=12, eval_every=2)
+    with mlflow.start_run():
+        second = finetune(again, tok, data, data, cfg, "cpu", 0, tmp_path / "ckpt", prefix="")
+    assert (second.metrics["steps"], second.metrics["stopped_early"]) == (4, 1.0)
+    assert second.best_checkpoint == first.best_checkpoint
