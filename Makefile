@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run smoke test test-all install serve mlflow-ui clean-outputs deploy-flows
+.PHONY: run smoke sweep test test-all install serve mlflow-ui clean-outputs deploy-flows
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ run: $(STAMP)
 ## make smoke: the whole pipeline with profiles/smoke.yaml, as a DVC experiment (params.yaml untouched).
 smoke: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m lmpipe.cli smoke --profile profiles/smoke.yaml
+
+## make sweep SWEEP=finetune-lr-strategy: the Optuna sweep sweeps/$(SWEEP).yaml, every trial a DVC experiment.
+SWEEP ?= finetune-lr-strategy
+sweep: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/lmpipe sweep sweeps/$(SWEEP).yaml
 
 ## make test: the default suite (slow tests excluded), on two pytest-xdist workers (one test file per worker
 ## at a time; each worker's torch uses one thread, so two workers fill two cores).

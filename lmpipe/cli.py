@@ -5,6 +5,7 @@
     lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
     lmpipe data link [PATH]                                             # where this checkout's input data is
     lmpipe exp-run profiles/minilm-sst2.yaml [--queue] [-S KEY=VALUE]  # dvc exp run with a profile's keys
+    lmpipe sweep sweeps/finetune-lr-strategy.yaml [--apply-best]        # Optuna study, trials = DVC experiments
     lmpipe validate [params.yaml] [--profile P]                         # check params, list every problem
 """
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "(--queue, --temp, -n NAME and more -S work as in dvc exp run)")
     p_exp.add_argument("profile", help="profiles/<name>.yaml or a profile name")
     p_exp.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed to dvc exp run")
+    p_sweep = sub.add_parser("sweep", help="Optuna sweep whose trials are DVC experiments (sweeps/<name>.yaml)")
+    p_sweep.add_argument("file", help="sweeps/<name>.yaml or a sweep name")
+    p_sweep.add_argument("--apply-best", action="store_true", help="dvc exp apply the best trial when done")
     p_lin = sub.add_parser("lineage", help="what produced a model version or MLflow run")
     p_lin.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
     p_lin.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -79,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             from lmpipe import experiments
 
             return experiments.dvc_exp_run(root, experiments.resolve_profile(root, args.profile), args.dvc_args)
+        if args.cmd == "sweep":
+            from lmpipe.sweep import resolve_sweep, run_sweep
+
+            run_sweep(root, resolve_sweep(root, args.file), apply_best=args.apply_best)
+            return 0
         if args.cmd == "lineage":
             from lmpipe.lineage import format_lineage, lineage
 

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -105,6 +105,15 @@ def default_name(kind: str) -> str:
 
 def run(root: Path, name: str, overrides: dict[str, Any] | None = None, profile: Path | None = None) -> int:
     """The whole pipeline as the experiment `name` (`dvc repro` in its worktree), under one pipeline run."""
+    return run_trial(root, name, overrides, profile)[0]
+
+
+def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: Path | None,
+              extra_env: dict[str, str] | None = None, tags: dict[str, str] | None = None,
+              on_success: Callable[[Path], None] | None = None) -> tuple[int, str]:
+    """`run` with what a sweep trial adds: environment for the stages, tags on the pipeline run (e.g. its
+    parent), and `on_success(worktree)` before the worktree goes. Returns (dvc repro's exit code, pipeline
+    run id); a failed or pruned run saves no experiment."""
     import mlflow
 
     from lmpipe.lineage import start_pipeline_run
@@ -116,15 +125,17 @@ def run(root: Path, name: str, overrides: dict[str, Any] | None = None, profile:
     wt = create(root, name)
     try:
         write_params(wt, raw)
-        parent = start_pipeline_run(client, exp_id, {"dvc.exp_name": name, **git_info(root)})
-        run_env = env(root, **{PARENT_ENV: parent})
+        parent = start_pipeline_run(client, exp_id, {"dvc.exp_name": name, **git_info(root), **(tags or {})})
+        run_env = env(root, **{PARENT_ENV: parent}, **(extra_env or {}))
         print(f"+ dvc repro  (experiment {name} in {wt})", flush=True)
         code = subprocess.call([*DVC, "repro"], cwd=wt, env=run_env)
         if code == 0:
             save(wt, name, run_env)
             print(f"experiment {name} saved: dvc exp show", flush=True)
+            if on_success is not None:
+                on_success(wt)
         client.set_terminated(parent, "FINISHED" if code == 0 else "FAILED")
-        return code
+        return code, parent
     finally:
         remove(root, wt)
 

@@ -23,7 +23,7 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
 
 from lmpipe.checkpoints import checkpoint_write_error, latest_checkpoint
 from lmpipe.config import Finetune, Pretrain
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, LmpipeError
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -379,6 +379,52 @@ class FinetuneResult:
     """OptimizerRecord of this process's training: {"groups": [...], "frozen": [...]}."""
 
 
+TRIAL_ENV = "LMPIPE_TRIAL"
+"""Set by lmpipe/sweep.py for a trial's stages: JSON {storage, study, trial_id, objective, pruner}."""
+OBJECTIVE_KEYS = {"val_accuracy": "eval_accuracy", "val_f1_macro": "eval_f1_macro", "val_loss": "eval_loss"}
+"""A sweep objective (metrics/finetune.json) -> the name Trainer gives it at each evaluation."""
+
+
+def sweep_pruner(kind: str):
+    """The Optuna pruner a sweep file names (none | median | hyperband); pruners live in no storage, so the
+    sweep and the stage that reports build the same one."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+class TrialPruned(LmpipeError):
+    """The sweep's pruner stopped this trial (lmpipe/sweep.py marks it pruned and saves no experiment)."""
+
+    exit_code = 3
+
+
+@dataclass
+class TrialReporter(TrainerCallback):
+    """A sweep trial: report the objective at every evaluation to the trial in the Optuna storage, and stop
+    (TrialPruned) when the pruner says so."""
+
+    spec: dict[str, Any]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=self.spec["study"], storage=self.spec["storage"],
+                                  pruner=sweep_pruner(self.spec["pruner"]))
+        trial = optuna.trial.Trial(study, self.spec["trial_id"])
+        value = float(metrics[OBJECTIVE_KEYS[self.spec["objective"]]])
+        trial.report(value, state.global_step)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_step", state.global_step)
+            raise TrialPruned(f"sweep trial pruned by the {self.spec['pruner']} pruner at step {state.global_step} "
+                              f"({self.spec['objective']} {value:.4f})")
+
+
 def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | None:
     """The checkpoint's step when early stopping had ended training there (its patience counter, saved in
     trainer_state.json, reached `patience`); None otherwise."""
@@ -416,6 +462,10 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     callbacks: list[TrainerCallback] = [logger, timer, record]
     if cfg.patience is not None:  # stops after `patience` evaluations without a better val accuracy
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+    reporter = None
+    if os.environ.get(TRIAL_ENV) and prefix == "classifier.":  # a sweep trial: the selected model reports
+        reporter = TrialReporter(json.loads(os.environ[TRIAL_ENV]))
+        callbacks.append(reporter)
     collator = DataCollatorWithPadding(tokenizer)
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
                               data_collator=teacher.collator(collator) if teacher else collator,
@@ -425,6 +475,8 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
+    if reporter is not None:
+        trainer.remove_callback(reporter)  # the best model's evaluation below is no new report
     if trainer.adversary is not None:
         trainer.adversary.remove()
     history = list(trainer.state.log_history)  # before the best model's own evaluation below

@@ -1,0 +1,385 @@
+"""Hyperparameter sweeps: an Optuna study in which every trial is a DVC experiment.
+
+    lmpipe sweep sweeps/finetune-lr-strategy.yaml            # run the study, or resume it after a crash
+    lmpipe sweep sweeps/finetune-lr-strategy.yaml --apply-best   # then `dvc exp apply` the best trial
+
+1) the sweep file (`SweepFile`) is validated against params.yaml + its profile: unknown keys, keys that are
+   not params, empty ranges, a grid over floats -> one line each, nothing run;
+2) the study lives in a persistent Optuna storage: .lmpipe/sweeps/<name>.db (SQLite), or $LMPIPE_SWEEP_STORAGE
+   (e.g. the team's PostgreSQL). Its name carries the sweep file's hash, so an edited file is a new study;
+3) each trial: Optuna suggests values, lmpipe.experiments.run runs the pipeline as the DVC experiment
+   `<sweep>-t<NNN>` (stages upstream of the varied keys come from DVC's run cache), and the objective is read
+   from the trial's metrics/finetune.json: a validation figure of the selected classifier, never the test split;
+4) pruning: the finetune stage reports its validation metric at every evaluation to the trial
+   (lmpipe.training, via $LMPIPE_TRIAL) and stops when the pruner says so; the trial is marked pruned in Optuna
+   and MLflow and no DVC experiment is saved for it;
+5) crash-safe: a trial left RUNNING by a killed sweep is marked failed and its values are queued again, so
+   the same command completes the study with `n_trials` finished (complete or pruned) trials.
+
+MLflow: one `sweep` run (tags sweep.name, sweep.sampler, optuna.study, git commit, Prefect flow run) with
+each trial's `pipeline` run nested under it (metric `objective`, tag `optuna.state`); the best trial's
+params and objective on the sweep run, and Optuna's plots as artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmpipe.errors import ConfigError, LmpipeError
+
+STORAGE_ENV = "LMPIPE_SWEEP_STORAGE"
+"""An Optuna storage URL for every sweep (default: a SQLite file per sweep under .lmpipe/sweeps/)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class FloatParam(_Model):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    """Sample on a log scale (low must be > 0)."""
+
+
+class IntParam(_Model):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(default=1, ge=1)
+    log: bool = False
+
+
+class CategoricalParam(_Model):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+
+
+class SweepFile(_Model):
+    profile: str | None = None
+    """A profile (profiles/<name>.yaml) under every trial; the space's values go on top."""
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    """params.yaml key -> value for every trial (e.g. a longer finetune.max_steps than the profile's)."""
+    space: dict[str, Param] = Field(min_length=1)
+    """params.yaml key -> its range."""
+    sampler: Literal["grid", "random", "tpe"]
+    n_trials: int | None = Field(default=None, ge=1)
+    """Finished (complete or pruned) trials to reach; a grid's size when left out (grid only)."""
+    objective: Literal["val_accuracy", "val_f1_macro", "val_loss"]
+    """The selected classifier's figure on the validation split (metrics/finetune.json); the test split is
+    never an objective."""
+    direction: Literal["maximize", "minimize"]
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    seed: int = 0
+    parallel: int = Field(default=1, ge=1)
+    """Trials at a time (the Prefect sweep flow's concurrency; the CLI runs one at a time)."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SweepFile":
+        issues = []
+        for key, p in self.space.items():
+            if isinstance(p, (FloatParam, IntParam)):
+                if p.low >= p.high:
+                    issues.append(f"space.{key}: empty range (low {p.low} >= high {p.high})")
+                if p.log and p.low <= 0:
+                    issues.append(f"space.{key}: log scale needs low > 0 (got {p.low})")
+            if self.sampler == "grid" and isinstance(p, FloatParam):
+                issues.append(f"space.{key}: the grid sampler needs listed values: use type categorical with choices")
+        if self.sampler != "grid" and self.n_trials is None:
+            issues.append(f"n_trials: required with sampler {self.sampler}")
+        if self.sampler == "grid" and self.n_trials is not None and self.n_trials > self.grid_size():
+            issues.append(f"n_trials: {self.n_trials} exceeds the grid's {self.grid_size()} points")
+        if issues:
+            raise ValueError("\n".join(issues))
+        return self
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {k: (p.choices if isinstance(p, CategoricalParam) else list(range(p.low, p.high + 1, p.step)))
+                for k, p in self.space.items()}
+
+    def grid_size(self) -> int:
+        n = 1
+        for values in self.grid().values():
+            n *= len(values)
+        return n
+
+    def trials(self) -> int:
+        return self.n_trials or self.grid_size()
+
+
+def resolve_sweep(root: Path, ref: str) -> Path:
+    """A sweep name (sweeps/<name>.yaml) or a YAML path."""
+    path = Path(ref) if ref.endswith((".yaml", ".yml")) else Path("sweeps") / f"{ref}.yaml"
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise ConfigError(f"sweep {ref!r}: {path} not found")
+    return path
+
+
+def load_sweep(path: Path, root: Path) -> SweepFile:
+    """The sweep file, validated, and checked against params.yaml + its profile; ConfigError lists every problem."""
+    import yaml
+
+    from lmpipe.config import flatten, load_raw, merge, validate
+    from lmpipe.experiments import resolve_profile
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        sweep = SweepFile.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("float", "int", "categorical")))
+            msg = {"extra_forbidden": "unknown key", "missing": "missing key"}.get(err["type"], err["msg"])
+            for part in msg.removeprefix("Value error, ").splitlines():
+                lines.append(f"{path.name}: {part}" if err["type"] == "value_error" else f"{path.name}: {loc}: {part}")
+        raise ConfigError("\n".join(lines)) from None
+    profile = resolve_profile(root, sweep.profile)
+    base = merge(load_raw(root / "params.yaml"), profile)
+    known = flatten(base)
+    issues = [f"{path.name}: {part}.{key}: not a params.yaml key" for part in ("fixed", "space")
+              for key in getattr(sweep, part) if key not in known]
+    if issues:
+        raise ConfigError("\n".join(issues))
+    base = merge(base, None, sweep.fixed)
+    # every bound / choice must be a valid value of its key (one trial with each, validated like params.yaml)
+    for key, p in sweep.space.items():
+        for value in (p.choices if isinstance(p, CategoricalParam) else [p.low, p.high]):
+            try:
+                validate(merge(base, None, {key: value}), f"{path.name}: space.{key}={value!r}")
+            except ConfigError as e:
+                issues.extend(str(e).splitlines())
+    if issues:
+        raise ConfigError("\n".join(dict.fromkeys(issues)))
+    return sweep
+
+
+# -- the study -----------------------------------------------------------------------------------------------
+
+def study_name(name: str, path: Path) -> str:
+    return f"{name}-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
+
+
+def storage_url(root: Path, name: str) -> str:
+    if os.environ.get(STORAGE_ENV):
+        return os.environ[STORAGE_ENV]
+    folder = root / ".lmpipe" / "sweeps"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / name}.db"
+
+
+def _sampler(sweep: SweepFile):
+    """Random or TPE; the grid is walked by `_next_grid_point` (each point enqueued as a fixed trial), because
+    Optuna's GridSampler counts a failed (killed) trial's point as visited and cannot re-run it."""
+    import optuna
+
+    if sweep.sampler in ("grid", "random"):
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed)
+
+
+def _suggest(trial, sweep: SweepFile) -> dict[str, Any]:
+    values = {}
+    for key, p in sweep.space.items():
+        if isinstance(p, FloatParam):
+            values[key] = trial.suggest_float(key, p.low, p.high, log=p.log)
+        elif isinstance(p, IntParam):
+            values[key] = trial.suggest_int(key, p.low, p.high, step=p.step, log=p.log)
+        else:
+            values[key] = trial.suggest_categorical(key, p.choices)
+    return values
+
+
+def _next_grid_point(study, sweep: SweepFile) -> dict[str, Any] | None:
+    """The first point of the seeded grid order that no trial has finished or is running (failed ones count
+    as not done, so a killed trial's point runs again)."""
+    import itertools
+    import random
+
+    import optuna
+
+    keys = list(sweep.space)
+    points = list(itertools.product(*(sweep.grid()[k] for k in keys)))
+    random.Random(sweep.seed).shuffle(points)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    done = {tuple(t.params.get(k) for k in keys) for t in study.get_trials(deepcopy=False, states=states)}
+    return next((dict(zip(keys, p)) for p in points if p not in done), None)
+
+
+def _recover(study, sweep: SweepFile) -> None:
+    """Trials a killed sweep left RUNNING: failed, and their values run again (a grid point comes round again by
+    itself; a sampled configuration is queued)."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if sweep.sampler != "grid":
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        print(f"sweep: trial {t.number} was interrupted; queued again", flush=True)
+
+
+def _finished(study) -> list:
+    import optuna
+
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+
+
+def run_sweep(root: Path, path: Path, apply_best: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep in `path`; returns {study, best, trials}."""
+    sweep = load_sweep(path, root)  # every problem in one go, before the heavy imports below
+
+    import mlflow
+    import optuna
+
+    from lmpipe import experiments
+    from lmpipe.config import load_raw, merge, validate
+    from lmpipe.tracking import git_info, setup
+    from lmpipe.training import TRIAL_ENV, sweep_pruner
+
+    name = path.stem
+    profile = experiments.resolve_profile(root, sweep.profile)
+    params = validate(merge(load_raw(root / "params.yaml"), profile, sweep.fixed))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sname, storage = study_name(name, path), storage_url(root, name)
+    study = optuna.create_study(storage=storage, study_name=sname, direction=sweep.direction,
+                                sampler=_sampler(sweep), pruner=sweep_pruner(sweep.pruner), load_if_exists=True)
+    _recover(study, sweep)
+
+    # 1) the sweep's MLflow run: one per study, found again on resume
+    exp_id = setup(root, params.common.experiment)
+    client = mlflow.MlflowClient()
+    parent = study.user_attrs.get("mlflow_run_id")
+    if parent is None:
+        tags = {"lmpipe.kind": "sweep", "sweep.name": name, "sweep.sampler": sweep.sampler, "sweep.pruner": sweep.pruner,
+                "optuna.study": sname, "optuna.storage": storage, "sweep.objective": sweep.objective,
+                "sweep.direction": sweep.direction, **git_info(root)}
+        if os.environ.get("PREFECT__FLOW_RUN_ID"):
+            tags["prefect.flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+        parent = client.create_run(exp_id, run_name=f"sweep {name}", tags=tags).info.run_id
+        study.set_user_attr("mlflow_run_id", parent)
+        for key, p in sweep.space.items():
+            client.log_param(parent, f"space.{key}", json.dumps(p.model_dump(exclude={"type"})))
+    else:
+        client.update_run(parent, "RUNNING")
+
+    # 2) trials until n_trials have finished (complete or pruned)
+    while len(_finished(study)) < sweep.trials():
+        if sweep.sampler == "grid":
+            point = _next_grid_point(study, sweep)
+            if point is None:
+                break
+            study.enqueue_trial(point)
+        trial = study.ask()
+        values = _suggest(trial, sweep)
+        exp_name = f"{name}-t{trial.number:03d}"
+        trial.set_user_attr("dvc_exp", exp_name)
+        print(f"sweep {name}: trial {trial.number} {values}", flush=True)
+        found: dict[str, Any] = {}
+        trial_env = {TRIAL_ENV: json.dumps({"storage": storage, "study": sname, "trial_id": trial._trial_id,
+                                            "objective": sweep.objective, "pruner": sweep.pruner})}
+        code, run_id = experiments.run_trial(root, exp_name, {**sweep.fixed, **values}, profile, trial_env,
+                                             {"mlflow.parentRunId": parent, "sweep.trial": str(trial.number)},
+                                             lambda wt: found.update(_objective(wt, params, sweep.objective)))
+        state = optuna.trial.TrialState.COMPLETE
+        attrs = next(t.user_attrs for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if code != 0 and "pruned_at_step" in attrs:  # the finetune stage stopped it (lmpipe.training.TrialReporter)
+            state = optuna.trial.TrialState.PRUNED
+            study.tell(trial, state=state)
+        elif code != 0 or "value" not in found:
+            state = optuna.trial.TrialState.FAIL
+            study.tell(trial, state=state)
+        else:
+            study.tell(trial, found["value"])
+            client.log_metric(run_id, "objective", found["value"])
+            client.log_metric(parent, "trial_objective", found["value"], step=trial.number)
+        client.set_tag(run_id, "optuna.state", state.name)
+        client.set_tag(run_id, "optuna.trial", str(trial.number))
+        print(f"sweep {name}: trial {trial.number} {state.name}"
+              + (f" {sweep.objective}={found['value']:.4f}" if state.name == "COMPLETE" else ""), flush=True)
+        if state == optuna.trial.TrialState.FAIL:
+            client.set_terminated(parent, "FAILED")
+            raise LmpipeError(f"sweep {name}: trial {trial.number} failed (exit {code}); fix it and run the same "
+                              "command again to resume the study")
+
+    # 3) the best trial on the sweep run, and Optuna's plots
+    complete = [t for t in _finished(study) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        client.set_terminated(parent, "FAILED")
+        raise LmpipeError(f"sweep {name}: every trial was pruned; nothing to select")
+    best = study.best_trial
+    for key, value in best.params.items():
+        client.log_param(parent, f"best.{key}", value)
+    client.log_metric(parent, f"best_{sweep.objective}", best.value)
+    client.set_tag(parent, "sweep.best_trial", str(best.number))
+    client.set_tag(parent, "sweep.best_exp", best.user_attrs.get("dvc_exp", ""))
+    _log_plots(client, parent, study)
+    client.set_terminated(parent, "FINISHED")
+    summary = {"study": sname, "storage": storage, "mlflow_run_id": parent, "best": {
+        "trial": best.number, "params": best.params, "value": best.value, "dvc_exp": best.user_attrs.get("dvc_exp")},
+        "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                    "dvc_exp": t.user_attrs.get("dvc_exp")} for t in study.get_trials(deepcopy=False)]}
+    print(f"sweep {name}: best trial {best.number} {sweep.objective}={best.value:.4f} {best.params} "
+          f"(dvc exp {summary['best']['dvc_exp']})", flush=True)
+    if apply_best:
+        apply(root, summary["best"]["dvc_exp"])
+    return summary
+
+
+def _objective(wt: Path, params, objective: str) -> dict[str, Any]:
+    metrics = json.loads((wt / params.finetune.metrics).read_text())
+    return {"value": float(metrics["classifier"][objective])}
+
+
+def _log_plots(client, run_id: str, study) -> None:
+    """Optimisation history, parameter importances, parallel coordinates: HTML (plotly) and PNG (matplotlib)."""
+    import tempfile
+    import warnings
+
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_mpl
+
+    plots = {"history": (vis.plot_optimization_history, vis_mpl.plot_optimization_history),
+             "importances": (vis.plot_param_importances, vis_mpl.plot_param_importances),
+             "parallel_coordinate": (vis.plot_parallel_coordinate, vis_mpl.plot_parallel_coordinate)}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for the matplotlib backend
+        for name, (html, png) in plots.items():
+            try:
+                html(study).write_html(f"{tmp}/{name}.html")
+                ax = png(study)
+                fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+                fig.savefig(f"{tmp}/{name}.png", dpi=100, bbox_inches="tight")
+                import matplotlib.pyplot as plt
+
+                plt.close(fig)
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. importances of one completed trial
+                print(f"sweep: plot {name} skipped ({str(e).splitlines()[0][:120]})", flush=True)
+                continue
+        client.log_artifacts(run_id, tmp, "optuna")
+
+
+def apply(root: Path, exp_name: str) -> None:
+    """`dvc exp apply` the experiment into the workspace and print the params diff against HEAD."""
+    from lmpipe.experiments import DVC
+
+    res = subprocess.run([*DVC, "exp", "apply", exp_name], cwd=root, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LmpipeError(f"dvc exp apply {exp_name}: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    diff = subprocess.run(["git", "diff", "--", "params.yaml"], cwd=root, capture_output=True, text=True).stdout
+    print(f"applied {exp_name}; params.yaml now differs from HEAD by:\n{diff or '(nothing)'}", flush=True)
