@@ -101,7 +101,7 @@ def score_on_dev(model_dir: Path, work: Path) -> dict[str, float]:
 def plain_loop_steps_per_s(model_dir: Path, work: Path, batch: int, max_length: int, steps: int = 30,
                            warmup: int = 3) -> float:
     """A plain PyTorch loop over the same model: pre-tokenized SST-2 train examples, random batches padded to
-    the longest, AdamW (fused off: as Trainer's default adamw_torch), clipping at 1.0. Median step time."""
+    the longest, AdamW (as Trainer's default adamw_torch), clipping at 1.0. Mean rate after `warmup` steps."""
     import pandas as pd
     from transformers import AutoModelForSequenceClassification
 
@@ -128,7 +128,25 @@ def plain_loop_steps_per_s(model_dir: Path, work: Path, batch: int, max_length: 
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return 1.0 / float(np.median(times))
+    return len(times) / sum(times)  # the mean rate, as the stage's steps_per_s
+
+
+def speed_only(work: Path, env: dict, logs: Path, minilm_dir: Path, args) -> None:
+    """Steps/s of the stage (full, lora) and of the plain loop, measured back to back; prints one JSON line."""
+    n = args.speed_steps
+    out = {"plain_full": plain_loop_steps_per_s(minilm_dir, work, args.batch, args.max_length, steps=n)}
+    for strategy, lr in (("full", MINILM_ROWS["full"]), ("lora", MINILM_ROWS["lora"])):
+        sets = [f"common.experiment={EXPERIMENT}-speed", f"finetune.max_steps={n}", f"finetune.eval_every={n}",
+                f"finetune.batch_size={args.batch}", f"finetune.max_length={args.max_length}",
+                "finetune.scratch_baseline=false", "common.device=cpu", f"finetune.init={MINILM}",
+                f"finetune.strategy={strategy}", f"finetune.learning_rate={lr}",
+                f"finetune.checkpoint_dir=checkpoints/speed-{strategy}"]
+        run_stage(work, "finetune", sets, env, logs / f"speed-{strategy}.log")
+        out[strategy] = json.loads((work / "metrics" / "finetune.json").read_text())["classifier"]["steps_per_s"]
+    print(f"steps/s over {n} steps, batch {args.batch}: plain loop (full) {out['plain_full']:.3f}, stage full "
+          f"{out['full']:.3f} (ratio {out['full'] / out['plain_full']:.2f}, target >= 0.9), stage lora {out['lora']:.3f} "
+          f"({out['lora'] / out['full']:.2f}x full)")
+    print(json.dumps(out))
 
 
 def log_dev_metrics(run_id: str, row: dict) -> None:
@@ -148,6 +166,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated rows (full,lora,...,small-full,small-distill)")
     ap.add_argument("--workdir", default="", help="work folder to keep (and reuse: finished rows are not re-run)")
+    ap.add_argument("--speed-steps", type=int, default=0,
+                    help="only the speed comparison: full and lora through the stage for N steps (one evaluation, "
+                         "at the end) and the plain loop, back to back on a quiet host")
     args = ap.parse_args()
     rows_wanted = [r for r in args.only.split(",") if r] or [*MINILM_ROWS, "small-full", "small-distill"]
 
@@ -173,6 +194,9 @@ def main() -> None:
     from lmpipe.modeling import resolve_model_ref
 
     minilm_dir = resolve_model_ref(MINILM, work, "finetune.init")
+    if args.speed_steps:
+        speed_only(work, env, logs, minilm_dir, args)
+        return
     teacher_dir = work / "bench-models" / "minilm-full"
     print(f"plain PyTorch loop (MiniLM, batch {args.batch}, max_length {args.max_length}) ...", flush=True)
     plain = done.get("_plain_steps_per_s") or plain_loop_steps_per_s(minilm_dir, work, args.batch, args.max_length)
