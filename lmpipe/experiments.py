@@ -39,17 +39,18 @@ def _last_line(text: str, fallback: str) -> str:
     return lines[-1].strip() if lines else fallback
 
 
-def resolve_profile(root: Path, profile: str | None) -> Path | None:
-    """A profile name (profiles/<name>.yaml) or a YAML path; missing -> ConfigError."""
-    from lmpipe.errors import ConfigError
-
-    if not profile:
-        return None
-    path = Path(profile) if profile.endswith((".yaml", ".yml")) else Path("profiles") / f"{profile}.yaml"
+def resolve_yaml(root: Path, ref: str, folder: str, kind: str) -> Path:
+    """A name (<folder>/<name>.yaml) or a YAML path, relative to root; missing -> ConfigError naming `kind`."""
+    path = Path(ref) if ref.endswith((".yaml", ".yml")) else Path(folder) / f"{ref}.yaml"
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise ConfigError(f"profile {profile!r}: {path} not found")
+        raise ConfigError(f"{kind} {ref!r}: {path} not found")
     return path
+
+
+def resolve_profile(root: Path, profile: str | None) -> Path | None:
+    """A profile name (profiles/<name>.yaml) or a YAML path; missing -> ConfigError."""
+    return resolve_yaml(root, profile, "profiles", "profile") if profile else None
 
 
 def prepare(root: Path, overrides: dict[str, Any] | None, profile: Path | None) -> tuple[dict, Params]:

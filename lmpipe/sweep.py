@@ -30,19 +30,16 @@ import subprocess
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from lmpipe.config import Section
 from lmpipe.errors import ConfigError, LmpipeError
 
 STORAGE_ENV = "LMPIPE_SWEEP_STORAGE"
 """An Optuna storage URL for every sweep (default: a SQLite file per sweep under .lmpipe/sweeps/)."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-
-class FloatParam(_Model):
+class FloatParam(Section):
     type: Literal["float"]
     low: float
     high: float
@@ -50,7 +47,7 @@ class FloatParam(_Model):
     """Sample on a log scale (low must be > 0)."""
 
 
-class IntParam(_Model):
+class IntParam(Section):
     type: Literal["int"]
     low: int
     high: int
@@ -58,7 +55,7 @@ class IntParam(_Model):
     log: bool = False
 
 
-class CategoricalParam(_Model):
+class CategoricalParam(Section):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1)
 
@@ -66,7 +63,7 @@ class CategoricalParam(_Model):
 Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
 
 
-class SweepFile(_Model):
+class SweepFile(Section):
     profile: str | None = None
     """A profile (profiles/<name>.yaml) under every trial; the space's values go on top."""
     fixed: dict[str, Any] = Field(default_factory=dict)
@@ -120,11 +117,9 @@ class SweepFile(_Model):
 
 def resolve_sweep(root: Path, ref: str) -> Path:
     """A sweep name (sweeps/<name>.yaml) or a YAML path."""
-    path = Path(ref) if ref.endswith((".yaml", ".yml")) else Path("sweeps") / f"{ref}.yaml"
-    path = path if path.is_absolute() else root / path
-    if not path.is_file():
-        raise ConfigError(f"sweep {ref!r}: {path} not found")
-    return path
+    from lmpipe.experiments import resolve_yaml
+
+    return resolve_yaml(root, ref, "sweeps", "sweep")
 
 
 def load_sweep(path: Path, root: Path) -> SweepFile:
