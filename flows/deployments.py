@@ -4,8 +4,8 @@
     python -m flows.deployments --workspace /srv/lmpipe  # ... or from another checkout (same path on every worker)
 
 Idempotent: re-running updates the `cpu` and `gpu` process pools (gpu defaults LMPIPE_DEVICE=cuda,
-CUDA_VISIBLE_DEVICES=0) and re-applies the deployments `lmpipe-pipeline/nightly` (cron, pool gpu)
-and `lmpipe-pipeline/on-demand` (no schedule, pool cpu) with `prefect deploy --all`. No image is
+CUDA_VISIBLE_DEVICES=0) and re-applies the deployments `lmpipe-pipeline/nightly` (cron, pool gpu),
+`lmpipe-pipeline/on-demand` and `lmpipe-sweep/on-demand` (no schedule, pool cpu) with `prefect deploy --all`. No image is
 built or pushed: the pull step is `set_working_directory` to the workspace. The API is
 PREFECT_API_URL (env or active Prefect profile); it must point at a running server.
 """
@@ -24,7 +24,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "prefect.yaml"
-FLOW_NAME = "lmpipe-pipeline"
+FLOWS = {"flows/pipeline.py:pipeline": "lmpipe-pipeline", "flows/sweep.py:sweep": "lmpipe-sweep"}
+"""prefect.yaml entrypoint -> the flow's name (deployments are `<flow name>/<deployment name>`)."""
 POOLS: dict[str, dict[str, str]] = {
     "cpu": {"LMPIPE_DEVICE": "cpu"},
     "gpu": {"LMPIPE_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0"},
@@ -108,10 +109,9 @@ def run_prefect_deploy(workspace: Path, url: str) -> None:
         raise DeployError(f"prefect deploy failed: {_last_line(res.stderr + chr(10) + res.stdout)}")
 
 
-def describe(client, name: str) -> str:
+def describe(client, full: str) -> str:
     from prefect.exceptions import ObjectNotFound
 
-    full = f"{FLOW_NAME}/{name}"
     try:
         dep = client.read_deployment_by_name(full)
     except ObjectNotFound:
@@ -129,7 +129,11 @@ def deploy(workspace: Path) -> list[str]:
         raise DeployError(f"{PREFECT_FILE} not found")
     if not (workspace / "flows" / "pipeline.py").is_file() or not (workspace / "dvc.yaml").is_file():
         raise DeployError(f"--workspace: {workspace} is not an lmpipe checkout (needs flows/pipeline.py and dvc.yaml)")
-    names = [d["name"] for d in yaml.safe_load(PREFECT_FILE.read_text())["deployments"]]
+    deployments = yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
+    unknown = [d["entrypoint"] for d in deployments if d["entrypoint"] not in FLOWS]
+    if unknown:
+        raise DeployError(f"{PREFECT_FILE.name}: entrypoint {unknown[0]} is not one of {', '.join(FLOWS)}")
+    names = [f"{FLOWS[d['entrypoint']]}/{d['name']}" for d in deployments]
     url = api_url()
     with get_client(sync_client=True) as client:
         check_api(client, url)

@@ -35,8 +35,10 @@ DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PAT
 
 
 def _last_line(text: str, fallback: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else fallback
+    """DVC's own error line (the last `ERROR:` line; DVC ends with a support footer), else the last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    return (errors or lines or [fallback])[-1]
 
 
 def resolve_yaml(root: Path, ref: str, folder: str, kind: str) -> Path:
@@ -87,9 +89,15 @@ def env(root: Path, **extra: str) -> dict[str, str]:
 
 
 def save(wt: Path, name: str, run_env: dict[str, str]) -> None:
-    """Record the worktree's state as the DVC experiment `name` (metrics and plots are git-tracked files)."""
-    res = subprocess.run([*DVC, "exp", "save", "-n", name, "--force"], cwd=wt, capture_output=True, text=True,
-                         env=run_env)
+    """Record the worktree's state as the DVC experiment `name` (metrics and plots are git-tracked files).
+    Saves of parallel experiments (the sweep flow's `parallel`) take turns: they write the shared git
+    repository's experiment refs, which two `dvc exp save` at once corrupt for one of them."""
+    from filelock import FileLock
+
+    root = wt.parents[2]  # <root>/.lmpipe/worktrees/<name>
+    with FileLock(str(root / ".lmpipe" / "exp-save.lock")):
+        res = subprocess.run([*DVC, "exp", "save", "-n", name, "--force"], cwd=wt, capture_output=True, text=True,
+                             env=run_env)
     if res.returncode != 0:
         raise LmpipeError(f"dvc exp save: {_last_line(res.stderr or res.stdout, str(res.returncode))}")
 
@@ -129,7 +137,9 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
         parent = start_pipeline_run(client, exp_id, {"dvc.exp_name": name, **git_info(root), **(tags or {})})
         run_env = env(root, **{PARENT_ENV: parent}, **(extra_env or {}))
         print(f"+ dvc repro  (experiment {name} in {wt})", flush=True)
+        t0 = time.perf_counter()
         code = subprocess.call([*DVC, "repro"], cwd=wt, env=run_env)
+        client.log_metric(parent, "repro_seconds", round(time.perf_counter() - t0, 3))  # the stages, as DVC ran them
         if code == 0:
             save(wt, name, run_env)
             print(f"experiment {name} saved: dvc exp show", flush=True)

@@ -27,6 +27,9 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -235,105 +238,206 @@ def _finished(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
 
 
-def run_sweep(root: Path, path: Path, apply_best: bool = False) -> dict[str, Any]:
-    """Run (or resume) the sweep in `path`; returns {study, best, trials}."""
+@dataclass
+class Study:
+    """An open sweep: the validated file, its Optuna study and its MLflow sweep run. `run_trial` may be called
+    from several threads at once (the Prefect flow's `parallel`): asking for a trial is serialised."""
+
+    root: Path
+    name: str
+    sweep: SweepFile
+    params: Any
+    profile: Path | None
+    study: Any
+    study_name: str
+    storage: str
+    parent: str
+    client: Any
+    run_tags: dict[str, str] = field(default_factory=dict)
+    """Tags for every trial's pipeline and stage runs (the Prefect flow run, when there is one)."""
+    file_lock: Any = None
+    """Held while the study is open: a second sweep of the same study in this checkout is refused (it would
+    take the first one's running trials for interrupted ones)."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def close(self) -> None:
+        if self.file_lock is not None:
+            self.file_lock.release()
+
+    def finished(self) -> int:
+        return len(_finished(self.study))
+
+    def remaining(self) -> int:
+        """Trials still to run for the study to reach n_trials finished ones (none running counted)."""
+        return max(0, self.sweep.trials() - self.finished())
+
+    def run_trial(self) -> dict[str, Any] | None:
+        """Ask for one trial, run it as a DVC experiment, tell Optuna and MLflow; None when the study is full.
+        A failed trial raises LmpipeError (the study stays resumable)."""
+        import optuna
+
+        from lmpipe import experiments
+        from lmpipe.tracking import TAGS_ENV
+        from lmpipe.training import TRIAL_ENV
+
+        sweep, name, client = self.sweep, self.name, self.client
+        with self.lock:  # ask: the grid's next point and Optuna's RUNNING trial are created together
+            running = len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+            if self.finished() + running >= sweep.trials():
+                return None
+            if sweep.sampler == "grid":
+                point = _next_grid_point(self.study, sweep)
+                if point is None:
+                    return None
+                self.study.enqueue_trial(point)
+            trial = self.study.ask()
+            values = _suggest(trial, sweep)
+        exp_name = f"{name}-t{trial.number:03d}"
+        trial.set_user_attr("dvc_exp", exp_name)
+        print(f"sweep {name}: trial {trial.number} {values}", flush=True)
+        found: dict[str, Any] = {}
+        trial_env = {TRIAL_ENV: json.dumps({"storage": self.storage, "study": self.study_name,
+                                            "trial_id": trial._trial_id, "objective": sweep.objective,
+                                            "pruner": sweep.pruner})}
+        if self.run_tags:
+            trial_env[TAGS_ENV] = json.dumps(self.run_tags)
+        t0 = time.perf_counter()
+        code, run_id = experiments.run_trial(self.root, exp_name, {**sweep.fixed, **values}, self.profile, trial_env,
+                                             {"mlflow.parentRunId": self.parent, "sweep.trial": str(trial.number),
+                                              **self.run_tags},
+                                             lambda wt: found.update(_objective(wt, self.params, sweep.objective)))
+        seconds = time.perf_counter() - t0
+        state = optuna.trial.TrialState.COMPLETE
+        attrs = next(t.user_attrs for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        if code != 0 and "pruned_at_step" in attrs:  # the finetune stage stopped it (lmpipe.training.TrialReporter)
+            state = optuna.trial.TrialState.PRUNED
+            self.study.tell(trial, state=state)
+        elif code != 0 or "value" not in found:
+            state = optuna.trial.TrialState.FAIL
+            self.study.tell(trial, state=state)
+        else:
+            self.study.tell(trial, found["value"])
+            client.log_metric(run_id, "objective", found["value"])
+            client.log_metric(self.parent, "trial_objective", found["value"], step=trial.number)
+        client.log_metric(run_id, "trial_seconds", round(seconds, 3))  # repro_seconds + the sweep's own work
+        client.set_tag(run_id, "optuna.state", state.name)
+        client.set_tag(run_id, "optuna.trial", str(trial.number))
+        print(f"sweep {name}: trial {trial.number} {state.name}"
+              + (f" {sweep.objective}={found['value']:.4f}" if state.name == "COMPLETE" else "")
+              + f" ({seconds:.1f} s)", flush=True)
+        if state == optuna.trial.TrialState.FAIL:
+            raise LmpipeError(f"sweep {name}: trial {trial.number} failed (exit {code}); fix it and run the same "
+                              "command again to resume the study")
+        return {"number": trial.number, "state": state.name, "value": found.get("value"), "params": values,
+                "dvc_exp": exp_name if state.name == "COMPLETE" else None, "mlflow_run_id": run_id,
+                "seconds": round(seconds, 2)}
+
+    def fail(self) -> None:
+        self.client.set_terminated(self.parent, "FAILED")
+
+    def finish(self, apply_best: bool = False) -> dict[str, Any]:
+        """The best trial on the sweep run, Optuna's plots; {study, storage, mlflow_run_id, best, trials}."""
+        import optuna
+
+        sweep, name, client, parent = self.sweep, self.name, self.client, self.parent
+        complete = [t for t in _finished(self.study) if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            self.fail()
+            raise LmpipeError(f"sweep {name}: every trial was pruned; nothing to select")
+        best = self.study.best_trial
+        for key, value in best.params.items():
+            client.log_param(parent, f"best.{key}", value)
+        client.log_metric(parent, f"best_{sweep.objective}", best.value)
+        client.set_tag(parent, "sweep.best_trial", str(best.number))
+        client.set_tag(parent, "sweep.best_exp", best.user_attrs.get("dvc_exp", ""))
+        _log_plots(client, parent, self.study)
+        client.set_terminated(parent, "FINISHED")
+        summary = {"study": self.study_name, "storage": self.storage, "mlflow_run_id": parent, "best": {
+            "trial": best.number, "params": best.params, "value": best.value, "dvc_exp": best.user_attrs.get("dvc_exp")},
+            "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                        "dvc_exp": t.user_attrs.get("dvc_exp")} for t in self.study.get_trials(deepcopy=False)]}
+        print(f"sweep {name}: best trial {best.number} {sweep.objective}={best.value:.4f} {best.params} "
+              f"(dvc exp {summary['best']['dvc_exp']})", flush=True)
+        if apply_best:
+            apply(self.root, summary["best"]["dvc_exp"])
+        return summary
+
+
+def open_study(root: Path, path: Path, tags: dict[str, str] | None = None) -> Study:
+    """Validate the sweep file, create or load its Optuna study (recovering trials a killed sweep left
+    running) and its MLflow sweep run (one per study, found again on resume; `tags` added, e.g. the Prefect
+    flow run)."""
     sweep = load_sweep(path, root)  # every problem in one go, before the heavy imports below
 
-    import mlflow
-    import optuna
+    from filelock import FileLock, Timeout
 
     from lmpipe import experiments
     from lmpipe.config import load_raw, merge, validate
-    from lmpipe.tracking import git_info, setup
-    from lmpipe.training import TRIAL_ENV, sweep_pruner
 
     name = path.stem
     profile = experiments.resolve_profile(root, sweep.profile)
     params = validate(merge(load_raw(root / "params.yaml"), profile, sweep.fixed))
+    (root / ".lmpipe" / "sweeps").mkdir(parents=True, exist_ok=True)
+    file_lock = FileLock(str(root / ".lmpipe" / "sweeps" / f"{name}.lock"))
+    try:
+        file_lock.acquire(timeout=0)
+    except Timeout:
+        raise LmpipeError(f"sweep {name} is already running in this checkout; wait for it (or stop it), then run "
+                          "the same command to resume") from None
+    try:
+        return _open(root, path, sweep, name, profile, params, tags, file_lock)
+    except BaseException:
+        file_lock.release()
+        raise
+
+
+def _open(root: Path, path: Path, sweep: SweepFile, name: str, profile: Path | None, params, tags, file_lock) -> Study:
+    import mlflow
+    import optuna
+
+    from lmpipe.tracking import git_info, setup
+    from lmpipe.training import sweep_pruner
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sname, storage = study_name(name, path), storage_url(root, name)
     study = optuna.create_study(storage=storage, study_name=sname, direction=sweep.direction,
                                 sampler=_sampler(sweep), pruner=sweep_pruner(sweep.pruner), load_if_exists=True)
     _recover(study, sweep)
 
-    # 1) the sweep's MLflow run: one per study, found again on resume
     exp_id = setup(root, params.common.experiment)
     client = mlflow.MlflowClient()
+    tags = dict(tags or {})
+    if os.environ.get("PREFECT__FLOW_RUN_ID") and "prefect.flow_run_id" not in tags:
+        tags["prefect.flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    run_tags = dict(tags)
     parent = study.user_attrs.get("mlflow_run_id")
     if parent is None:
         tags = {"lmpipe.kind": "sweep", "sweep.name": name, "sweep.sampler": sweep.sampler, "sweep.pruner": sweep.pruner,
                 "optuna.study": sname, "optuna.storage": storage, "sweep.objective": sweep.objective,
-                "sweep.direction": sweep.direction, **git_info(root)}
-        if os.environ.get("PREFECT__FLOW_RUN_ID"):
-            tags["prefect.flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+                "sweep.direction": sweep.direction, **git_info(root), **tags}
         parent = client.create_run(exp_id, run_name=f"sweep {name}", tags=tags).info.run_id
         study.set_user_attr("mlflow_run_id", parent)
         for key, p in sweep.space.items():
             client.log_param(parent, f"space.{key}", json.dumps(p.model_dump(exclude={"type"})))
     else:
         client.update_run(parent, "RUNNING")
+        for key, value in tags.items():  # a resumed study: the newest executor's tags
+            client.set_tag(parent, key, value)
+    return Study(root, name, sweep, params, profile, study, sname, storage, parent, client, run_tags, file_lock)
 
-    # 2) trials until n_trials have finished (complete or pruned)
-    while len(_finished(study)) < sweep.trials():
-        if sweep.sampler == "grid":
-            point = _next_grid_point(study, sweep)
-            if point is None:
-                break
-            study.enqueue_trial(point)
-        trial = study.ask()
-        values = _suggest(trial, sweep)
-        exp_name = f"{name}-t{trial.number:03d}"
-        trial.set_user_attr("dvc_exp", exp_name)
-        print(f"sweep {name}: trial {trial.number} {values}", flush=True)
-        found: dict[str, Any] = {}
-        trial_env = {TRIAL_ENV: json.dumps({"storage": storage, "study": sname, "trial_id": trial._trial_id,
-                                            "objective": sweep.objective, "pruner": sweep.pruner})}
-        code, run_id = experiments.run_trial(root, exp_name, {**sweep.fixed, **values}, profile, trial_env,
-                                             {"mlflow.parentRunId": parent, "sweep.trial": str(trial.number)},
-                                             lambda wt: found.update(_objective(wt, params, sweep.objective)))
-        state = optuna.trial.TrialState.COMPLETE
-        attrs = next(t.user_attrs for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-        if code != 0 and "pruned_at_step" in attrs:  # the finetune stage stopped it (lmpipe.training.TrialReporter)
-            state = optuna.trial.TrialState.PRUNED
-            study.tell(trial, state=state)
-        elif code != 0 or "value" not in found:
-            state = optuna.trial.TrialState.FAIL
-            study.tell(trial, state=state)
-        else:
-            study.tell(trial, found["value"])
-            client.log_metric(run_id, "objective", found["value"])
-            client.log_metric(parent, "trial_objective", found["value"], step=trial.number)
-        client.set_tag(run_id, "optuna.state", state.name)
-        client.set_tag(run_id, "optuna.trial", str(trial.number))
-        print(f"sweep {name}: trial {trial.number} {state.name}"
-              + (f" {sweep.objective}={found['value']:.4f}" if state.name == "COMPLETE" else ""), flush=True)
-        if state == optuna.trial.TrialState.FAIL:
-            client.set_terminated(parent, "FAILED")
-            raise LmpipeError(f"sweep {name}: trial {trial.number} failed (exit {code}); fix it and run the same "
-                              "command again to resume the study")
 
-    # 3) the best trial on the sweep run, and Optuna's plots
-    complete = [t for t in _finished(study) if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        client.set_terminated(parent, "FAILED")
-        raise LmpipeError(f"sweep {name}: every trial was pruned; nothing to select")
-    best = study.best_trial
-    for key, value in best.params.items():
-        client.log_param(parent, f"best.{key}", value)
-    client.log_metric(parent, f"best_{sweep.objective}", best.value)
-    client.set_tag(parent, "sweep.best_trial", str(best.number))
-    client.set_tag(parent, "sweep.best_exp", best.user_attrs.get("dvc_exp", ""))
-    _log_plots(client, parent, study)
-    client.set_terminated(parent, "FINISHED")
-    summary = {"study": sname, "storage": storage, "mlflow_run_id": parent, "best": {
-        "trial": best.number, "params": best.params, "value": best.value, "dvc_exp": best.user_attrs.get("dvc_exp")},
-        "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                    "dvc_exp": t.user_attrs.get("dvc_exp")} for t in study.get_trials(deepcopy=False)]}
-    print(f"sweep {name}: best trial {best.number} {sweep.objective}={best.value:.4f} {best.params} "
-          f"(dvc exp {summary['best']['dvc_exp']})", flush=True)
-    if apply_best:
-        apply(root, summary["best"]["dvc_exp"])
-    return summary
+def run_sweep(root: Path, path: Path, apply_best: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep in `path`, one trial at a time; returns {study, best, trials}."""
+    study = open_study(root, path)
+    try:
+        while study.run_trial() is not None:
+            pass
+        return study.finish(apply_best)
+    except LmpipeError:
+        study.fail()
+        raise
+    finally:
+        study.close()
 
 
 def _objective(wt: Path, params, objective: str) -> dict[str, Any]:

@@ -79,6 +79,25 @@ def tiny_data(tmp_path: Path, monkeypatch) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def harness():
+    """A real Prefect API (the test harness's temporary server) for the flows of one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def flow_env(monkeypatch):
+    """The environment a flow run in this process sees: no inherited MLflow/lmpipe settings, a git identity."""
+    for key in ("MLFLOW_TRACKING_URI", "LMPIPE_DATA_DIR", "LMPIPE_PARENT_RUN_ID", "LMPIPE_RUN_TAGS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                           GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1").items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, tiny_data: Path, monkeypatch) -> Path:
     """A folder with a tiny params.yaml and its own MLflow store; stages run with cwd=workdir."""

@@ -14,23 +14,6 @@ import yaml
 from conftest import STAGES, make_repo, mlflow_runs, sh, tiny_params
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def flow_env(monkeypatch):
-    for key in ("MLFLOW_TRACKING_URI", "LMPIPE_DATA_DIR", "LMPIPE_PARENT_RUN_ID", "LMPIPE_RUN_TAGS"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in dict(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-                           GIT_COMMITTER_EMAIL="t@t", DVC_NO_ANALYTICS="1").items():
-        monkeypatch.setenv(key, value)
-
-
 def _runs(repo: Path):
     return mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
 

@@ -177,3 +177,50 @@ def test_pruned_trial_and_a_killed_sweep_resume_to_n_trials(tmp_path, tiny_data)
     by_exp = {r.data.tags.get("dvc.exp_name"): r for r in runs if r.data.tags.get("lmpipe.kind") == "summary"}
     assert by_exp[pruned[0].user_attrs["dvc_exp"]].data.tags["optuna.state"] == "PRUNED"
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no").stdout.strip() == ""  # workspace intact
+
+
+def test_sweep_flow_runs_trials_as_tasks_two_at_a_time(tmp_path, tiny_data, harness, flow_env):
+    """The Prefect sweep flow (parallel 2) on a real Prefect API: the first trial runs alone (it fills DVC's
+    run cache), the other two side by side in their own worktrees; every trial is a DVC experiment, pretrain
+    ran once, and the MLflow sweep run and each trial's pipeline run carry the flow run id."""
+    from prefect.client.orchestration import get_client
+
+    from flows.sweep import sweep as sweep_flow
+
+    spec = {"space": {"finetune.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            "sampler": "random", "n_trials": 3, "objective": "val_accuracy", "direction": "maximize", "seed": 1,
+            "parallel": 2}
+    repo = _sweep_repo(tmp_path, tiny_data, spec)
+    state = sweep_flow(sweep="tiny", workspace=str(repo), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert sorted(t["state"] for t in summary["trials"]) == ["COMPLETE"] * 3
+    assert {r["number"] for r in summary["ran"]} == {0, 1, 2}
+
+    trials = {n for n in _exp_metrics(repo) if n.startswith("tiny-t")}
+    assert trials == {"tiny-t000", "tiny-t001", "tiny-t002"}
+    runs = mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
+    assert len([r for r in runs if r.data.tags.get("lmpipe.stage") == "pretrain"]) == 1
+    (parent,) = [r for r in runs if r.data.tags.get("lmpipe.kind") == "sweep"]
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    assert parent.info.status == "FINISHED" and flow_run_id
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trial_runs) == 3 and {r.data.tags["prefect.flow_run_id"] for r in trial_runs} == {flow_run_id}
+    stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {t.info.run_id for t in trial_runs}]
+    assert {r.data.tags.get("prefect.flow_run_id") for r in stage_runs} == {flow_run_id}
+
+    # the tasks, as Prefect recorded them: trial-0 finished before trial-1 and trial-2 started, and those two
+    # overlapped (parallel 2)
+    import asyncio
+
+    async def task_runs():
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    spans = {t.name: (t.start_time, t.end_time) for t in asyncio.run(task_runs()) if t.name.startswith("trial-")}
+    assert set(spans) == {"trial-0", "trial-1", "trial-2"}
+    assert spans["trial-0"][1] <= min(spans["trial-1"][0], spans["trial-2"][0])
+    assert max(spans["trial-1"][0], spans["trial-2"][0]) < min(spans["trial-1"][1], spans["trial-2"][1])
+    assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no").stdout.strip() == ""
