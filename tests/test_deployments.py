@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from conftest import ROOT, SHARED_DATA, STAGES, clean_env, free_port, make_repo, sh
 
 RUN_TIMEOUT = 720  # seconds for the smoke pipeline through the worker (2 shared CPU cores)
+SWEEP = {"profile": "smoke", "fixed": {"finetune.max_steps": 4, "finetune.eval_every": 2},
+         "space": {"finetune.learning_rate": {"type": "categorical", "choices": [0.001, 0.0001]}},
+         "sampler": "grid", "objective": "val_accuracy", "direction": "maximize"}
 
 
 def _prefect_env(home: Path, api: str | None = None, **extra) -> dict:
@@ -63,6 +67,8 @@ def test_deployments_and_process_worker(tmp_path):
     (dest / "flows").mkdir(parents=True)
     shutil.copy2(ROOT / "prefect.yaml", dest / "prefect.yaml")
     shutil.copy2(ROOT / "flows" / "deployments.py", dest / "flows" / "deployments.py")
+    (dest / "sweeps").mkdir()
+    (dest / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
     repo = make_repo(dest, None)
 
     home = tmp_path / "prefect-home"
@@ -92,7 +98,7 @@ def test_deployments_and_process_worker(tmp_path):
                                  env=_prefect_env(home, api), capture_output=True, text=True, timeout=300)
             assert res.returncode == 0, f"flows.deployments failed:\n{res.stdout}\n{res.stderr}"
         lines = res.stdout.splitlines()
-        assert len(lines) == 4, res.stdout
+        assert len(lines) == 5, res.stdout
         assert any(ln.startswith("work pool gpu:") for ln in lines)
         assert any(ln.startswith("deployment lmpipe-pipeline/nightly:") and "0 2 * * *" in ln for ln in lines)
 
@@ -112,7 +118,9 @@ def test_deployments_and_process_worker(tmp_path):
             on_demand = client.read_deployment_by_name("lmpipe-pipeline/on-demand")
             assert on_demand.work_pool_name == "cpu" and not on_demand.schedules
             assert on_demand.job_variables["env"] == {"LMPIPE_DEVICE": "cpu"}
-            for dep in (nightly, on_demand):  # local checkout, nothing cloned or built
+            sweep_dep = client.read_deployment_by_name("lmpipe-sweep/on-demand")
+            assert sweep_dep.work_pool_name == "cpu" and not sweep_dep.schedules
+            for dep in (nightly, on_demand, sweep_dep):  # local checkout, nothing cloned or built
                 assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
 
             flow_run = client.create_flow_run_from_deployment(
@@ -132,6 +140,15 @@ def test_deployments_and_process_worker(tmp_path):
                 time.sleep(5)
             assert state.is_completed(), f"flow run {state.name}: {state.message}\n{_tail(worker_log)}"
             run_name = client.read_flow_run(flow_run.id).name
+
+            # the sweep deployment, as `prefect deployment run 'lmpipe-sweep/on-demand' -p sweep=tiny` creates it
+            sweep_run = client.create_flow_run_from_deployment(sweep_dep.id, parameters={"sweep": "tiny"})
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not (state := client.read_flow_run(sweep_run.id).state) or not state.is_final():
+                assert worker.poll() is None, f"worker exited:\n{_tail(worker_log)}"
+                assert time.monotonic() < deadline, f"sweep flow run still {state.name if state else None}"
+                time.sleep(5)
+            assert state.is_completed(), f"sweep flow run {state.name}: {state.message}\n{_tail(worker_log)}"
         # the README's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
         ls = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "ls", "--flow-name",
                              "lmpipe-pipeline"], cwd=repo, env={**_prefect_env(home, api), "COLUMNS": "250"},  # no truncated cells
@@ -155,4 +172,19 @@ def test_deployments_and_process_worker(tmp_path):
     assert sorted(s[0] for s in stages) == sorted(STAGES)
 
     # DVC: the run was an experiment (profile=smoke), saved under the flow run's name
-    assert f"prefect-{run_name}" in sh(repo, "dvc", "exp", "ls").stdout
+    exps = sh(repo, "dvc", "exp", "ls").stdout
+    assert f"prefect-{run_name}" in exps
+
+    # the sweep: one MLflow sweep run tagged with its flow run, two trials saved as DVC experiments, and no
+    # pretrain under them (the smoke pipeline above left it in DVC's run cache)
+    assert "tiny-t000" in exps and "tiny-t001" in exps
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        (sweep_parent,) = db.execute("SELECT run_uuid FROM tags WHERE key = 'lmpipe.kind' AND value = 'sweep'").fetchall()
+        tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", sweep_parent).fetchall())
+        trials = [r[0] for r in db.execute("SELECT run_uuid FROM tags WHERE key = 'mlflow.parentRunId' AND value = ?",
+                                           sweep_parent)]
+        trial_stages = db.execute(
+            f"SELECT value FROM tags WHERE key = 'lmpipe.stage' AND run_uuid IN (SELECT run_uuid FROM tags WHERE "
+            f"key = 'mlflow.parentRunId' AND value IN ({','.join('?' * len(trials))}))", trials).fetchall()
+    assert tags["prefect.flow_run_id"] == str(sweep_run.id) and tags["prefect.deployment"] == "on-demand"
+    assert len(trials) == 2 and sorted(s[0] for s in trial_stages) == sorted(["finetune", "evaluate", "deploy"] * 2)
