@@ -1,19 +1,22 @@
-"""Regenerate the README's two screenshots: docs/mlflow-compare.png and docs/dvc-plots-diff.png.
+"""Regenerate the README's screenshots: docs/mlflow-compare.png, docs/dvc-plots-diff.png, docs/mlflow-sweep-sorted.png.
 
-    .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR]
+    .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR] [--only compare|sweep]
 
-Builds the same temporary repo as tests/test_mlflow_ui.py (tiny data, `dvc repro`, commit, then
-`dvc exp run -S pretrain.learning_rate=0.01`), then in headless Chromium (Debian's chromium +
+Builds the same temporary repos as tests/test_mlflow_ui.py, then in headless Chromium (Debian's chromium +
 chromium-driver, apt-installed when missing and root):
 
-1. `mlflow ui` over the repo's mlflow.db: the test's own steps (tick the two `pipeline` runs, Compare,
-   check param and accuracy), screenshot of the compare page;
-2. `dvc plots diff HEAD -o dvc_plots` (HEAD = the committed baseline, workspace = the experiment),
+1. (compare) tiny data, `dvc repro`, commit, then `dvc exp run -S pretrain.learning_rate=0.01`; `mlflow ui`
+   over the repo's mlflow.db: the test's own steps (tick the two `pipeline` runs, Compare, check param and
+   accuracy), screenshot of the compare page;
+2. (compare) `dvc plots diff HEAD -o dvc_plots` (HEAD = the committed baseline, workspace = the experiment),
    screenshot of dvc_plots/index.html. That page loads vega, vega-lite and vega-embed from a CDN;
    for an offline machine this script fetches the same versions with `npm pack` and points the page's
-   <script> tags at them (the page is otherwise DVC's, unchanged).
+   <script> tags at them (the page is otherwise DVC's, unchanged);
+3. (sweep) a second repo runs the test's three-trial grid sweep (`lmpipe sweep sweeps/tiny.yaml`); `mlflow ui`
+   over it: the test's steps (expand `sweep tiny`, Sort: objective, filter on the sweep's run id, check the
+   order both ways), screenshot of the trials best first.
 
-Both PNGs are cut down to a 256-colour palette (no dithering, text stays sharp) to keep the repo small.
+The PNGs are cut down to a 256-colour palette (no dithering, text stays sharp) to keep the repo small.
 """
 
 from __future__ import annotations
@@ -72,10 +75,41 @@ def plots_diff_screenshot(driver, html: Path, shot: Path) -> None:
     driver.save_screenshot(str(shot))
 
 
+def compare_and_plots(work: Path, out: Path, chromium: str, chromedriver: str) -> None:
+    repo = ui.two_executions(work)
+    runs = ui.summary_runs(repo)
+    import mlflow
+
+    exp_id = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment_by_name("lmpipe").experiment_id
+    sh(repo, "dvc", "plots", "diff", "HEAD", "-o", "dvc_plots")
+    html = repo / "dvc_plots" / "index.html"
+    offline_vega(html, work)
+    with ui.mlflow_ui(repo, work / "mlflow-ui.log") as base, \
+            ui.chrome(chromium, chromedriver, work / "chromedriver.log") as driver:
+        result = ui.compare_in_ui(driver, base, exp_id, runs, ui.PARAM, work)
+        plots_diff_screenshot(driver, html, work / "dvc-plots-diff.png")
+    small_png(result["screenshot"], out / "mlflow-compare.png")
+    small_png(work / "dvc-plots-diff.png", out / "dvc-plots-diff.png")
+
+
+def sweep_sorted(work: Path, out: Path, chromium: str, chromedriver: str) -> None:
+    repo = ui.swept(work / "sweep")
+    parent, trials = ui.sweep_runs(repo)
+    import mlflow
+
+    exp_id = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment_by_name("lmpipe").experiment_id
+    # 480 px high: three rows, no empty page below them
+    with ui.mlflow_ui(repo, work / "mlflow-ui-sweep.log") as base, \
+            ui.chrome(chromium, chromedriver, work / "chromedriver-sweep.log", height=480) as driver:
+        result = ui.sweep_sorted_in_ui(driver, base, exp_id, parent, trials, work)
+    small_png(result["screenshot"], out / "mlflow-sweep-sorted.png")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
-    ap.add_argument("--keep", type=Path, help="build the repo here and keep it (default: a temp dir, removed)")
+    ap.add_argument("--keep", type=Path, help="build the repos here and keep them (default: a temp dir, removed)")
+    ap.add_argument("--only", choices=["compare", "sweep"], help="just the compare + plots-diff pair, or the sweep")
     args = ap.parse_args()
     try:
         chromium, chromedriver = ui.ensure_chromium()
@@ -84,22 +118,12 @@ def main() -> int:
         return 1
     work = args.keep or Path(tempfile.mkdtemp(prefix="lmpipe-shots-"))
     work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
-        repo = ui.two_executions(work)
-        runs = ui.summary_runs(repo)
-        import mlflow
-
-        exp_id = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment_by_name("lmpipe").experiment_id
-        sh(repo, "dvc", "plots", "diff", "HEAD", "-o", "dvc_plots")
-        html = repo / "dvc_plots" / "index.html"
-        offline_vega(html, work)
-        with ui.mlflow_ui(repo, work / "mlflow-ui.log") as base, \
-                ui.chrome(chromium, chromedriver, work / "chromedriver.log") as driver:
-            result = ui.compare_in_ui(driver, base, exp_id, runs, ui.PARAM, work)
-            plots_diff_screenshot(driver, html, work / "dvc-plots-diff.png")
-        args.out.mkdir(parents=True, exist_ok=True)
-        small_png(result["screenshot"], args.out / "mlflow-compare.png")
-        small_png(work / "dvc-plots-diff.png", args.out / "dvc-plots-diff.png")
+        if args.only in (None, "compare"):
+            compare_and_plots(work, args.out, chromium, chromedriver)
+        if args.only in (None, "sweep"):
+            sweep_sorted(work, args.out, chromium, chromedriver)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

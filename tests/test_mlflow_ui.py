@@ -7,7 +7,12 @@ driven by Selenium) opens the experiment, ticks the two `pipeline` summary runs 
 clicks *Compare*, and reads the changed param and both runs' accuracy off the compare page, formatted
 as the UI formats metrics. The screenshot is saved in the test's tmp dir and its path printed.
 
-Chromium is installed with apt when it is missing (CI runs as root). The test skips only when that
+A sweep (issue #10: "the MLflow parent run of a sweep shows the trials sorted by the objective") runs
+three grid trials through `lmpipe sweep`; in the runs table Chromium expands the `sweep tiny` run to find
+its three `pipeline` trials, sorts by `objective` with the Sort dropdown, filters on the sweep's run id
+with the search box, and reads the rows' order and values, descending and then ascending.
+
+Chromium is installed with apt when it is missing (CI runs as root). The tests skip only when that
 cannot be done. `docs/screenshots.py` reuses these helpers to regenerate the PNGs in docs/.
 """
 
@@ -22,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -34,6 +40,11 @@ from conftest import clean_env, free_port, make_repo, mlflow_runs, sh, tiny_para
 PARAM = "pretrain.learning_rate"  # the one param the two executions differ in
 NEW_VALUE = "0.01"  # params.yaml (and tiny_params) have 0.002
 WAIT_S = 120  # explicit waits: the UI shares 2 cores with whatever else runs
+# three grid points whose validation losses differ (tiny data's 12 validation rows give accuracies that tie);
+# no from-scratch twin to train and evaluate in each trial
+SWEEP = {"fixed": {"finetune.scratch_baseline": False},
+         "space": {"finetune.learning_rate": {"type": "categorical", "choices": [0.05, 0.005, 0.0005]}},
+         "sampler": "grid", "objective": "val_loss", "direction": "minimize", "seed": 0}
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -85,6 +96,32 @@ def summary_runs(repo: Path) -> list:
     return runs
 
 
+def swept(base: Path) -> Path:
+    """A repo that ran SWEEP as `sweeps/tiny.yaml` through the CLI: `lmpipe sweep sweeps/tiny.yaml`."""
+    repo = make_repo(base / "repo", tiny_params(), write_tiny_data(base / "data"))
+    (repo / "sweeps").mkdir(exist_ok=True)
+    (repo / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
+    sh(repo, "git", "add", "sweeps")
+    sh(repo, "git", "commit", "-qm", "sweep file")
+    res = subprocess.run([str(Path(sys.executable).parent / "lmpipe"), "sweep", "sweeps/tiny.yaml"], cwd=repo,
+                         env=clean_env(), capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return repo
+
+
+def sweep_runs(repo: Path) -> tuple:
+    """(the `sweep tiny` run, its trial runs): three complete `pipeline` runs with distinct objectives."""
+    runs = mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
+    (parent,) = [r for r in runs if r.data.tags.get("lmpipe.kind") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.run_name == "sweep tiny" and len(trials) == 3, [r.info.run_name for r in runs]
+    assert {r.info.run_name for r in trials} == {"pipeline"}
+    assert sorted(r.data.tags["sweep.trial"] for r in trials) == ["0", "1", "2"]
+    assert {r.data.tags["optuna.state"] for r in trials} == {"COMPLETE"}
+    assert len({r.data.metrics["objective"] for r in trials}) == 3, "tied objectives: the order would prove nothing"
+    return parent, trials
+
+
 def accuracy_key(run) -> str:
     """The summary's headline accuracy: plain `accuracy`, or `classifier.accuracy` before the rename."""
     return "accuracy" if "accuracy" in run.data.metrics else "classifier.accuracy"
@@ -110,12 +147,24 @@ def format_metric(value: float) -> str:
     return js_str(js_round(value * 10) / 10)
 
 
+def js_number(value: float) -> str:
+    """JavaScript's Number#toString, as the runs table shows a metric (the compare page uses format_metric):
+    the shortest digits that round-trip (Python's repr has the same), an exponent only below 1e-6 or from 1e21."""
+    if value == int(value) and abs(value) < 1e21:
+        return str(int(value))
+    if 1e-6 <= abs(value) < 1e21:
+        return format(Decimal(repr(value)), "f")  # repr writes 1e-05 where JS writes 0.00001
+    mantissa, exp = repr(value).split("e")
+    return f"{mantissa}e{int(exp):+d}"  # 1.5e-07 -> 1.5e-7
+
+
 @contextlib.contextmanager
 def mlflow_ui(repo: Path, log: Path):
     """`mlflow ui` on a free loopback port over the repo's mlflow.db; yields the base URL."""
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # one browser: the default 4 workers only take longer to start on 2 cores
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=repo, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -293,6 +342,163 @@ def compare_in_ui(driver, base: str, experiment_id: str, runs: list, param: str,
     return {"order": order, "screenshot": shot, "metric": key, "expected": expected}
 
 
+OBJECTIVE_COL = "metrics.`objective`"
+TRIAL_COL = "tags.`sweep.trial`"
+LR_COL = "params.`finetune.learning_rate`"
+
+# the runs table's rows top to bottom (ag-grid's row-index, not DOM order): run id + the text of the given
+# columns' cells (the center part of the grid; the run name sits in the pinned-left part)
+_TABLE_ROWS_JS = """
+const cols = arguments[0];
+const text = (row, col) => {
+  const c = row.querySelector('[col-id="' + col + '"]');
+  return c ? c.textContent.trim() : null;
+};
+const name = id => {  // the name cell also holds the run colour's hex code
+  const r = document.querySelector('.ag-pinned-left-cols-container div[role=row][row-id="' + id + '"]');
+  return r ? text(r, 'attributes.`Run Name`').replace(/^#[0-9a-f]{6}/, '') : null;
+};
+return [...document.querySelectorAll('.ag-center-cols-container div[role=row][row-id]')]
+  .sort((a, b) => Number(a.getAttribute('row-index')) - Number(b.getAttribute('row-index')))
+  .map(r => [r.getAttribute('row-id'), name(r.getAttribute('row-id')), ...cols.map(c => text(r, c))]);
+"""
+
+
+def _table_rows(driver, cols: list[str]) -> list[list]:
+    return driver.execute_script(_TABLE_ROWS_JS, cols)
+
+
+def _url_query(driver) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(urlsplit(driver.current_url).fragment).query).items()}
+
+
+def _sort_menu(driver):
+    """Open the Sort dropdown (a radix menu) and return it."""
+    from selenium.webdriver.common.by import By
+
+    wait = _wait(driver)
+    wait.until(lambda d: d.find_element(By.XPATH, "//button[starts-with(normalize-space(), 'Sort:')]")).click()
+    return wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "[role=menu][data-state=open]"),
+                      "the Sort menu did not open")
+
+
+def _sort_by(driver, metric: str, descending: bool) -> None:
+    """Sort: <metric> via the dropdown's search, then its direction arrow; waits for the URL to say so."""
+    from selenium.webdriver.common.by import By
+
+    wait = _wait(driver)
+    key = f"metrics.`{metric}`"
+    if _url_query(driver).get("orderByKey") != key:
+        menu = _sort_menu(driver)
+        menu.find_element(By.CSS_SELECTOR, "input[type=search]").send_keys(metric)
+        wait.until(lambda d: menu.find_element(By.CSS_SELECTOR, f"[data-testid='sort-select-{metric}']")).click()
+        wait.until(lambda d: _url_query(d).get("orderByKey") == key, f"the Sort menu did not sort by {key}")
+    want = "false" if descending else "true"
+    if _url_query(driver).get("orderByAsc") != want:
+        # the arrow buttons close the menu: open it again for them
+        _sort_menu(driver).find_element(
+            By.CSS_SELECTOR, f"[data-testid='sort-select-{'desc' if descending else 'asc'}']").click()
+        wait.until(lambda d: _url_query(d).get("orderByAsc") == want, f"the sort did not turn {want=}")
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[role=menu][data-state=open]"))
+
+
+def _toggle_columns(driver, titles: list[str]) -> None:
+    """Columns dropdown: tick/untick each title (found with the dropdown's search), then close it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    wait = _wait(driver)
+    wait.until(lambda d: d.find_element(By.XPATH, "//button[normalize-space()='Columns']")).click()
+    pop = wait.until(lambda d: d.find_element(
+        By.CSS_SELECTOR, "[data-component-id='mlflow.experiment_page.runs_table.column_selector']"))
+    search = pop.find_element(By.CSS_SELECTOR, "input[placeholder='Search columns']")
+
+    def node(title):
+        found = [n for n in pop.find_elements(By.CSS_SELECTOR, ".du-bois-light-tree-treenode")
+                 if n.text.strip() == title]
+        return found[0] if found else None
+
+    for title in titles:
+        search.send_keys(Keys.CONTROL, "a")
+        search.send_keys(Keys.BACKSPACE)  # a React input: clear() does not reach its state
+        search.send_keys(title)
+        before = "checkbox-checked" in wait.until(lambda d: node(title), f"no column {title!r}").get_attribute("class")
+        node(title).find_element(By.CSS_SELECTOR, ".du-bois-light-tree-checkbox").click()
+        wait.until(lambda d: ("checkbox-checked" in node(title).get_attribute("class")) != before,
+                   f"column {title!r} did not toggle")
+    search.send_keys(Keys.ESCAPE)
+    wait.until(lambda d: not d.find_elements(
+        By.CSS_SELECTOR, "[data-component-id='mlflow.experiment_page.runs_table.column_selector']"))
+
+
+def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: list, shots: Path) -> dict:
+    """The trials of a sweep in the runs table, sorted by `objective` both ways; screenshot, best trial on top.
+
+    Returns {"rows": the rows as the page showed them best first, "screenshot": path}.
+    """
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    parent_id, trial_ids = parent.info.run_id, {r.info.run_id for r in trials}
+    driver.get(f"{base}/#/experiments/{experiment_id}/runs")
+    wait = _wait(driver)
+    # 1) the default view (newest first) nests runs under their parent: expand `sweep tiny` to see its trials
+    row = f"div[role=row][row-id='{parent_id}']"
+    wait.until(lambda d: [r[1] for r in _table_rows(d, []) if r[0] == parent_id] == ["sweep tiny"],
+               "the runs table never showed the `sweep tiny` run")
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        if button.is_displayed():  # the assistant panel: it takes a third of the width
+            button.click()
+            break
+    expander = f".ag-pinned-left-cols-container {row} [col-id='attributes.`Run Name`'] button"
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, expander)).click()
+    nested = wait.until(lambda d: (rows := _table_rows(d, [])) and {r[0] for r in rows} >= trial_ids and rows,
+                        "expanding `sweep tiny` did not show its three trials")
+    order = [r[0] for r in nested]
+    assert all(order.index(t) > order.index(parent_id) for t in trial_ids), order
+    assert all(r[1] == "pipeline" for r in nested if r[0] in trial_ids), nested
+
+    # 2) Sort: objective. MLflow nests child runs only when sorted by Created, so the table turns flat; the
+    # search box keeps this sweep's trials (its run id is the trials' mlflow.parentRunId tag)
+    _sort_by(driver, "objective", descending=True)
+    search = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[data-testid='search-box']"))
+    search.send_keys(f"tags.mlflow.parentRunId = '{parent_id}'")
+    search.send_keys(Keys.ENTER)
+    wait.until(lambda d: _url_query(d).get("searchFilter") == f"tags.mlflow.parentRunId = '{parent_id}'")
+    wait.until(lambda d: d.find_element(By.XPATH, "//*[normalize-space()='3 matching runs']"),
+               "the parent-run filter did not leave 3 runs")
+    # 3) columns: objective (added by the sort) next to the trial number and learning rate, no clutter
+    _toggle_columns(driver, ["Dataset", "Source", "Models", "finetune.learning_rate", "sweep.trial"])
+
+    # 4) the rows, descending then ascending, against the MLflow API's values
+    cols = [OBJECTIVE_COL, TRIAL_COL, LR_COL]
+
+    def expected(descending: bool) -> list[list]:
+        ranked = sorted(trials, key=lambda r: r.data.metrics["objective"], reverse=descending)
+        return [[r.info.run_id, "pipeline", js_number(r.data.metrics["objective"]), r.data.tags["sweep.trial"],
+                 r.data.params["finetune.learning_rate"]] for r in ranked]
+
+    def shown() -> list[list]:
+        return [r for r in _table_rows(driver, cols) if r[0] != parent_id]
+
+    best_on_top = SWEEP["direction"] == "maximize"  # descending puts the best trial first
+    for descending in (not best_on_top, best_on_top):  # the best-first order last, for the screenshot
+        _sort_by(driver, "objective", descending=descending)
+        want = expected(descending)
+        with contextlib.suppress(TimeoutException):
+            wait.until(lambda d: shown() == want)
+        assert shown() == want, f"sorted {descending=}, the page shows {shown()}, the MLflow API has {want}"
+
+    # 5) screenshot: the sorted objective column's header in view
+    header = driver.find_element(By.CSS_SELECTOR, f".ag-header-cell[col-id='{OBJECTIVE_COL}']")
+    assert header.is_displayed() and header.text.strip() == "objective", header.text
+    time.sleep(0.3)  # let the column toggles' re-layout settle
+    shot = shots / "mlflow-sweep-sorted.png"
+    driver.save_screenshot(str(shot))
+    return {"rows": want, "screenshot": shot}
+
+
 # ---------------------------------------------------------------------------------------------- test
 
 
@@ -323,3 +529,26 @@ def test_format_metric_matches_the_mlflow_ui():
     cases = {0.0: "0", 0.5: "0.5", 1.0: "1", 1 / 3: "0.333", 5.64444: "5.644", 12.0: "12", 30.0: "30",
              282.5213: "282.5", 66.4449: "66.44", 0.000123456: "1.235e-4", -0.25: "-0.25", 0.7833333: "0.783"}
     assert {v: format_metric(v) for v in cases} == cases
+
+
+def test_js_number_matches_javascript():
+    """Number#toString's output (node) for the values a runs-table metric cell can show."""
+    cases = {0.0: "0", 1.0: "1", 0.722605: "0.722605", 0.7226052284240723: "0.7226052284240723",
+             1 / 3: "0.3333333333333333", 0.1 + 0.2: "0.30000000000000004", 1e-05: "0.00001", 1.5e-07: "1.5e-7",
+             -0.25: "-0.25", 282.5213: "282.5213", 1e21: "1e+21", 123456789012.5: "123456789012.5"}
+    assert {v: js_number(v) for v in cases} == cases
+
+
+@pytest.mark.slow
+def test_mlflow_ui_sorts_a_sweeps_trials_by_objective_in_chromium(tmp_path):
+    chromium, chromedriver = ensure_chromium()  # first: skip before minutes of sweep
+    repo = swept(tmp_path)
+    parent, trials = sweep_runs(repo)
+
+    with mlflow_ui(repo, tmp_path / "mlflow-ui.log") as base, \
+            chrome(chromium, chromedriver, tmp_path / "chromedriver.log") as driver:
+        result = sweep_sorted_in_ui(driver, base, parent.info.experiment_id, parent, trials, tmp_path)
+    print(f"\nMLflow sweep trials sorted by objective, screenshot: {result['screenshot']}")
+    for run_id, _, objective, trial, lr in result["rows"]:
+        print(f"  trial {trial}  learning_rate {lr}  objective ({SWEEP['objective']}) {objective}  run {run_id}")
+    assert result["screenshot"].stat().st_size > 10_000
