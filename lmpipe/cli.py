@@ -1,7 +1,9 @@
 """The `lmpipe` command.
 
-    lmpipe serve [--host 127.0.0.1] [--port 8000] [--model-uri models:/lmpipe-sst2@champion]
+    lmpipe serve [--host 127.0.0.1] [--port 8000] [--model-uri models:/lmpipe-sst2@champion] [--token-file F]
+    lmpipe monitor --url http://127.0.0.1:8000 [--token T]              # live drift (PSI per feature) of a server
     lmpipe smoke [--profile profiles/smoke.yaml] [--set KEY=VALUE ...]   # whole pipeline as a DVC experiment
+    lmpipe rollback [--to VERSION] [--reason TEXT]                      # champion back to the previous holder
     lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
     lmpipe data link [PATH]                                             # where this checkout's input data is
     lmpipe exp-run profiles/minilm-sst2.yaml [--queue] [-S KEY=VALUE]  # dvc exp run with a profile's keys
@@ -29,15 +31,50 @@ def _tracking(root: Path):
     return mlflow.MlflowClient()
 
 
+def _serve_flags(cfg, flags: dict):
+    """params.yaml's serve section with the flags given on top, validated like the file."""
+    from pydantic import ValidationError
+
+    from lmpipe.errors import ConfigError
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return cfg.model_validate({**cfg.model_dump(), **given})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p_serve = sub.add_parser("serve", help="serve the classifier over HTTP")
-    p_serve.add_argument("--host", default="127.0.0.1")
-    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve = sub.add_parser(
+        "serve", help="serve the classifier over HTTP (micro-batched, metrics, auth, drift, hot reload)",
+        description="Serve a classifier: POST /predict, GET /health, /metrics, /drift, POST /admin/reload. "
+                    "Defaults come from params.yaml's serve section; flags override. With a token "
+                    "(--token-file, else $LMPIPE_API_TOKEN) every route but /health needs "
+                    "'Authorization: Bearer <token>'; without one only a loopback host is allowed. "
+                    "On models:/NAME@alias the server follows the alias (serve.reload_interval_s).")
     p_serve.add_argument("--model-uri", default=None,
                          help="MLflow model URI or local HF dir (default models:/<deploy.model_name>@<deploy.alias>)")
+    p_serve.add_argument("--host", default=None, help="interface to bind (serve.host)")
+    p_serve.add_argument("--port", type=int, default=None, help="TCP port (serve.port)")
+    p_serve.add_argument("--token-file", default=None, metavar="PATH",
+                         help="file holding the bearer token (default: $LMPIPE_API_TOKEN; none = no auth)")
+    p_serve.add_argument("--allow-unauthenticated", action="store_true",
+                         help="allow a non-loopback --host without a token")
+    p_serve.add_argument("--max-batch-size", type=int, default=None, help="texts per forward pass (serve.max_batch_size)")
+    p_serve.add_argument("--max-wait-ms", type=float, default=None,
+                         help="how long a batch waits for more requests (serve.max_wait_ms)")
+    p_serve.add_argument("--reload-interval", type=float, default=None, metavar="SECONDS",
+                         help="alias poll interval (serve.reload_interval_s)")
     p_serve.add_argument("--params", default="params.yaml")
+    p_serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="params override, e.g. --set serve.request_timeout_s=2")
+    p_mon = sub.add_parser("monitor", help="a running server's drift report (GET /drift) as a table")
+    p_mon.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p_mon.add_argument("--token", default=None, help="bearer token (default: $LMPIPE_API_TOKEN)")
+    p_mon.add_argument("--json", action="store_true", help="print the report as JSON")
     p_smoke = sub.add_parser("smoke", help="whole pipeline with a profile, as a DVC experiment")
     p_smoke.add_argument("--profile", default="profiles/smoke.yaml")
     p_smoke.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -50,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep = sub.add_parser("sweep", help="Optuna sweep whose trials are DVC experiments (sweeps/<name>.yaml)")
     p_sweep.add_argument("file", help="sweeps/<name>.yaml or a sweep name")
     p_sweep.add_argument("--apply-best", action="store_true", help="dvc exp apply the best trial when done")
+    p_rb = sub.add_parser("rollback", help="move the champion alias back to the previous holder (or --to VERSION)")
+    p_rb.add_argument("--to", default=None, metavar="VERSION", help="this registered version instead of the previous one")
+    p_rb.add_argument("--reason", default=None, help="why (recorded with who and when)")
+    p_rb.add_argument("--params", default="params.yaml", help="reads deploy.model_name and deploy.alias")
     p_lin = sub.add_parser("lineage", help="what produced a model version or MLflow run")
     p_lin.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
     p_lin.add_argument("--json", action="store_true", help="print the record as JSON")
@@ -66,12 +107,31 @@ def main(argv: list[str] | None = None) -> int:
     root = repo_root()
     try:
         if args.cmd == "serve":
-            params = load_params(args.params)
+            params = load_params(args.params, dict(parse_override(s) for s in args.set))
             uri = args.model_uri or f"models:/{params.deploy.model_name}@{params.deploy.alias}"
+            flags = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                     "reload_interval_s": args.reload_interval}
+            cfg = _serve_flags(params.serve, flags)
             _tracking(root)
             from lmpipe.serving import serve
 
-            serve(uri, args.host, args.port)
+            serve(uri, args.host, args.port, cfg, token_file=args.token_file,
+                  allow_unauthenticated=args.allow_unauthenticated)
+            return 0
+        if args.cmd == "rollback":
+            from lmpipe.registry import rollback
+
+            params = load_params(args.params)
+            name, alias = params.deploy.model_name, params.deploy.alias
+            res = rollback(_tracking(root), name, alias, args.to, args.reason)
+            print(f"{name}@{alias}: v{res['from']} -> v{res['to']} ({res['entry']['why']}; by {res['entry']['by']} "
+                  f"at {res['entry']['at']})")
+            return 0
+        if args.cmd == "monitor":
+            from lmpipe.monitoring import fetch_report, format_report
+
+            report = fetch_report(args.url, args.token)
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
             return 0
         if args.cmd == "smoke":
             from lmpipe import experiments

@@ -1,13 +1,28 @@
-"""The MLflow model registry: log the classifier as a pyfunc model, register it, move the alias.
+"""The MLflow model registry: log a classifier variant as a pyfunc model, register it, move the alias, roll back.
 
-The alias (`champion`) moves to a new version only when it beats the holder's test accuracy; every
-registered version carries its accuracy, macro-F1, git commit and source run as tags.
+    lmpipe rollback [--to VERSION] [--reason TEXT]     # champion back to the previous holder (or VERSION)
+
+Every registered version carries its variant, accuracy, macro-F1, drop vs fp32, latency, size, git commit and
+source run as tags. The alias (`champion`) moves to a new version only when it beats the holder's test
+accuracy. Each move is appended to the registered model's tag `lmpipe.alias_history.<alias>` (a JSON list of
+{version, at, by, why}), so a rollback pops the current holder and moves the alias to the one before, and a
+second rollback goes one further back. Who/when/why of a rollback are also tags on the version it lands on.
 """
 
 from __future__ import annotations
 
+import getpass
+import json
+import os
+import time
 from pathlib import Path
 from typing import Any
+
+from lmpipe.errors import LmpipeError
+
+HISTORY_TAG = "lmpipe.alias_history.{alias}"
+HISTORY_KEEP = 50  # entries kept in the tag (MLflow caps a tag value's length)
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "peft>=0.17,<1", "pandas", "mlflow>=3,<4"]
 
 
 def champion(client, name: str, alias: str) -> tuple[str | None, float | None]:
@@ -19,30 +34,98 @@ def champion(client, name: str, alias: str) -> tuple[str | None, float | None]:
     except mlflow.exceptions.MlflowException:
         return None, None
     acc = mv.tags.get("accuracy")
-    return mv.version, float(acc) if acc is not None else None
+    return str(mv.version), float(acc) if acc is not None else None
 
 
-def register(model_dir: Path, name: str, alias: str, accuracy: float, f1: float, run) -> dict[str, Any]:
-    """Log `model_dir` as a pyfunc model in the active run, register it, and promote it when it wins."""
+def log_variant(model_dir: Path, name: str, variant: str, tags: dict[str, Any], run) -> str:
+    """Log `model_dir` (any lmpipe.compress variant) as a pyfunc model in the active run, register it under
+    `name` with `tags`; returns the new version."""
     import mlflow
 
     from lmpipe.serving import ClassifierPyfunc
 
-    # 1) log + register (pyfunc wrapping the HF directory; requirements given, not inferred)
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    reqs = PIP_REQUIREMENTS + (["onnxruntime>=1.20,<2"] if variant.startswith("onnx") else [])
+    # the signature is given, not inferred: inferring it loads the model into the instance MLflow then
+    # pickles (an ONNX Runtime session or a quantised model does not pickle)
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=ClassifierPyfunc(), artifacts={"model_dir": str(model_dir)},
-        registered_model_name=name,
-        pip_requirements=["torch==2.13.0", "transformers>=5,<6", "peft>=0.17,<1", "pandas", "mlflow>=3,<4"],
-        input_example=["a gripping, funny film"])
+        name="model" if variant == "fp32" else f"model_{variant}", python_model=ClassifierPyfunc(),
+        artifacts={"model_dir": str(model_dir)}, registered_model_name=name, pip_requirements=reqs,
+        signature=signature)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in {"accuracy": accuracy, "f1_macro": f1, "git.commit": run.data.tags.get("git.commit", ""),
+    for key, value in {"variant": variant, **tags, "git.commit": run.data.tags.get("git.commit", ""),
                        "source_run_id": run.info.run_id}.items():
         client.set_model_version_tag(name, version, key, str(value))
-    # 2) move the alias only when the new version beats the holder
+    return version
+
+
+def _history(client, name: str, alias: str) -> list[dict[str, Any]]:
+    tags = client.get_registered_model(name).tags
+    raw = tags.get(HISTORY_TAG.format(alias=alias))
+    history = json.loads(raw) if raw else []
+    if not history:  # an alias set before the history was kept (or by hand): its holder starts the history
+        holder, _ = champion(client, name, alias)
+        if holder is not None:
+            history = [{"version": holder, "at": None, "by": None, "why": "holder when the history began"}]
+    return history
+
+
+def _move(client, name: str, alias: str, version: str, history: list[dict[str, Any]], why: str) -> dict[str, Any]:
+    entry = {"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "by": os.environ.get("LMPIPE_USER") or getpass.getuser(), "why": why}
+    client.set_registered_model_alias(name, alias, str(version))
+    history = (history + [entry])[-HISTORY_KEEP:]
+    client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    return entry
+
+
+def promote(client, name: str, alias: str, version: str, accuracy: float) -> dict[str, Any]:
+    """Move the alias to `version` when it beats the holder's accuracy (or nobody holds it)."""
     old_version, old_acc = champion(client, name, alias)
-    promote = old_acc is None or accuracy > old_acc
-    if promote:
-        client.set_registered_model_alias(name, alias, version)
-    return {"registered_model": name, "version": version, "promoted": promote, "previous_champion": old_version,
-            "previous_champion_accuracy": old_acc, "model_uri": f"models:/{name}/{version}"}
+    promoted = old_acc is None or accuracy > old_acc
+    if promoted:
+        history = _history(client, name, alias)
+        _move(client, name, alias, version, history, f"deploy: accuracy {accuracy:.4f} beats "
+              + (f"v{old_version} ({old_acc:.4f})" if old_version else "no holder"))
+    return {"promoted": promoted, "previous_champion": old_version, "previous_champion_accuracy": old_acc}
+
+
+def rollback(client, name: str, alias: str, to: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """Move the alias back to the previous holder (or to version `to`); returns {from, to, entry}."""
+    import mlflow
+
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        raise LmpipeError(f"rollback: no registered model {name!r} in {mlflow.get_tracking_uri()}") from None
+    current, _ = champion(client, name, alias)
+    if current is None:
+        raise LmpipeError(f"rollback: {name}@{alias} is not set; nothing to roll back")
+    history = _history(client, name, alias)
+    if to is None:
+        # the entries before the current holder's newest one; the nearest one that is not the holder
+        while history and history[-1]["version"] == current:
+            history.pop()
+        if not history:
+            raise LmpipeError(f"rollback: {name}@{alias} (v{current}) has no earlier holder to roll back to")
+        target = history[-1]["version"]
+        history.pop()  # _move appends it again, with this rollback's who/when/why
+    else:
+        target = str(to)
+        try:
+            client.get_model_version(name, target)
+        except mlflow.exceptions.MlflowException:
+            raise LmpipeError(f"rollback --to {to}: {name} has no version {to}") from None
+        if target == current:
+            raise LmpipeError(f"rollback --to {to}: v{to} already holds {name}@{alias}")
+    why = f"rollback from v{current}" + (f": {reason}" if reason else "")
+    entry = _move(client, name, alias, target, history, why)
+    for key, value in {"rollback.at": entry["at"], "rollback.by": entry["by"], "rollback.why": why,
+                       "rollback.from": current}.items():
+        client.set_model_version_tag(name, target, key, value)
+    return {"from": current, "to": target, "entry": entry}

@@ -4,7 +4,8 @@
 
 Writes evaluate.metrics (lm.*, classifier.*, scratch_baseline.*, benefit.*, and with continued pretraining
 original_baseline.* and benefit_continued.*), the confusion matrix
-as a DVC plot (CSV of actual/predicted) and a PNG, and logs one `pipeline` summary run to MLflow
+as a DVC plot (CSV of actual/predicted) and a PNG, the drift reference of the classifier's test predictions
+(evaluate.reference_profile, lmpipe/monitoring.py), and logs one `pipeline` summary run to MLflow
 carrying every param and the final metrics, so pipeline executions compare side by side.
 """
 
@@ -26,6 +27,7 @@ from lmpipe.errors import DataError
 from lmpipe.evaluation import classification_metrics, perplexity, plot_confusion, predict_proba
 from lmpipe.io import atomic_path, read_json, write_json
 from lmpipe.modeling import load_finetuned, load_tokenizer
+from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.lineage import INHERITED_TAGS, log_summary, start_pipeline_run
@@ -57,19 +59,20 @@ def evaluate(params: Params, root: Path, run) -> None:
 
     # 2) classifiers on the test split: the selected model and the from-scratch baseline
     results = {}
-    preds_main = None
+    preds_main = probs_main = None
     for key, folder in (("classifier", params.finetune.out_dir), ("scratch_baseline", params.finetune.scratch_dir),
                         ("original_baseline", params.finetune.original_dir)):
         path = _need(root / folder, "finetune")
         if not (path / "config.json").is_file():
             continue  # that baseline is off (finetune.scratch_baseline / original_baseline: false)
         model = load_finetuned(path)  # a plain classifier, or base + prefix/prompt adapter
-        probs = predict_proba(model, load_tokenizer(path), test["text"].tolist(), cfg.batch_size,
+        tokenizer = load_tokenizer(path)
+        probs = predict_proba(model, tokenizer, test["text"].tolist(), cfg.batch_size,
                               dev)  # truncates at the length stored with the model
         preds = probs.argmax(-1)
         results[key] = classification_metrics(labels, preds, len(names))
         if key == "classifier":
-            preds_main = preds
+            preds_main, probs_main, tok_main, id2label = preds, probs, tokenizer, model.config.id2label
 
     metrics = {"lm": {"perplexity": lm_metrics["perplexity"], "loss": lm_metrics["loss"],
                       "tokens": lm_metrics["tokens"]},
@@ -90,7 +93,15 @@ def evaluate(params: Params, root: Path, run) -> None:
         w.writerows((names[a], names[p]) for a, p in zip(labels, preds_main))
     plot_confusion(results["classifier"]["confusion_matrix"], names, root / cfg.confusion_png,
                    f"classifier on test (accuracy {results['classifier']['accuracy']:.3f})")
-    # 4) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
+    # 4) the drift reference the server compares live traffic with: the classifier's test predictions, the
+    # training split's words (what deploy ships in the model directory as drift_reference.json)
+    train_texts = pd.read_parquet(_need(clean_dir / "labeled_train.parquet", "clean"))["text"]
+    texts = test["text"].tolist()
+    profile = reference_profile(texts, [id2label[int(p)] for p in preds_main], probs_main.max(-1).tolist(),
+                                length_counter(tok_main)(texts), vocabulary(train_texts),
+                                label_names=[id2label[i] for i in sorted(id2label)])
+    write_json(root / cfg.reference_profile, profile)
+    # 5) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
     client = mlflow.MlflowClient()
     summary_id = os.environ.get(PARENT_ENV) or start_pipeline_run(
         client, run.info.experiment_id, {k: v for k, v in run.data.tags.items() if k in INHERITED_TAGS})
@@ -102,6 +113,7 @@ def evaluate(params: Params, root: Path, run) -> None:
     log_metrics_bounded(flat)
     mlflow.log_artifact(str(root / cfg.confusion_png))
     mlflow.log_artifact(str(root / cfg.confusion))
+    mlflow.log_artifact(str(root / cfg.reference_profile))
     mlflow.log_dict({"confusion_matrix": results["classifier"]["confusion_matrix"], "labels": names},
                     "confusion_matrix.json")
     mlflow.log_input(mlflow.data.from_pandas(test, source=str((clean_dir / "labeled_test.parquet").relative_to(root)),

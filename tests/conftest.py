@@ -67,7 +67,8 @@ def tiny_params() -> dict:
                            eval_batches=2, checkpoint_every=3, log_every=2,
                            compile=False)  # compiling costs ~20 s a process; test_training covers it
     raw["finetune"].update(max_length=16, batch_size=8, max_steps=6, eval_every=3)
-    raw["deploy"].update(min_accuracy=0.0)
+    raw["deploy"].update(min_accuracy=0.0, variants=["fp32"], serve_variant="fp32",  # tests/test_deploy.py: the rest
+                         latency_repeats=2)
     return raw
 
 
@@ -191,3 +192,73 @@ def stage_runs(repo: Path) -> dict[str, list]:
         if stage:
             out[stage].append(r)
     return out
+
+
+def tiny_classifier(dest: Path, max_length: int = 16, flip: bool = False) -> Path:
+    """A 2-layer Llama sequence classifier (random init, seeded) with a BPE tokenizer trained on POS + NEG,
+    saved like the finetune stage saves one (truncation length stored as the tokenizer's model_max_length).
+    `flip` swaps the label names: the same weights then give the other label (a visibly different version)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from lmpipe.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([s for s in POS + NEG for _ in range(3)], "bpe", vocab_size=300, min_frequency=1,
+                          model_max_length=max_length)
+    torch.manual_seed(0)
+    names = ["positive", "negative"] if flip else ["negative", "positive"]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         pad_token_id=tok.pad_token_id, num_labels=2, id2label=dict(enumerate(names)),
+                         label2id={n: i for i, n in enumerate(names)})
+    LlamaForSequenceClassification(config).save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+class Server:
+    """`lmpipe serve ARGS` as a real uvicorn process on 127.0.0.1 and a free port; `with` waits for /health
+    and stops it (SIGTERM, then SIGKILL) on exit. Its output is kept in `log` (a file, read with .output())."""
+
+    def __init__(self, cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cwd, self.timeout = cwd, timeout
+        self.args = [sys.executable, "-m", "lmpipe.cli", "serve", "--port", str(self.port), *args]
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    **(env or {})}
+        self.log = cwd / f"serve-{self.port}.log"
+
+    def __enter__(self) -> "Server":
+        import time
+
+        import requests
+
+        self._out = open(self.log, "w")
+        self.proc = subprocess.Popen(self.args, cwd=self.cwd, env=self.env, stdout=self._out,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.__exit__()
+                raise AssertionError(f"server not up in {self.timeout} s:\n{self.output()}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+        self._out.close()
+
+    def output(self) -> str:
+        return self.log.read_text()

@@ -33,6 +33,12 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def source(mod: str) -> str:
+    """A module's file relative to the repo: lmpipe/x.py, or lmpipe/x/__init__.py for a package."""
+    path = mod.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
+
+
 def reached_modules(stage: str) -> set[str]:
     """Transitive closure over the source, plus what importing the stage module actually loads."""
     todo, seen = [ROOT / "stages" / f"{stage}.py"], set()
@@ -40,7 +46,7 @@ def reached_modules(stage: str) -> set[str]:
         for mod in _imports(todo.pop()):
             if mod not in seen and mod != "lmpipe":
                 seen.add(mod)
-                todo.append(ROOT / (mod.replace(".", "/") + ".py"))
+                todo.append(ROOT / source(mod))
     loaded = subprocess.run([sys.executable, "-c", f"import json, sys, stages.{stage}; print(json.dumps("
                              "sorted(m for m in sys.modules if m.startswith('lmpipe.'))))"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -50,7 +56,7 @@ def reached_modules(stage: str) -> set[str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_depends_on_all_library_code_it_runs(stage):
     deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"])
-    needed = {f"{m.replace('.', '/')}.py" for m in reached_modules(stage)} | {f"stages/{stage}.py"}
+    needed = {source(m) for m in reached_modules(stage)} | {f"stages/{stage}.py"}
     missing = sorted(needed - deps)
     assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not depend on it"
     stale = sorted(d for d in deps if d.startswith("lmpipe/") and d not in needed)

@@ -1,0 +1,196 @@
+"""Compressed variants of the fine-tuned classifier, built, loaded and measured in one place.
+
+    python -m stages.deploy      # builds deploy.variants, scores each on the test split, gates, registers
+
+Variants (`deploy.variants`):
+- `fp32`          the fine-tuned directory as it is;
+- `int8_dynamic`  PyTorch dynamic quantisation of every nn.Linear (int8 weights, activations quantised per
+                  batch at run time); stored as the quantised state dict (`model_int8.pt`) + config;
+- `onnx`          ONNX export (torch.onnx, opset 17, dynamic batch and sequence axes) run by ONNX Runtime;
+- `onnx_int8`     that graph through ONNX Runtime's dynamic quantiser (int8 weights);
+- `pruned`        L1 magnitude pruning (torch.nn.utils.prune) of `deploy.sparsity` of every encoder Linear's
+                  weights, made permanent (prune.remove) before saving: a plain transformers directory.
+
+Every variant directory holds the tokenizer, config.json and `lmpipe_variant.json`; `load(dir)` returns a
+classifier with `predict_proba(texts, batch_size)` for any of them, which evaluate's scoring, the deploy
+gate, the MLflow pyfunc and `lmpipe serve` all call: inputs are truncated at the length stored with the
+model, as in `lmpipe.evaluation.predict_proba`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS = ("fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned")
+VARIANT_FILE = "lmpipe_variant.json"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_int8.pt", "model.onnx", "model.int8.onnx")
+
+
+def _copy_without_weights(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in WEIGHT_FILES and not f.name.startswith("training_args"):
+            shutil.copy2(f, dest / f.name)
+
+
+def supports(src: Path, variant: str) -> str | None:
+    """Why `variant` cannot be built from the fine-tuned directory `src`, or None."""
+    from lmpipe.modeling import ADAPTER_CONFIG
+
+    if variant != "fp32" and (src / ADAPTER_CONFIG).is_file():
+        return "prefix/prompt adapters (virtual tokens) are not exported; only fp32 is served for them"
+    return None
+
+
+def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
+    """Write the variant of the fine-tuned classifier in `src` to `dest` (a new directory)."""
+    import torch
+
+    from lmpipe.modeling import load_finetuned
+
+    if variant == "fp32":
+        shutil.copytree(src, dest)
+    elif variant == "pruned":
+        import torch.nn.utils.prune as prune
+
+        model = load_finetuned(src).eval()
+        head = _head_names(model)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name not in head:  # the head stays dense
+                prune.l1_unstructured(module, "weight", amount=sparsity)
+                prune.remove(module, "weight")  # permanent: the zeros are the weights
+        _copy_without_weights(src, dest)
+        model.save_pretrained(dest)
+    elif variant == "int8_dynamic":
+        model = _quantize(load_finetuned(src).eval())
+        _copy_without_weights(src, dest)
+        torch.save(model.state_dict(), dest / "model_int8.pt")
+    elif variant in ("onnx", "onnx_int8"):
+        _copy_without_weights(src, dest)
+        _export_onnx(load_finetuned(src).eval(), dest / "model.onnx")
+        if variant == "onnx_int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(dest / "model.onnx"), str(dest / "model.int8.onnx"), weight_type=QuantType.QInt8)
+            (dest / "model.onnx").unlink()
+    else:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    meta = {"variant": variant, **({"sparsity": sparsity} if variant == "pruned" else {})}
+    (dest / VARIANT_FILE).write_text(json.dumps(meta) + "\n")
+
+
+def _head_names(model) -> set[str]:
+    """The classification head's Linear modules (`score` for Llama/GPT-2, `classifier` for BERT)."""
+    return {n for n, _ in model.named_modules() if n.split(".")[0] in ("score", "classifier")}
+
+
+def _quantize(model):
+    import torch
+
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _export_onnx(model, path: Path) -> None:
+    import torch
+
+    model.config.use_cache = False  # a KV cache object is no ONNX input/output
+    ids = torch.ones((2, 8), dtype=torch.long)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's tracer warnings on transformers' masks
+        torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+
+
+def variant_of(model_dir: Path) -> str:
+    meta = Path(model_dir) / VARIANT_FILE
+    return json.loads(meta.read_text())["variant"] if meta.is_file() else "fp32"
+
+
+class Classifier:
+    """Any variant directory: texts -> (N, num_labels) probabilities; `.id2label`, `.variant`."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+        from transformers import AutoConfig
+
+        from lmpipe.modeling import load_tokenizer, stored_max_length
+
+        self.dir = Path(model_dir)
+        self.variant = variant_of(self.dir)
+        self.config = AutoConfig.from_pretrained(self.dir)
+        self.id2label = {int(k): v for k, v in self.config.id2label.items()}
+        self.tokenizer = load_tokenizer(self.dir)
+        self.max_length = stored_max_length(self.tokenizer, self.config)
+        self.device = device if self.variant in ("fp32", "pruned") else "cpu"  # int8 and ONNX Runtime: CPU
+        self.model = self.session = None
+        if self.variant in ("onnx", "onnx_int8"):
+            import onnxruntime as ort
+
+            onnx = self.dir / ("model.int8.onnx" if self.variant == "onnx_int8" else "model.onnx")
+            opts = ort.SessionOptions()
+            import torch
+
+            opts.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch variants
+            self.session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+        elif self.variant == "int8_dynamic":
+            import torch
+            from transformers import AutoModelForSequenceClassification
+
+            model = _quantize(AutoModelForSequenceClassification.from_config(self.config).eval())
+            model.load_state_dict(torch.load(self.dir / "model_int8.pt", weights_only=True))
+            self.model = model.eval()
+        else:
+            from lmpipe.modeling import load_finetuned
+
+            self.model = load_finetuned(self.dir).eval().to(self.device)
+
+    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        if self.model is not None:
+            from lmpipe.evaluation import predict_proba
+
+            return predict_proba(self.model, self.tokenizer, texts, batch_size, self.device, self.max_length)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[start:start + batch_size], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="np")
+            logits = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                                   "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+            e = np.exp(logits - logits.max(-1, keepdims=True))  # softmax, (B, num_labels)
+            out.append((e / e.sum(-1, keepdims=True)).astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, len(self.id2label)), dtype=np.float32)
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        probs = self.predict_proba(texts, batch_size)
+        return [{"label": self.id2label[int(i)], "score": float(p[i])} for i, p in zip(probs.argmax(-1), probs)]
+
+
+def load(model_dir: str | Path, device: str = "cpu") -> Classifier:
+    return Classifier(model_dir, device)
+
+
+def size_mb(model_dir: Path) -> float:
+    """The variant directory on disk (weights, config, tokenizer), MiB."""
+    return sum(f.stat().st_size for f in Path(model_dir).rglob("*") if f.is_file()) / 2**20
+
+
+def latency_ms(clf: Classifier, texts: list[str], batch: int, repeats: int) -> float:
+    """Median wall time of one forward pass over `batch` texts (after one warm-up), ms."""
+    chunk = (texts * (batch // max(len(texts), 1) + 1))[:batch]
+    clf.predict_proba(chunk, batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        clf.predict_proba(chunk, batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)

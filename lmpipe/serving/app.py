@@ -1,0 +1,251 @@
+"""The endpoint: FastAPI routes, payload limits, and `serve` (what `lmpipe serve` runs).
+
+    lmpipe serve [--model-uri models:/lmpipe-sst2@champion] [--host 127.0.0.1] [--port 8000] [--token-file F]
+
+| route               | auth  | answers                                                                     |
+|---------------------|-------|-----------------------------------------------------------------------------|
+| GET /health         | open  | status and the served model's uri, name, version, variant                  |
+| POST /predict       | token | {"texts": [...]} -> {"predictions": [{label, score}, ...]}, micro-batched |
+| GET /metrics        | token | Prometheus text format (lmpipe.serving.metrics)                            |
+| GET /drift          | token | PSI per feature of the live window vs the model's drift reference          |
+| POST /admin/reload  | token | check the alias now; swap when it moved                                     |
+
+/predict refuses, before any model work: no/wrong token 401, body over serve.max_body_bytes 413, a content
+type other than application/json 415, invalid JSON 400, a wrong shape 422 naming the field; and ends every
+request in bounded time (503 queue full / waited too long for a batch, 504 inference too slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lmpipe.config import Serve
+from lmpipe.errors import LmpipeError
+from lmpipe.serving import auth, reload
+from lmpipe.serving.batching import Batcher, Refused
+from lmpipe.serving.drift import DriftMonitor, load_reference
+from lmpipe.serving.metrics import Metrics, MetricsMiddleware
+
+log = logging.getLogger("lmpipe.serving")
+MONITOR_BACKLOG = 8  # batches waiting for the drift thread at most; beyond, batches are left out of the window
+
+
+class PayloadError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it is known to exceed `limit` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadError(413, f"body: {declared} bytes, more than serve.max_body_bytes ({limit})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadError(413, f"body: more than serve.max_body_bytes ({limit})")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_texts(body: bytes, max_texts: int, max_chars: int) -> list[str]:
+    """{"texts": [...]} -> the texts; PayloadError 400 (not JSON) or 422 (naming the field) otherwise."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError(400, f"body: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PayloadError(422, 'body: expected a JSON object {"texts": [...]}')
+    extra = sorted(set(data) - {"texts"})
+    if extra:
+        raise PayloadError(422, f"{extra[0]}: unknown field (expected only texts)")
+    texts = data.get("texts")
+    if texts is None:
+        raise PayloadError(422, "texts: field required")
+    if not isinstance(texts, list):
+        raise PayloadError(422, "texts: expected a list of strings")
+    if not texts:
+        raise PayloadError(422, "texts: empty list")
+    if len(texts) > max_texts:
+        raise PayloadError(422, f"texts: {len(texts)} texts, more than serve.max_texts ({max_texts})")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise PayloadError(422, f"texts[{i}]: expected a string")
+        if not t.strip():
+            raise PayloadError(422, f"texts[{i}]: empty text")
+        if len(t) > max_chars:
+            raise PayloadError(422, f"texts[{i}]: longer than {max_chars} characters (serve.max_chars)")
+    return texts
+
+
+def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, token: str | None = None,
+               client=None) -> FastAPI:
+    """The app around `model` (a reload.Served, or any predictor with .predict(texts, batch_size)); `cfg`
+    defaults to params.yaml's serve section, `token` None = open (auth.py)."""
+    if cfg is None:
+        from lmpipe.config import load_params, repo_root
+
+        cfg = load_params(repo_root() / "params.yaml").serve
+    served = model if isinstance(model, reload.Served) else reload.Served(model, model_uri or "", model_uri or "",
+                                                                            "local", "fp32")
+    metrics = Metrics()
+    monitor_pool = ThreadPoolExecutor(1, thread_name_prefix="lmpipe-drift")
+    backlog = threading.BoundedSemaphore(MONITOR_BACKLOG)
+
+    def prepare(new: reload.Served) -> None:
+        """Before a model is swapped in: its drift monitor (if it ships a reference) and the Info metric."""
+        reference = load_reference(new.model_dir)
+        new.extra["drift"] = (DriftMonitor(reference, cfg.monitor, new.predictor.tokenizer, metrics.drift_psi)
+                              if reference else None)
+        metrics.model.info(new.info())
+        if new is not served:
+            metrics.reloads.inc()
+
+    def run(texts: list[str]) -> list[dict[str, Any]]:
+        """One batch on the inference thread, on whichever model is current now: sorted by length (characters,
+        a proxy for tokens) so each forward pass of forward_batch_size texts pads little, answers unsorted."""
+        current = holder.current
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ranked = current.predictor.predict([texts[i] for i in order], batch_size=cfg.forward_batch_size)
+        preds: list[dict[str, Any]] = [{}] * len(texts)
+        for rank, i in enumerate(order):
+            preds[i] = ranked[rank]
+        metrics.forward_passes.inc(-(-len(texts) // cfg.forward_batch_size))
+        metrics.observe_predictions(preds)
+        drift = current.extra.get("drift")
+        if drift is not None and backlog.acquire(blocking=False):
+            monitor_pool.submit(drift.observe, texts, preds).add_done_callback(lambda f: backlog.release())
+        return preds
+
+    prepare(served)
+    holder = reload.Holder(served, client, cfg.reload_interval_s, prepare)
+    batcher = Batcher(run, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.request_timeout_s,
+                      cfg.inference_timeout_s, on_batch=metrics.batch_size.observe, on_queue=metrics.queue_texts.set)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)  # process-wide; the inference thread is the only torch user
+        await batcher.start()
+        holder.start()
+        yield
+        holder.stop()
+        await batcher.stop()
+        monitor_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="lmpipe classifier", version="2", lifespan=lifespan)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.holder, app.state.metrics = holder, metrics
+
+    def require_token(request: Request) -> None:
+        if not auth.authorized(request.headers.get("authorization"), token):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", **holder.current.info()}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        require_token(request)
+        try:
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise PayloadError(415, f"content-type: expected application/json (got {ctype or 'none'})")
+            texts = parse_texts(await read_body(request, cfg.max_body_bytes), cfg.max_texts, cfg.max_chars)
+            preds = await batcher.submit(texts)
+        except PayloadError as e:
+            return JSONResponse({"detail": e.detail}, status_code=e.status)
+        except Refused as e:
+            return JSONResponse({"detail": str(e)}, status_code=e.status)
+        return JSONResponse({"predictions": preds})
+
+    @app.get("/metrics")
+    def prometheus(request: Request) -> Response:
+        require_token(request)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/drift")
+    def drift(request: Request) -> dict[str, Any]:
+        require_token(request)
+        monitor = holder.current.extra.get("drift")
+        if monitor is None:
+            return {"enabled": False, "reason": "the served model directory has no drift_reference.json", **holder.current.info()}
+        return {**monitor.report(), **holder.current.info()}
+
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request) -> Response:
+        require_token(request)
+        try:
+            result = await asyncio.to_thread(holder.check)
+        except Exception as e:  # noqa: BLE001 - the registry or the new version's files: say which, keep serving
+            return JSONResponse({"reloaded": False, "version": holder.current.version,
+                                 "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"},
+                                status_code=502)
+        return JSONResponse(result, status_code=200 if holder.alias else 409)
+
+    return app
+
+
+def _logging() -> None:
+    logger = logging.getLogger("lmpipe.serving")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))  # uvicorn's look
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def serve(model_uri: str, host: str | None = None, port: int | None = None, cfg: Serve | None = None,
+          token_file: str | None = None, allow_unauthenticated: bool = False) -> None:
+    """Check token and bind first (one-line errors, before the model loads), load, run uvicorn."""
+    import socket
+
+    import mlflow
+    import uvicorn
+
+    if cfg is None:
+        from lmpipe.config import load_params, repo_root
+
+        cfg = load_params(repo_root() / "params.yaml").serve
+    host = host or cfg.host
+    port = cfg.port if port is None else port
+    token = auth.resolve_token(token_file)
+    auth.check_bind(host, token, allow_unauthenticated)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise LmpipeError(f"serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the drift thread tokenizes beside inference
+    _logging()
+    client = mlflow.MlflowClient()
+    try:
+        served = reload.load(model_uri, client)
+    except Exception as e:  # unknown alias, missing files, not a classifier, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LmpipeError(f"--model-uri {model_uri}: cannot load model ({type(e).__name__}: {first})") from None
+    app = create_app(served, model_uri, cfg, token=token, client=client)
+    log.info("serving %s (%s v%s, %s) on http://%s:%s, auth %s", model_uri, served.name, served.version,
+             served.variant, host, port, "bearer token" if token else "off")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -1,0 +1,256 @@
+"""The deploy stage's compressed variants (lmpipe/compress.py) and rollback (lmpipe/registry.py), through the
+paths a user takes: `dvc repro` in a tiny repo, `python -m stages.deploy`, `lmpipe rollback`, MLflow's registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import make_repo, run_module, sh, tiny_params
+
+LMPIPE = str(Path(sys.executable).parent / "lmpipe")
+ALL = ["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
+
+
+def _learning_params() -> dict:
+    """Tiny params whose classifier learns the tiny task (test accuracy 1.0), all variants, pruning so hard
+    (95% of the weights) that the pruned variant falls to chance and the drop gate refuses it."""
+    raw = tiny_params()
+    raw["finetune"].update(max_steps=30, learning_rate=0.005, scratch_baseline=False)
+    raw["deploy"].update(variants=ALL, serve_variant="int8_dynamic", max_accuracy_drop=0.2, sparsity=0.95)
+    return raw
+
+
+def test_variants_scored_gated_registered_and_the_served_one_exported(tmp_path, tiny_data):
+    import mlflow
+
+    repo = make_repo(tmp_path / "repo", _learning_params(), tiny_data)
+    sh(repo, "dvc", "repro")
+    ev = json.loads((repo / "metrics" / "eval.json").read_text())
+    dep = json.loads((repo / "metrics" / "deploy.json").read_text())
+    rows = dep["variants"]
+    assert list(rows) == ALL
+
+    # 1) each variant scored on evaluate's test split and timed; fp32 is evaluate's model, figure for figure
+    assert rows["fp32"]["accuracy"] == ev["classifier"]["accuracy"] == 1.0
+    assert rows["fp32"]["f1_macro"] == ev["classifier"]["f1_macro"]
+    for name in ("int8_dynamic", "onnx", "onnx_int8"):
+        r = rows[name]
+        assert r["status"] == "passed" and r["accuracy_drop"] <= 0.2, r
+        assert r["latency_b1_ms"] > 0 and r["latency_b32_ms"] > 0 and r["size_mb"] > 0 and "speedup_b1" in r
+    # 2) the pruned variant lost more than deploy.max_accuracy_drop: refused and recorded, the stage succeeded
+    assert rows["pruned"]["status"] == "refused" and rows["pruned"]["accuracy_drop"] > 0.2
+    assert "deploy.max_accuracy_drop 0.2" in rows["pruned"]["reason"] and "version" not in rows["pruned"]
+
+    # 3) the registry: one version per passed variant, tagged with its figures; champion on the served one
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = {mv.tags["variant"]: mv for mv in client.search_model_versions("name='lmpipe-sst2'")}
+    assert set(versions) == {"fp32", "int8_dynamic", "onnx", "onnx_int8"}
+    for name, mv in versions.items():
+        assert float(mv.tags["accuracy"]) == rows[name]["accuracy"]
+        assert float(mv.tags["latency_b32_ms"]) == rows[name]["latency_b32_ms"]
+        assert {"accuracy_drop", "size_mb", "source_run_id", "git.commit"} <= set(mv.tags)
+    champion = client.get_model_version_by_alias("lmpipe-sst2", "champion")
+    assert str(champion.version) == str(versions["int8_dynamic"].version) == dep["version"]
+    run = client.get_run(dep["mlflow_run_id"])
+    assert run.data.tags["deploy.variant.pruned"].startswith("refused: accuracy drop")
+    assert run.data.metrics["variant.onnx_int8.accuracy"] == rows["onnx_int8"]["accuracy"]
+
+    # 4) the exported model is the served variant; every registered variant predicts through its MLflow pyfunc
+    assert json.loads((repo / "models" / "deploy" / "model" / "lmpipe_variant.json").read_text())["variant"] == \
+        "int8_dynamic"
+    test = pd.read_parquet(repo / "data" / "clean" / "labeled_test.parquet")
+    names = json.loads((repo / "data" / "clean" / "labels.json").read_text())["names"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    for name, mv in versions.items():
+        out = mlflow.pyfunc.load_model(f"models:/lmpipe-sst2/{mv.version}").predict(pd.DataFrame({"text": test["text"]}))
+        acc = float((out["label"].map(names.index).to_numpy() == test["label"].to_numpy()).mean())
+        assert acc == rows[name]["accuracy"], name
+
+
+def test_bad_serve_variant_is_one_line(tmp_path):
+    raw = tiny_params()
+    raw["deploy"].update(variants=["fp32"], serve_variant="onnx")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    res = run_module("stages.deploy", tmp_path)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and lines[-1].startswith("deploy: error:"), res.stderr
+    assert "deploy.serve_variant: serve_variant: onnx is not one of deploy.variants ['fp32']" in res.stderr \
+        or "serve_variant: onnx is not one of deploy.variants" in lines[-1], res.stderr
+
+
+@pytest.fixture(scope="module")
+def three_deploys(tmp_path_factory):
+    """A workdir whose finetune -> evaluate -> deploy ran three times with more and more fine-tuning steps:
+    three versions, each better than the last, each promoted to champion."""
+    from conftest import write_tiny_data
+
+    base = tmp_path_factory.mktemp("rollback")
+    data = write_tiny_data(base / "data")
+    wd = base / "work"
+    wd.mkdir()
+    raw = tiny_params()
+    raw["finetune"].update(learning_rate=0.005, scratch_baseline=False)
+    (wd / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+    for stage in ("clean", "tokenize", "pretrain"):
+        res = run_module(f"stages.{stage}", wd, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+    accuracies = []
+    for steps in (2, 12, 30):  # test accuracy 0.5, 0.83, 1.0 on the tiny task
+        for stage in ("finetune", "evaluate", "deploy"):
+            res = run_module(f"stages.{stage}", wd, "--set", f"finetune.max_steps={steps}", env=env)
+            assert res.returncode == 0, res.stderr[-3000:]
+        dep = json.loads((wd / "metrics" / "deploy.json").read_text())
+        assert dep["promoted"], dep
+        accuracies.append(dep["accuracy"])
+    assert accuracies == sorted(set(accuracies)), accuracies  # strictly better each time
+    return wd, env
+
+
+def _lmpipe(wd: Path, env: dict, *args: str):
+    import subprocess
+
+    full = {**os.environ, **env, "LMPIPE_USER": "ops-alice"}
+    return subprocess.run([LMPIPE, *args], cwd=wd, env=full, capture_output=True, text=True, timeout=300)
+
+
+def test_rollback_twice_then_to_a_version_then_nothing_left(three_deploys):
+    import mlflow
+
+    wd, env = three_deploys
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    holder = lambda: str(client.get_model_version_by_alias("lmpipe-sst2", "champion").version)  # noqa: E731
+    assert holder() == "3"
+
+    res = _lmpipe(wd, env, "rollback", "--reason", "latency regression")
+    assert res.returncode == 0 and "lmpipe-sst2@champion: v3 -> v2" in res.stdout, res.stderr
+    assert holder() == "2"
+    tags = client.get_model_version("lmpipe-sst2", "2").tags
+    assert tags["rollback.by"] == "ops-alice" and tags["rollback.from"] == "3"
+    assert tags["rollback.why"] == "rollback from v3: latency regression" and tags["rollback.at"]
+
+    res = _lmpipe(wd, env, "rollback")  # twice in a row: one further back
+    assert res.returncode == 0 and "v2 -> v1" in res.stdout, res.stderr
+    assert holder() == "1"
+    res = _lmpipe(wd, env, "rollback")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        "lmpipe: error: rollback: lmpipe-sst2@champion (v1) has no earlier holder to roll back to"], res.stderr
+    assert holder() == "1"
+
+    res = _lmpipe(wd, env, "rollback", "--to", "3")
+    assert res.returncode == 0 and "v1 -> v3" in res.stdout and holder() == "3"
+    res = _lmpipe(wd, env, "rollback")  # back from an explicit move goes to where it came from
+    assert res.returncode == 0 and "v3 -> v1" in res.stdout and holder() == "1"
+    for bad, message in ((["--to", "99"], "rollback --to 99: lmpipe-sst2 has no version 99"),
+                         (["--to", "1"], "rollback --to 1: v1 already holds lmpipe-sst2@champion")):
+        res = _lmpipe(wd, env, "rollback", *bad)
+        assert res.returncode == 1 and res.stderr.strip() == f"lmpipe: error: {message}", res.stderr
+    history = json.loads(client.get_registered_model("lmpipe-sst2").tags["lmpipe.alias_history.champion"])
+    assert [h["version"] for h in history] == ["1"] and history[-1]["by"] == "ops-alice"
+
+
+def test_mlflow_models_serve_answers_for_the_champion(three_deploys):
+    """Interop: MLflow's own server (`mlflow models serve --env-manager local`) serves the registered champion
+    and answers like the pyfunc loaded in process."""
+    import subprocess
+    import time
+
+    import mlflow
+    import requests
+
+    from conftest import NEG, POS, free_port
+
+    wd, env = three_deploys
+    port = free_port()
+    bindir = str(Path(sys.executable).parent)
+    full = {**os.environ, **env, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}  # it execs uvicorn
+    proc = subprocess.Popen([f"{bindir}/mlflow", "models", "serve", "-m", "models:/lmpipe-sst2@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)], cwd=wd, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in 180 s"
+            time.sleep(1)
+        texts = POS[:3] + NEG[:3]
+        res = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                            json={"dataframe_records": [{"text": t} for t in texts]})
+        assert res.status_code == 200, res.text
+        served = res.json()["predictions"]
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        local = mlflow.pyfunc.load_model("models:/lmpipe-sst2@champion").predict(pd.DataFrame({"text": texts}))
+        assert [p["label"] for p in served] == local["label"].tolist()
+        assert [round(p["score"], 5) for p in served] == [round(s, 5) for s in local["score"]]
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_server_on_the_champion_follows_a_rollback(three_deploys):
+    """`lmpipe serve` on models:/lmpipe-sst2@champion (alias polled every second), then `lmpipe rollback --to`:
+    within a few polls /health names the version rolled back to and /predict answers with its weights."""
+    import signal
+    import subprocess
+    import time
+
+    import mlflow
+    import requests
+
+    from conftest import NEG, POS, free_port
+
+    wd, env = three_deploys
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    before = str(client.get_model_version_by_alias("lmpipe-sst2", "champion").version)
+    target = "3" if before != "3" else "1"
+    port = free_port()
+    full = {**os.environ, **env, "LMPIPE_USER": "ops-bob"}
+    full.pop("LMPIPE_API_TOKEN", None)
+    proc = subprocess.Popen([LMPIPE, "serve", "--model-uri", "models:/lmpipe-sst2@champion", "--port", str(port),
+                             "--reload-interval", "1"], cwd=wd, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def health():
+        return requests.get(f"{base}/health", timeout=5).json()
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            try:
+                if str(health()["version"]) == before:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "lmpipe serve did not come up on the champion in 180 s"
+            time.sleep(0.5)
+        texts = POS[:3] + NEG[:3]
+        res = _lmpipe(wd, env, "rollback", "--to", target, "--reason", "canary failed")
+        assert res.returncode == 0, res.stderr
+        deadline = time.monotonic() + 60
+        while str(health()["version"]) != target:
+            assert time.monotonic() < deadline, f"server still on {health()} 60 s after the rollback"
+            time.sleep(0.5)
+        served = requests.post(f"{base}/predict", json={"texts": texts}, timeout=60).json()["predictions"]
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        local = mlflow.pyfunc.load_model(f"models:/lmpipe-sst2/{target}").predict(pd.DataFrame({"text": texts}))
+        assert [p["label"] for p in served] == local["label"].tolist()
+        assert [round(p["score"], 5) for p in served] == [round(s, 5) for s in local["score"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
