@@ -362,6 +362,9 @@ class Deploy(Section):
     """MLflow registered model name."""
     alias: str
     """Alias moved to a new version only if it beats the current holder."""
+    publish: bool
+    """Build, measure and register the variants and move the alias; false (what sweep trials run): the
+    gate outcome is recorded, nothing is registered, the alias stays."""
     variants: list[Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]] = Field(min_length=1)
     """Variants built, scored on the test split, timed and registered when they pass the drop gate
     (lmpipe/compress.py); fp32 is always measured as the reference."""
@@ -372,7 +375,7 @@ class Deploy(Section):
     sparsity: float = Field(gt=0, lt=1)
     """`pruned`: share of each encoder Linear's weights zeroed by L1 magnitude."""
     latency_repeats: int = Field(ge=1)
-    """Timed forward passes per variant at batch 1 (a quarter of them, at least 3, at batch 32)."""
+    """Timed forward passes per variant, at batch 1 and at batch 32 (the first 32 test sentences); medians."""
     out_dir: str
     """Output: the deployable model (the served variant's directory)."""
     metrics: str
@@ -402,8 +405,8 @@ class Serve(Section):
     max_batch_size: int = Field(ge=1)
     """Micro-batching: at most this many texts per batch, one call into the model (a request with more runs alone)."""
     forward_batch_size: int = Field(ge=1)
-    """A batch is sorted by text length and run in forward passes of this many texts: less padding. SST-2 dev,
-    3.1M Llama, one thread: 32 sentences in one padded pass 249 ms, sorted passes of 8 166 ms, of 4 155 ms."""
+    """A batch is sorted by text length and run in forward passes of this many texts: less padding (measured in
+    the README's results)."""
     max_wait_ms: float = Field(ge=0)
     """Micro-batching: how long the first request of a batch waits for others to join (ms)."""
     max_queue: int = Field(ge=1)

@@ -131,8 +131,9 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
     raw, params = prepare(root, overrides, profile)  # validate before anything runs
     exp_id = setup(root, params.common.experiment)
     client = mlflow.MlflowClient()
-    wt = create(root, name)
+    wt, parent, status = root / ".lmpipe" / "worktrees" / name, None, "FAILED"
     try:
+        wt = create(root, name)
         write_params(wt, raw)
         parent = start_pipeline_run(client, exp_id, {"dvc.exp_name": name, **git_info(root), **(tags or {})})
         run_env = env(root, **{PARENT_ENV: parent}, **(extra_env or {}))
@@ -145,9 +146,11 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
             print(f"experiment {name} saved: dvc exp show", flush=True)
             if on_success is not None:
                 on_success(wt)
-        client.set_terminated(parent, "FINISHED" if code == 0 else "FAILED")
+            status = "FINISHED"
         return code, parent
-    finally:
+    finally:  # whatever raised (exp save, the objective, the worktree): the run ends, the worktree goes
+        if parent is not None:
+            client.set_terminated(parent, status)
         remove(root, wt)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from lmpipe.errors import LmpipeError
 
 HISTORY_TAG = "lmpipe.alias_history.{alias}"
-HISTORY_KEEP = 50  # entries kept in the tag (MLflow caps a tag value's length)
+HISTORY_MAX_CHARS = 5000  # MLflow's registered-model tag values are VARCHAR(5000): the oldest entries go first
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "peft>=0.17,<1", "pandas", "mlflow>=3,<4"]
 
 
@@ -77,10 +77,13 @@ def _history(client, name: str, alias: str) -> list[dict[str, Any]]:
 
 def _move(client, name: str, alias: str, version: str, history: list[dict[str, Any]], why: str) -> dict[str, Any]:
     entry = {"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "by": os.environ.get("LMPIPE_USER") or getpass.getuser(), "why": why}
-    client.set_registered_model_alias(name, alias, str(version))
-    history = (history + [entry])[-HISTORY_KEEP:]
+             "by": os.environ.get("LMPIPE_USER") or getpass.getuser(), "why": why[:300]}
+    history = history + [entry]
+    while len(json.dumps(history)) > HISTORY_MAX_CHARS and len(history) > 1:
+        history.pop(0)
+    # the history first: a failed write leaves the alias where it was, never moved without a record
     client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    client.set_registered_model_alias(name, alias, str(version))
     return entry
 
 

@@ -302,10 +302,17 @@ class Study:
         if self.run_tags:
             trial_env[TAGS_ENV] = json.dumps(self.run_tags)
         t0 = time.perf_counter()
-        code, run_id = experiments.run_trial(self.root, exp_name, {**sweep.fixed, **values}, self.profile, trial_env,
-                                             {"mlflow.parentRunId": self.parent, "sweep.trial": str(trial.number),
-                                              **self.run_tags},
-                                             lambda wt: found.update(_objective(wt, self.params, sweep.objective)))
+        # a trial is selection on the validation split: its deploy stage registers nothing and moves no alias
+        # (the test split must not pick the champion; parallel trials would race on it)
+        overrides = {**sweep.fixed, **values, "deploy.publish": False}
+        try:
+            code, run_id = experiments.run_trial(self.root, exp_name, overrides, self.profile, trial_env,
+                                                 {"mlflow.parentRunId": self.parent, "sweep.trial": str(trial.number),
+                                                  **self.run_tags},
+                                                 lambda wt: found.update(_objective(wt, self.params, sweep.objective)))
+        except Exception:  # the trial could not run or be saved: failed in Optuna, not left RUNNING
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
         seconds = time.perf_counter() - t0
         state = optuna.trial.TrialState.COMPLETE
         attrs = next(t.user_attrs for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -477,8 +484,17 @@ def apply(root: Path, exp_name: str) -> None:
     """`dvc exp apply` the experiment into the workspace and print the params diff against HEAD."""
     from lmpipe.experiments import DVC
 
+    import yaml
+
     res = subprocess.run([*DVC, "exp", "apply", exp_name], cwd=root, capture_output=True, text=True)
     if res.returncode != 0:
         raise LmpipeError(f"dvc exp apply {exp_name}: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+    # trials ran with deploy.publish false (selection only); the applied workspace deploys as HEAD does
+    head = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True).stdout
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    publish = (yaml.safe_load(head) or {}).get("deploy", {}).get("publish", True)
+    if raw.get("deploy", {}).get("publish") != publish:
+        raw["deploy"]["publish"] = publish
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     diff = subprocess.run(["git", "diff", "--", "params.yaml"], cwd=root, capture_output=True, text=True).stdout
     print(f"applied {exp_name}; params.yaml now differs from HEAD by:\n{diff or '(nothing)'}", flush=True)

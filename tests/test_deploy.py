@@ -79,10 +79,9 @@ def test_bad_serve_variant_is_one_line(tmp_path):
     raw["deploy"].update(variants=["fp32"], serve_variant="onnx")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     res = run_module("stages.deploy", tmp_path)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2 and lines[-1].startswith("deploy: error:"), res.stderr
-    assert "deploy.serve_variant: serve_variant: onnx is not one of deploy.variants ['fp32']" in res.stderr \
-        or "serve_variant: onnx is not one of deploy.variants" in lines[-1], res.stderr
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "deploy: error: params.yaml: deploy.serve_variant: onnx is not one of deploy.variants ['fp32']"], res.stderr
+    assert not (tmp_path / "metrics").exists()
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
         for bad in ({}, {"texts": []}, {"texts": [1]}, {"texts": [""]}, {"text": ["x"]}):
             assert requests.post(f"{base}/predict", json=bad, timeout=10).status_code == 422, bad
         assert requests.post(f"{base}/predict", data="not json", timeout=10,
-                             headers={"content-type": "application/json"}).status_code == 422
+                             headers={"content-type": "application/json"}).status_code == 400  # not JSON
     finally:
         proc.terminate()
         proc.wait(timeout=30)

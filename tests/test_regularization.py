@@ -186,6 +186,7 @@ def _finetune_setup(tmp_path, monkeypatch, **values):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_experiment("test")  # not whatever experiment an earlier test in this worker left active
     texts, labels = POS + NEG, [1] * len(POS) + [0] * len(NEG)
     tok = train_tokenizer(texts * 3, "wordpiece", vocab_size=120, min_frequency=1, model_max_length=32)
     torch.manual_seed(0)

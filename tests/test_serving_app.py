@@ -119,6 +119,7 @@ def test_token_guards_everything_but_health(server: Server):
      "serve.max_body_bytes"),
     (dict(data=b'{"texts": ["a film"]}', headers={"content-type": "text/plain"}), 415, "application/json"),
     (dict(data=b'{"texts": ["a film"', headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    (dict(data=b"[" * 50_000, headers={"content-type": "application/json"}), 400, "nested too deeply"),
     (dict(json={"text": ["a film"]}), 422, "text: unknown field"),
     (dict(json={}), 422, "texts: field required"),
     (dict(json={"texts": []}), 422, "texts: empty list"),

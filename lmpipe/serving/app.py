@@ -68,6 +68,8 @@ def parse_texts(body: bytes, max_texts: int, max_chars: int) -> list[str]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PayloadError(400, f"body: not valid JSON ({e})") from None
+    except RecursionError:  # e.g. 100 KB of "[": nested deeper than the parser goes
+        raise PayloadError(400, "body: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise PayloadError(422, 'body: expected a JSON object {"texts": [...]}')
     extra = sorted(set(data) - {"texts"})
@@ -149,7 +151,9 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
         await batcher.stop()
         monitor_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="lmpipe classifier", version="2", lifespan=lifespan)
+    # no /docs, /redoc, /openapi.json: with a token set, /health is the only open route (README)
+    app = FastAPI(title="lmpipe classifier", version="2", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.holder, app.state.metrics = holder, metrics
 
@@ -239,13 +243,17 @@ def serve(model_uri: str, host: str | None = None, port: int | None = None, cfg:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the drift thread tokenizes beside inference
     _logging()
+    if cfg.threads:  # before the first load: an ONNX Runtime session takes its thread count when it is built
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     client = mlflow.MlflowClient()
     try:
         served = reload.load(model_uri, client)
-    except Exception as e:  # unknown alias, missing files, not a classifier, ...
+        app = create_app(served, model_uri, cfg, token=token, client=client)  # reads the drift reference
+    except Exception as e:  # unknown alias, missing files, not a classifier, a broken drift reference, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmpipeError(f"--model-uri {model_uri}: cannot load model ({type(e).__name__}: {first})") from None
-    app = create_app(served, model_uri, cfg, token=token, client=client)
     log.info("serving %s (%s v%s, %s) on http://%s:%s, auth %s", model_uri, served.name, served.version,
              served.variant, host, port, "bearer token" if token else "off")
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -35,6 +35,12 @@ class InferenceTimeout(Refused):
     status = 504
 
 
+class InferenceFailed(Refused):
+    """The model raised on this batch: 500 with the reason as JSON (the server keeps serving)."""
+
+    status = 500
+
+
 @dataclass(eq=False)
 class _Item:
     texts: list[str]
@@ -148,7 +154,7 @@ class Batcher:
                 await asyncio.gather(running, return_exceptions=True)
                 continue
             except Exception as e:  # noqa: BLE001 - a failing batch answers its requests, never kills the loop
-                _fail(batch, RuntimeError(f"inference failed: {type(e).__name__}: {e}"))
+                _fail(batch, InferenceFailed(f"inference failed: {type(e).__name__}: {str(e)[:300]}"))
                 continue
             # 4) hand each request its slice
             start = 0

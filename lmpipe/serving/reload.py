@@ -69,7 +69,7 @@ class Holder:
         self.alias = ALIAS_URI.match(served.uri)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._failed: str | None = None  # a version that failed to load: warned once
+        self._failed: str | None = None  # a version that failed to load: warned once, not retried by the poller
 
     def start(self) -> None:
         if self.alias:
@@ -81,12 +81,14 @@ class Holder:
     def _poll(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.check()
+                self.check(retry_failed=False)
             except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the poller
                 log.warning("reload: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
-    def check(self) -> dict[str, Any]:
-        """Swap to the alias's version when it moved; what happened, as /admin/reload answers it."""
+    def check(self, retry_failed: bool = True) -> dict[str, Any]:
+        """Swap to the alias's version when it moved; what happened, as /admin/reload answers it. The poller
+        passes retry_failed=False: a version that failed to load is not loaded again every interval (until the
+        alias moves on, or /admin/reload asks)."""
         if not self.alias:
             return {"reloaded": False, "version": self.current.version,
                     "reason": f"{self.current.uri} is not models:/NAME@alias; nothing to follow"}
@@ -95,14 +97,17 @@ class Holder:
             mv = self.client.get_model_version_by_alias(self.alias["name"], self.alias["alias"])
             if str(mv.version) == old.version:
                 return {"reloaded": False, "version": old.version}
+            if not retry_failed and self._failed == str(mv.version):
+                return {"reloaded": False, "version": old.version, "reason": f"v{mv.version} failed to load"}
             try:
                 new = load(old.uri, self.client)  # resolves the alias again and loads that version in full
             except Exception as e:
-                if self._failed != str(mv.version):
-                    self._failed = str(mv.version)
-                    log.warning("reload: %s v%s failed to load, still serving v%s (%s)", old.name, mv.version,
-                                old.version, type(e).__name__)
-                raise
+                self._failed = str(mv.version)
+                log.warning("reload: %s v%s failed to load, still serving v%s (%s: %s)", old.name, mv.version,
+                            old.version, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                if retry_failed:
+                    raise  # /admin/reload answers 502 with the reason
+                return {"reloaded": False, "version": old.version, "reason": f"v{mv.version} failed to load"}
             self.on_swap(new)
             self.current = new  # the swap: the next batch runs on the new model
             log.info("reload: %s@%s v%s -> v%s", old.name, self.alias["alias"], old.version, new.version)
