@@ -155,6 +155,7 @@ def test_rollback_twice_then_to_a_version_then_nothing_left(three_deploys):
     assert [h["version"] for h in history] == ["1"] and history[-1]["by"] == "ops-alice"
 
 
+@pytest.mark.slow  # MLflow's own server: interop, not lmpipe's code path
 def test_mlflow_models_serve_answers_for_the_champion(three_deploys):
     """Interop: MLflow's own server (`mlflow models serve --env-manager local`) serves the registered champion
     and answers like the pyfunc loaded in process."""

@@ -179,6 +179,7 @@ def test_pruned_trial_and_a_killed_sweep_resume_to_n_trials(tmp_path, tiny_data)
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no").stdout.strip() == ""  # workspace intact
 
 
+@pytest.mark.slow  # three tiny pipelines; the deployments test also runs the sweep flow, through a worker
 def test_sweep_flow_runs_trials_as_tasks_two_at_a_time(tmp_path, tiny_data, harness, flow_env):
     """The Prefect sweep flow (parallel 2) on a real Prefect API: the first trial runs alone (it fills DVC's
     run cache), the other two side by side in their own worktrees; every trial is a DVC experiment, pretrain
