@@ -204,41 +204,23 @@ def test_mlflow_models_serve_answers_for_the_champion(three_deploys):
 def test_a_server_on_the_champion_follows_a_rollback(three_deploys):
     """`lmpipe serve` on models:/lmpipe-sst2@champion (alias polled every second), then `lmpipe rollback --to`:
     within a few polls /health names the version rolled back to and /predict answers with its weights."""
-    import signal
-    import subprocess
     import time
 
     import mlflow
     import requests
 
-    from conftest import NEG, POS, free_port
+    from conftest import NEG, POS, Server
 
     wd, env = three_deploys
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     before = str(client.get_model_version_by_alias("lmpipe-sst2", "champion").version)
     target = "3" if before != "3" else "1"
-    port = free_port()
-    full = {**os.environ, **env, "LMPIPE_USER": "ops-bob"}
-    full.pop("LMPIPE_API_TOKEN", None)
-    proc = subprocess.Popen([LMPIPE, "serve", "--model-uri", "models:/lmpipe-sst2@champion", "--port", str(port),
-                             "--reload-interval", "1"], cwd=wd, env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    with Server(wd, "--model-uri", "models:/lmpipe-sst2@champion", "--reload-interval", "1",
+                env={**env, "LMPIPE_USER": "ops-bob"}, timeout=180) as srv:
+        def health():
+            return requests.get(f"{srv.url}/health", timeout=5).json()
 
-    def health():
-        return requests.get(f"{base}/health", timeout=5).json()
-
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if str(health()["version"]) == before:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "lmpipe serve did not come up on the champion in 180 s"
-            time.sleep(0.5)
+        assert str(health()["version"]) == before
         texts = POS[:3] + NEG[:3]
         res = _lmpipe(wd, env, "rollback", "--to", target, "--reason", "canary failed")
         assert res.returncode == 0, res.stderr
@@ -246,11 +228,8 @@ def test_a_server_on_the_champion_follows_a_rollback(three_deploys):
         while str(health()["version"]) != target:
             assert time.monotonic() < deadline, f"server still on {health()} 60 s after the rollback"
             time.sleep(0.5)
-        served = requests.post(f"{base}/predict", json={"texts": texts}, timeout=60).json()["predictions"]
+        served = requests.post(f"{srv.url}/predict", json={"texts": texts}, timeout=60).json()["predictions"]
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         local = mlflow.pyfunc.load_model(f"models:/lmpipe-sst2/{target}").predict(pd.DataFrame({"text": texts}))
         assert [p["label"] for p in served] == local["label"].tolist()
         assert [round(p["score"], 5) for p in served] == [round(s, 5) for s in local["score"]]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
