@@ -49,8 +49,9 @@ def log_variant(model_dir: Path, name: str, variant: str, tags: dict[str, Any], 
 
     reqs = PIP_REQUIREMENTS + (["onnxruntime>=1.20,<2"] if variant.startswith("onnx") else [])
     # the signature is given, not inferred: inferring it loads the model into the instance MLflow then
-    # pickles (an ONNX Runtime session or a quantised model does not pickle)
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]),
+    # pickles (an ONNX Runtime session or a quantised model does not pickle). The input column is unnamed so
+    # that both a DataFrame with a `text` column and a plain list of strings pass MLflow's schema check.
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]),
                                outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
     info = mlflow.pyfunc.log_model(
         name="model" if variant == "fp32" else f"model_{variant}", python_model=ClassifierPyfunc(),

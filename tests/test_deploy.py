@@ -72,6 +72,10 @@ def test_variants_scored_gated_registered_and_the_served_one_exported(tmp_path, 
         out = mlflow.pyfunc.load_model(f"models:/lmpipe-sst2/{mv.version}").predict(pd.DataFrame({"text": test["text"]}))
         acc = float((out["label"].map(names.index).to_numpy() == test["label"].to_numpy()).mean())
         assert acc == rows[name]["accuracy"], name
+    # a plain list of strings passes the signature too (the pyfunc docstring promises it)
+    served = mlflow.pyfunc.load_model("models:/lmpipe-sst2@champion")
+    texts = test["text"].tolist()[:3]
+    assert served.predict(texts).equals(served.predict(pd.DataFrame({"text": texts})))
 
 
 def test_bad_serve_variant_is_one_line(tmp_path):
