@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from lmpipe.tasks import Layout
+
 VARIANTS = ("fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned")
 VARIANT_FILE = "lmpipe_variant.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_int8.pt", "model.onnx", "model.int8.onnx")
@@ -130,6 +132,7 @@ class Classifier:
         self.variant = variant_of(self.dir)
         self.config = AutoConfig.from_pretrained(self.dir)
         self.id2label = {int(k): v for k, v in self.config.id2label.items()}
+        self.layout = Layout.from_config(self.config)  # a multi-task model: one head (label block) per task
         self.tokenizer = load_tokenizer(self.dir)
         self.max_length = stored_max_length(self.tokenizer, self.config)
         self.device = device if self.variant in ("fp32", "pruned") else "cpu"  # int8 and ONNX Runtime: CPU
@@ -166,13 +169,37 @@ class Classifier:
                                  padding=True, return_tensors="np")
             logits = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
                                                    "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
-            e = np.exp(logits - logits.max(-1, keepdims=True))  # softmax, (B, num_labels)
-            out.append((e / e.sum(-1, keepdims=True)).astype(np.float32))
+            out.append(self.layout.softmax(logits))  # within each task's head, (B, num_labels)
         return np.concatenate(out) if out else np.zeros((0, len(self.id2label)), dtype=np.float32)
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    def embed_unsupported(self) -> str | None:
+        if self.model is None:
+            return (f"the {self.variant} variant exports logits only; serve an fp32, int8_dynamic or pruned variant "
+                    "for /embed")
+        return None
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+        """L2-normalised mean-pooled embeddings of the classifier's encoder (lmpipe/embeddings.py)."""
+        from lmpipe.embeddings import encode
+
+        return encode(self.model, self.tokenizer, texts, batch_size, self.device, "mean", self.max_length).tolist()
+
+    def tasks(self) -> dict[str, list[str]]:
+        """Task name -> its label names (a single-task model: one task, named "default")."""
+        return {t: list(labels) for t, labels in zip(self.layout.names, self.layout.labels)}
+
+    def predict(self, texts: list[str], batch_size: int = 64, tasks: list[str | None] | None = None
+                ) -> list[dict[str, Any]]:
+        """[{label, score}] per text; `tasks` names each text's task (None: the default, first task). One forward
+        pass serves every task: the encoder is shared, each text reads its own task's head."""
         probs = self.predict_proba(texts, batch_size)
-        return [{"label": self.id2label[int(i)], "score": float(p[i])} for i, p in zip(probs.argmax(-1), probs)]
+        out = []
+        for row, task in zip(probs, tasks or [None] * len(texts)):
+            name = self.layout.resolve(task)
+            labels = self.layout.labels[self.layout.index(name)]
+            idx, score = self.layout.predict(row[None, :], name)
+            out.append({"label": labels[int(idx[0])], "score": float(score[0])})
+        return out
 
 
 def load(model_dir: str | Path, device: str = "cpu") -> Classifier:

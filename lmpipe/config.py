@@ -53,11 +53,32 @@ class TextSource(Section):
 
 
 class LabeledSource(TextSource):
-    label_column: str
-    """Column holding the class label (int or string)."""
+    label_column: str | None = None
+    """Column holding the class label (int or string); format trec has none (the label is on the line)."""
+    text_columns: list[str] | None = None
+    """Several text columns joined with a space into the text (AG News: title, description); instead of
+    text_column."""
+    format: Literal["table", "trec"] = "table"
+    """table: a tabular file (csv, tsv, jsonl, parquet); trec: the TREC question files, one `COARSE:fine
+    question` per line (the coarse class is the label)."""
+
+    @model_validator(mode="after")
+    def _format(self) -> "LabeledSource":
+        if self.format == "table" and self.label_column is None:
+            raise ValueError("label_column: missing key (format table)")
+        if self.text_columns is not None and self.text_column is not None:
+            raise ValueError("text_columns: give text_column or text_columns, not both")
+        if self.format == "trec" and (self.label_column or self.text_column or self.text_columns):
+            raise ValueError("format: trec lines carry their own label and text; drop the column keys")
+        return self
+
+
+TASK_NAME = r"^[a-z][a-z0-9_]*$"
 
 
 class Labeled(Section):
+    name: str = Field("task", pattern=TASK_NAME)
+    """The task's name (finetune.tasks, /predict's `task`); its splits are clean.out_dir/labeled_*.parquet."""
     train: LabeledSource
     """Labelled training file; a seeded `validation_fraction` of it becomes the validation split."""
     test: LabeledSource
@@ -68,11 +89,37 @@ class Labeled(Section):
     """Human names for the classes, in the sorted order of the raw label values (default: the values)."""
 
 
+class Task(Section):
+    train: LabeledSource
+    """Labelled file; seeded shares of it become validation (and test, when there is no test file)."""
+    test: LabeledSource | None = None
+    """Held-out labelled file; null: a seeded test_fraction of train is held out instead (AG News ships only
+    its test file)."""
+    validation_fraction: float = Field(gt=0, lt=1)
+    """Share of the train file held out for model selection."""
+    test_fraction: float | None = Field(None, gt=0, lt=1)
+    """With no test file: share of the train file held out as the test split."""
+    label_names: list[str] | None = None
+    """Human names for the classes, in the sorted order of the raw label values (default: the values)."""
+
+    @model_validator(mode="after")
+    def _test(self) -> "Task":
+        if (self.test is None) == (self.test_fraction is None):
+            raise ValueError("test_fraction: give a test file or a test_fraction of the train file (exactly one)")
+        if self.test_fraction is not None and self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError(f"test_fraction: {self.test_fraction} + validation_fraction {self.validation_fraction} "
+                             "leave no training rows")
+        return self
+
+
 class Clean(Section):
     corpus: list[TextSource]
     """Unlabelled pretraining sources, concatenated."""
     labeled: Labeled
-    """The classification task."""
+    """The classification task (a single-task pipeline has only this one)."""
+    tasks: dict[str, Task] = {}
+    """More named classification tasks for multi-task fine-tuning (finetune.tasks); each one's splits are
+    clean.out_dir/tasks/<name>/labeled_*.parquet."""
     min_chars: int = Field(ge=1)
     """Drop documents shorter than this after normalisation (characters)."""
     max_chars: int = Field(ge=1)
@@ -90,7 +137,15 @@ class Clean(Section):
     def _lengths(self) -> "Clean":
         if self.max_chars < self.min_chars:
             raise ValueError(f"max_chars: {self.max_chars} is below min_chars ({self.min_chars})")
+        for name in self.tasks:
+            if not re.match(TASK_NAME, name):
+                raise ValueError(f"tasks: task name {name!r} must be lower-case letters, digits and _")
+            if name == self.labeled.name:
+                raise ValueError(f"tasks: {name!r} is already clean.labeled's name")
         return self
+
+    def task_names(self) -> list[str]:
+        return [self.labeled.name, *self.tasks]
 
 
 class Tokenize(Section):
@@ -280,6 +335,8 @@ class Augment(Section):
 
 
 class Finetune(Section):
+    # the multi-task keys (tasks ... single_task_dir) have defaults: a single-task params file written before
+    # they existed keeps working unchanged; params.yaml lists them with the same values (DVC tracks them there)
     init: str
     """pretrained (the pretrain stage's model), scratch (same architecture, random init), or a local HF model dir."""
     scratch_baseline: bool
@@ -329,6 +386,22 @@ class Finetune(Section):
     """If > 0, overrides epochs: the fixed step budget for every model."""
     eval_every: int = Field(ge=1)
     """Validation accuracy every N steps; the best checkpoint is kept."""
+    tasks: list[str] | None = None
+    """Tasks trained (clean.labeled's name and clean.tasks' names); null = clean.labeled only. With several:
+    one shared encoder, one head per task (lmpipe/tasks.py), the best checkpoint by the mean of the per-task
+    validation accuracies; the first task is the default one (drift reference, /predict without `task`)."""
+    sampling: Literal["proportional", "temperature", "round_robin"] = "proportional"
+    """Multi-task: each batch holds one task, drawn with probability proportional to the task's training
+    examples, to n^(1/temperature), or in turn."""
+    sampling_temperature: float = Field(2.0, gt=0)
+    """sampling: temperature T (1 = proportional, large = uniform)."""
+    loss_weights: dict[str, float] | None = None
+    """Multi-task: a weight per task name on its examples' cross-entropy (default 1 each)."""
+    single_task_baselines: bool = False
+    """Multi-task: also fine-tune one model per task with the steps that task got in the multi-task run, so
+    evaluate measures the transfer (multi-task minus single-task score)."""
+    single_task_dir: str = "models/finetune_single"
+    """Output: one folder per task with its single-task baseline."""
     out_dir: str
     """Output: the selected classifier (HF format)."""
     scratch_dir: str
@@ -472,9 +545,34 @@ class Params(Section):
         if self.finetune.init == "scratch" and self.finetune.scratch_baseline:
             issues.append("finetune.scratch_baseline: true with finetune.init: scratch trains the same random-init "
                           "model twice (a benefit of 0); set finetune.scratch_baseline: false or another init")
+        issues.extend(self._task_issues())
         if issues:
             raise ValueError("\n".join(issues))
         return self
+
+    def _task_issues(self) -> list[str]:
+        ft, known = self.finetune, self.clean.task_names()
+        tasks = ft.tasks or [self.clean.labeled.name]
+        issues = []
+        if ft.tasks is not None and not ft.tasks:
+            issues.append("finetune.tasks: empty list; name one or more of " + ", ".join(known))
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            issues.append(f"finetune.tasks: unknown task {', '.join(unknown)}; clean defines {', '.join(known)}")
+        if len(set(tasks)) != len(tasks):
+            issues.append(f"finetune.tasks: a task is named twice ({', '.join(tasks)})")
+        extra = sorted(set(ft.loss_weights or {}) - set(tasks))
+        if extra:
+            issues.append(f"finetune.loss_weights: {', '.join(extra)} not in finetune.tasks ({', '.join(tasks)})")
+        if any(w < 0 for w in (ft.loss_weights or {}).values()):
+            issues.append("finetune.loss_weights: weights must be >= 0")
+        if len(tasks) > 1 and ft.strategy in ("distill", "prefix", "prompt"):
+            why = ("the teacher is a single-task classifier" if ft.strategy == "distill" else
+                   "virtual tokens shared by every task are not prompt learning (one prompt per task is)")
+            issues.append(f"finetune.strategy: {ft.strategy} with several tasks: {why}; use full, freeze, llrd or lora")
+        if ft.single_task_baselines and len(tasks) < 2:
+            issues.append("finetune.single_task_baselines: true needs two or more finetune.tasks (it measures transfer)")
+        return issues
 
 
 def _format_errors(err: ValidationError, source: str) -> list[str]:

@@ -151,10 +151,41 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(idx[n_val:]), sorted(idx[:n_val])
 
 
+_TREC_LINE = re.compile(r"^([A-Z]+):(\S+) (.*\S.*)$")
+
+
+def read_trec(src: LabeledSource, data_dir: Path) -> pd.DataFrame:
+    """TREC question files: `COARSE:fine question ...` per line -> text, label (the coarse class). A line
+    that is not in that format is refused naming the file and line."""
+    path = _resolve(src, data_dir)
+    try:
+        lines = path.read_bytes().decode(src.encoding).splitlines()
+    except UnicodeDecodeError as e:
+        raise _decode_error(path, src.encoding, e) from None
+    except LookupError:
+        raise DataError(f"{path}: unknown encoding {src.encoding!r}") from None
+    texts, labels = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        m = _TREC_LINE.match(line.strip())
+        if m is None:
+            raise DataError(f"{path}:{number}: not a TREC line (expected `COARSE:fine question`): {line[:60]!r}")
+        labels.append(m.group(1))
+        texts.append(m.group(3))
+    return pd.DataFrame({"text": texts, "label": labels})
+
+
 def read_labeled(src: LabeledSource, data_dir: Path) -> pd.DataFrame:
     """Columns text, label (raw strings), empty rows dropped later."""
+    if src.format == "trec":
+        return read_trec(src, data_dir)
     df = read_table(src, data_dir)
-    text = _column(df, src.text_column, src, "text_column")
+    if src.text_columns:
+        parts = [_column(df, c, src, "text_columns").astype(str) for c in src.text_columns]
+        text = parts[0].str.cat(parts[1:], sep=" ") if len(parts) > 1 else parts[0]
+    else:
+        text = _column(df, src.text_column, src, "text_column")
     label = _column(df, src.label_column, src, "label_column")
     def as_str(col: pd.Series) -> list[str]:
         # nulls become "" (dropped as empty rows); 1.0-style floats from a nullable int column become "1"

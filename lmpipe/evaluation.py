@@ -46,15 +46,18 @@ def predict_proba(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, te
     """(N, num_labels) class probabilities. Inputs are truncated at the length stored with the model
     (lmpipe.modeling.stored_max_length), the one it was fine-tuned at, unless max_length is given."""
     from lmpipe.modeling import stored_max_length
+    from lmpipe.tasks import Layout
 
     max_length = max_length or stored_max_length(tokenizer, model.config)
+    layout = Layout.from_config(model.config)  # a multi-task model: a softmax within each task's head
     model.eval().to(device)
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt").to(device)
         logits = model(**enc).logits  # (B, num_labels)
-        out.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        out.append(layout.softmax(logits.float().cpu().numpy()) if layout.multi else
+                   torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.num_labels))
 
 

@@ -191,19 +191,25 @@ def save_lm(model: PreTrainedModel, out: Path, init: Path | None = None, unused:
 
 
 def load_classifier(source: Path, num_labels: int, id2label: dict[int, str], random_init: bool,
-                    pad_token_id: int | None, config_overrides: dict[str, Any] | None = None) -> PreTrainedModel:
+                    pad_token_id: int | None, config_overrides: dict[str, Any] | None = None,
+                    extra_config: dict[str, Any] | None = None) -> PreTrainedModel:
     """Sequence classifier on the model in `source`; random_init keeps only its config (the scratch twin).
-    config_overrides replace config values (e.g. the dropout probabilities)."""
+    config_overrides replace config values (e.g. the dropout probabilities); extra_config adds keys of lmpipe's
+    own to the config (a multi-task model's task layout, lmpipe/tasks.py), saved in its config.json."""
     kwargs = dict(num_labels=num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
                   **(config_overrides or {}))
     if random_init:
         config = AutoConfig.from_pretrained(source, **kwargs)
         if pad_token_id is not None:
             config.pad_token_id = pad_token_id
+        for key, value in (extra_config or {}).items():
+            setattr(config, key, value)
         return AutoModelForSequenceClassification.from_config(config)
     model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    for key, value in (extra_config or {}).items():
+        setattr(model.config, key, value)
     return model
 
 

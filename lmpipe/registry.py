@@ -45,14 +45,15 @@ def log_variant(model_dir: Path, name: str, variant: str, tags: dict[str, Any], 
     from lmpipe.serving import ClassifierPyfunc
 
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     reqs = PIP_REQUIREMENTS + (["onnxruntime>=1.20,<2"] if variant.startswith("onnx") else [])
     # the signature is given, not inferred: inferring it loads the model into the instance MLflow then
     # pickles (an ONNX Runtime session or a quantised model does not pickle). The input column is unnamed so
     # that both a DataFrame with a `text` column and a plain list of strings pass MLflow's schema check.
     signature = ModelSignature(inputs=Schema([ColSpec("string")]),
-                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]))
+                               outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
+                               params=ParamSchema([ParamSpec("task", "string", "")]))  # "": the first task
     info = mlflow.pyfunc.log_model(
         name="model" if variant == "fp32" else f"model_{variant}", python_model=ClassifierPyfunc(),
         artifacts={"model_dir": str(model_dir)}, registered_model_name=name, pip_requirements=reqs,

@@ -250,6 +250,14 @@ def _compute_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
 
 
+def _task_metrics(layout):
+    def compute(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred
+        return layout.metrics(np.asarray(logits), np.asarray(labels))
+
+    return compute
+
+
 def encode_labeled(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: list[int], max_length: int):
     import datasets
 
@@ -265,9 +273,13 @@ class FinetuneTrainer(GuardedTrainer):
     lmpipe/regularization.py)."""
 
     def __init__(self, *args, lr_scale: dict[str, float] | None = None, teacher=None, adversarial=None,
+                 layout=None, loss_weights: dict[str, float] | None = None, ordered: bool = False,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.lr_scale, self.teacher = lr_scale, teacher
+        # multi-task (lmpipe/tasks.py): each example's loss within its task's head; batches in schedule order
+        self.layout = layout if layout is not None and layout.multi else None
+        self.loss_weights, self.ordered = loss_weights, ordered
         self.adversary = None
         self._adversarial_losses: list[float] = []
         if adversarial is not None and adversarial.method != "none":
@@ -327,7 +339,19 @@ class FinetuneTrainer(GuardedTrainer):
             **optimizer_kwargs)
         return self.optimizer
 
+    def _get_train_sampler(self, train_dataset=None):
+        if self.ordered:  # the multi-task schedule already fixed the (seeded) order of the batches
+            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.layout is not None:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            # label smoothing is a training loss: evaluation keeps the plain cross-entropy
+            smoothing = self.args.label_smoothing_factor if model.training else 0.0
+            loss = self.layout.loss(outputs.logits, labels, self.loss_weights, smoothing)
+            return (loss, outputs) if return_outputs else loss
         teacher_inputs = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
         if not model.training and self.label_smoother is not None:
             # evaluation keeps the plain cross-entropy (label smoothing is a training loss), so val_loss
@@ -438,10 +462,14 @@ def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | No
 
 
 def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
-             device: str, seed: int, ckpt_dir: Path, prefix: str, plan=None) -> FinetuneResult:
+             device: str, seed: int, ckpt_dir: Path, prefix: str, plan=None, layout=None,
+             ordered: bool = False) -> FinetuneResult:
     """Fine-tune a sequence classifier; evaluate every eval_every steps and keep the best by accuracy.
     Resumes from the newest complete checkpoint in ckpt_dir. `plan` (a lmpipe.strategies.Plan for `model`)
-    adds per-parameter learning rates (llrd) or a teacher (distill)."""
+    adds per-parameter learning rates (llrd) or a teacher (distill). A multi-task `layout` (lmpipe/tasks.py)
+    scores each task's validation examples with its own head, and the best checkpoint is the one with the
+    best mean of the per-task accuracies; `ordered` trains on `train` in its own order (the task schedule)."""
+    multi = layout is not None and layout.multi
     teacher = getattr(plan, "teacher", None)
     resume = latest_checkpoint(ckpt_dir)
     # an interrupted run that early stopping had already ended at its newest checkpoint: resume to that step
@@ -469,9 +497,10 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     collator = DataCollatorWithPadding(tokenizer)
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
                               data_collator=teacher.collator(collator) if teacher else collator,
-                              compute_metrics=_compute_metrics, callbacks=callbacks,
-                              lr_scale=getattr(plan, "lr_scale", None), teacher=teacher,
-                              adversarial=cfg.adversarial)
+                              compute_metrics=_task_metrics(layout) if multi else _compute_metrics,
+                              callbacks=callbacks, lr_scale=getattr(plan, "lr_scale", None), teacher=teacher,
+                              adversarial=cfg.adversarial, layout=layout, loss_weights=cfg.loss_weights,
+                              ordered=ordered)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
@@ -490,5 +519,8 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                # steady state (evaluations and checkpoint saves left out); the whole run's rate without them
                "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
                else trained / max(seconds, 1e-9)}
+    if multi:  # each task's validation figures of the selected checkpoint
+        for t in layout.names:
+            metrics[f"val_{t}_accuracy"], metrics[f"val_{t}_f1_macro"] = best[f"eval_{t}_accuracy"], best[f"eval_{t}_f1_macro"]
     return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint,
                           {"groups": record.groups, "frozen": record.frozen})

@@ -21,6 +21,7 @@ from lmpipe.datasource import data_dir
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.stage import run_stage
+from lmpipe.tasks import task_dir
 from lmpipe.tracking import log_metrics_bounded
 
 
@@ -41,30 +42,32 @@ def clean(params: Params, root: Path, run) -> None:
     train_idx, val_idx = data.split_indices(len(docs), cfg.validation_fraction, seed)
     corpus_stats.update(train=len(train_idx), validation=len(val_idx))
 
-    # 2) labelled task: train file -> train/validation, test file kept whole for evaluate
-    lab = cfg.labeled
-    train_df, vocab, train_stats = data.clean_labeled(
-        data.read_labeled(lab.train, ddir), None, 1, cfg.max_chars, lab.train.path)
-    test_df, _, test_stats = data.clean_labeled(
-        data.read_labeled(lab.test, ddir), vocab, 1, cfg.max_chars, lab.test.path)
-    tr_idx, va_idx = data.split_indices(len(train_df), lab.validation_fraction, seed)
-    names = lab.label_names or vocab
-    if len(names) != len(vocab):
-        raise DataError(f"clean.labeled.label_names: {len(names)} names for {len(vocab)} classes {vocab}")
+    # 2) labelled tasks: train file -> train/validation (and test without a test file), test file kept whole
+    tasks = {cfg.labeled.name: _labeled_task(cfg.labeled, None, ddir, cfg.max_chars, seed, "clean.labeled")}
+    for name, task in cfg.tasks.items():
+        tasks[name] = _labeled_task(task, task.test_fraction, ddir, cfg.max_chars, seed,
+                                     f"clean.tasks.{name}")
 
     # 3) write everything at once (atomic dir swap)
     with atomic_dir(root / cfg.out_dir) as out:
         pd.DataFrame({"text": [docs[i] for i in train_idx]}).to_parquet(out / "corpus_train.parquet", index=False)
         pd.DataFrame({"text": [docs[i] for i in val_idx]}).to_parquet(out / "corpus_validation.parquet", index=False)
-        train_df.iloc[tr_idx].to_parquet(out / "labeled_train.parquet", index=False)
-        train_df.iloc[va_idx].to_parquet(out / "labeled_validation.parquet", index=False)
-        test_df.to_parquet(out / "labeled_test.parquet", index=False)
-        (out / "labels.json").write_text(json.dumps({"raw": vocab, "names": names}, indent=2) + "\n")
+        for name, t in tasks.items():
+            folder = task_dir(out, name, cfg)
+            folder.mkdir(parents=True, exist_ok=True)
+            for split in ("train", "validation", "test"):
+                t["splits"][split].to_parquet(folder / f"labeled_{split}.parquet", index=False)
+            (folder / "labels.json").write_text(json.dumps({"raw": t["vocab"], "names": t["names"]}, indent=2) + "\n")
+    primary = tasks[cfg.labeled.name]
+    train_stats, test_stats, vocab = primary["train_stats"], primary["test_stats"], primary["vocab"]
+    tr_idx, va_idx, test_df = primary["splits"]["train"], primary["splits"]["validation"], primary["splits"]["test"]
 
     stats = {
         "corpus": corpus_stats,
         "labeled": {"train": {**train_stats, "train": len(tr_idx), "validation": len(va_idx)}, "test": test_stats,
                     "num_labels": len(vocab)},
+        "tasks": {name: {split: len(df) for split, df in t["splits"].items()} | {"num_labels": len(t["vocab"])}
+                  for name, t in tasks.items()},
         "mlflow_run_id": run.info.run_id,
     }
     write_json(root / cfg.metrics, stats)
@@ -72,8 +75,30 @@ def clean(params: Params, root: Path, run) -> None:
     log_metrics_bounded({f"labeled.train.{k}": v for k, v in stats["labeled"]["train"].items()})
     log_metrics_bounded({f"labeled.test.{k}": v for k, v in test_stats.items()})
     mlflow.log_artifact(str(root / cfg.metrics))
+    for name, t in list(tasks.items())[1:]:
+        log_metrics_bounded({f"tasks.{name}.{split}": len(df) for split, df in t["splits"].items()})
     print(f"clean: corpus {corpus_stats['rows_in']} -> {len(train_idx)} train / {len(val_idx)} validation docs; "
           f"labelled {len(tr_idx)} train / {len(va_idx)} validation / {len(test_df)} test, {len(vocab)} classes")
+
+
+def _labeled_task(task, test_fraction: float | None, ddir: Path, max_chars: int, seed: int, where: str) -> dict:
+    """One task's splits: labels mapped to 0..K-1 by the train file's vocabulary; the test split is the test
+    file, or a seeded test_fraction of the train file held out before the validation split is taken."""
+    train_df, vocab, train_stats = data.clean_labeled(
+        data.read_labeled(task.train, ddir), None, 1, max_chars, task.train.path)
+    if task.test is not None:
+        test_df, _, test_stats = data.clean_labeled(
+            data.read_labeled(task.test, ddir), vocab, 1, max_chars, task.test.path)
+    else:
+        rest, held = data.split_indices(len(train_df), test_fraction, seed)
+        test_df, train_df = train_df.iloc[held].reset_index(drop=True), train_df.iloc[rest].reset_index(drop=True)
+        test_stats = {"rows_in": len(test_df), "rows_out": len(test_df), "dropped_empty": 0}
+    tr_idx, va_idx = data.split_indices(len(train_df), task.validation_fraction, seed)
+    names = task.label_names or vocab
+    if len(names) != len(vocab):
+        raise DataError(f"{where}.label_names: {len(names)} names for {len(vocab)} classes {vocab}")
+    splits = {"train": train_df.iloc[tr_idx], "validation": train_df.iloc[va_idx], "test": test_df}
+    return {"splits": splits, "vocab": vocab, "names": names, "train_stats": train_stats, "test_stats": test_stats}
 
 
 def main(argv: list[str] | None = None) -> int:

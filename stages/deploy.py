@@ -23,10 +23,9 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import compress
+from lmpipe import compress, tasks
 from lmpipe.config import Params
 from lmpipe.errors import DataError
-from lmpipe.evaluation import classification_metrics
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.lineage import PARENT_TAG, log_lock
 from lmpipe.monitoring import REFERENCE_FILE
@@ -34,13 +33,14 @@ from lmpipe.registry import log_variant, promote
 from lmpipe.stage import run_stage
 
 
-def measure_variants(params: Params, src: Path, work: Path, test: pd.DataFrame, n_labels: int,
+def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.DataFrame],
                      reference: Path | None = None) -> list[dict]:
-    """Build, score, time and gate every variant of deploy.variants; rows in that order, fp32 first. Each
-    variant directory gets evaluate's drift reference (`reference`) as drift_reference.json."""
+    """Build, score, time and gate every variant of deploy.variants; rows in that order, fp32 first. `tests`:
+    the test split of each task of the model (a multi-task model's accuracy is the mean over its tasks, each
+    task's own in the row's `tasks`). Each variant directory gets evaluate's drift reference (`reference`) as
+    drift_reference.json."""
     cfg = params.deploy
-    texts, labels = test["text"].tolist(), test["label"].to_numpy()
-    timing = texts[:32]
+    timing = next(iter(tests.values()))["text"].tolist()[:32]
     rows: list[dict] = []
     fp32_acc = None
     for variant in ["fp32", *[v for v in cfg.variants if v != "fp32"]]:
@@ -53,8 +53,10 @@ def measure_variants(params: Params, src: Path, work: Path, test: pd.DataFrame, 
         dest = work / variant
         compress.build(variant, src, dest, cfg.sparsity)
         clf = compress.load(dest)
-        probs = clf.predict_proba(texts, params.evaluate.batch_size)
-        m = classification_metrics(labels, probs.argmax(-1), n_labels)
+        m = tasks.score({t: clf.predict_proba(df["text"].tolist(), params.evaluate.batch_size) for t, df in tests.items()},
+                        {t: df["label"].to_numpy() for t, df in tests.items()}, clf.layout)
+        if len(tests) > 1:
+            row["tasks"] = {t: round(tm["accuracy"], 6) for t, tm in m["tasks"].items()}
         row.update(accuracy=m["accuracy"], f1_macro=m["f1_macro"], dir=str(dest),
                    latency_b1_ms=round(compress.latency_ms(clf, timing, 1, cfg.latency_repeats), 3),
                    latency_b32_ms=round(compress.latency_ms(clf, timing, 32, cfg.latency_repeats), 3),
@@ -110,14 +112,12 @@ def deploy(params: Params, root: Path, run) -> None:
             print(f"deploy: gate passed (accuracy {acc:.4f}); deploy.publish is false: nothing registered")
         else:
             clean_dir = root / params.clean.out_dir
-            test_path = clean_dir / "labeled_test.parquet"
-            if not test_path.is_file():
-                raise DataError(f"{test_path}: missing; run the clean stage first (dvc repro clean)")
-            n_labels = len(json.loads((clean_dir / "labels.json").read_text())["names"])
+            tests = {t: tasks.load_split(clean_dir, t, params.clean, "test")
+                     for t in tasks.selected(params.finetune, params.clean)}
             reference = root / params.evaluate.reference_profile
             if not reference.is_file():
                 raise DataError(f"{reference}: missing; run the evaluate stage first (dvc repro evaluate)")
-            rows = measure_variants(params, model_dir, Path(work), pd.read_parquet(test_path), n_labels, reference)
+            rows = measure_variants(params, model_dir, Path(work), tests, reference)
             served = _served(cfg, rows)
             shutil.copytree(next(r for r in rows if r["variant"] == served)["dir"], out / "model")  # export first
             result.update(_register(params, rows, served, run))

@@ -12,7 +12,6 @@ carrying every param and the final metrics, so pipeline executions compare side 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,9 +21,10 @@ import numpy as np
 import pandas as pd
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+from lmpipe import tasks
 from lmpipe.config import Params, device, flatten
 from lmpipe.errors import DataError
-from lmpipe.evaluation import classification_metrics, perplexity, plot_confusion, predict_proba
+from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
 from lmpipe.io import atomic_path, read_json, write_json
 from lmpipe.modeling import load_finetuned, load_tokenizer
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
@@ -43,8 +43,10 @@ def _need(path: Path, stage: str) -> Path:
 def evaluate(params: Params, root: Path, run) -> None:
     cfg, dev = params.evaluate, device(params.common)
     clean_dir = root / params.clean.out_dir
-    test = pd.read_parquet(_need(clean_dir / "labeled_test.parquet", "clean"))
-    names = json.loads((clean_dir / "labels.json").read_text())["names"]
+    task_names = tasks.selected(params.finetune, params.clean)
+    tests = {t: tasks.load_split(clean_dir, t, params.clean, "test") for t in task_names}
+    default = task_names[0]  # the confusion plot, the drift reference, /predict without a task
+    test, names = tests[default], tasks.label_names(clean_dir, default, params.clean)
     labels = test["label"].to_numpy()
 
     # 1) language model perplexity on the held-out validation blocks
@@ -57,49 +59,76 @@ def evaluate(params: Params, root: Path, run) -> None:
                             params.pretrain.mlm_probability, params.common.seed)
     del lm
 
-    # 2) classifiers on the test split: the selected model and the from-scratch baseline
+    # 2) classifiers on the test split of every task they have: the selected model and the baselines
+    def score(path: Path, which: list[str]) -> tuple[dict, dict]:
+        model = load_finetuned(path)  # a plain classifier, or base + prefix/prompt adapter
+        tokenizer = load_tokenizer(path)
+        probs = {t: predict_proba(model, tokenizer, tests[t]["text"].tolist(), cfg.batch_size, dev)
+                 for t in which}  # truncates at the length stored with the model
+        layout = tasks.Layout.from_config(model.config)
+        return tasks.score(probs, {t: tests[t]["label"].to_numpy() for t in which}, layout), \
+            {"probs": probs[which[0]], "tokenizer": tokenizer, "layout": layout}
+
     results = {}
-    preds_main = probs_main = None
     for key, folder in (("classifier", params.finetune.out_dir), ("scratch_baseline", params.finetune.scratch_dir),
                         ("original_baseline", params.finetune.original_dir)):
         path = _need(root / folder, "finetune")
         if not (path / "config.json").is_file():
             continue  # that baseline is off (finetune.scratch_baseline / original_baseline: false)
-        model = load_finetuned(path)  # a plain classifier, or base + prefix/prompt adapter
-        tokenizer = load_tokenizer(path)
-        probs = predict_proba(model, tokenizer, test["text"].tolist(), cfg.batch_size,
-                              dev)  # truncates at the length stored with the model
-        preds = probs.argmax(-1)
-        results[key] = classification_metrics(labels, preds, len(names))
+        results[key], seen = score(path, task_names)
         if key == "classifier":
-            preds_main, probs_main, tok_main, id2label = preds, probs, tokenizer, model.config.id2label
+            main = seen
+    singles = {}
+    if params.finetune.single_task_baselines:
+        for t in task_names:
+            singles[t] = score(_need(root / params.finetune.single_task_dir / t, "finetune"), [t])[0]
+    probs_main, tok_main, layout = main["probs"], main["tokenizer"], main["layout"]
+    preds_main, _ = layout.predict(probs_main, default if layout.multi else None)
+    default_names = list(layout.labels[layout.index(default)]) if layout.multi else list(layout.labels[0])
 
     metrics = {"lm": {"perplexity": lm_metrics["perplexity"], "loss": lm_metrics["loss"],
                       "tokens": lm_metrics["tokens"]},
                "test_examples": int(len(test))}
     for key, m in results.items():
         metrics[key] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+        if len(task_names) > 1:
+            metrics[key]["tasks"] = {t: {k: v for k, v in tm.items()} for t, tm in m["tasks"].items()}
+    if len(task_names) > 1:
+        metrics["test_examples_by_task"] = {t: int(len(df)) for t, df in tests.items()}
     # what pretraining bought (vs random init) and what continuing a checkpoint's pretraining bought (vs the
     # original checkpoint), each fine-tuned with the same budget
     for baseline, benefit in (("scratch_baseline", "benefit"), ("original_baseline", "benefit_continued")):
         if baseline in results:
             metrics[benefit] = {k: results["classifier"][k] - results[baseline][k] for k in ("accuracy", "f1_macro")}
-    metrics["classifier"]["confusion_matrix"] = results["classifier"]["confusion_matrix"]
+    # measured transfer: each task's multi-task score against its single-task model with the same steps
+    if singles:
+        metrics["single_task_baseline"] = {t: {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+                                           for t, m in singles.items()}
+        metrics["transfer"] = {t: {"multi": results["classifier"]["tasks"][t]["accuracy"],
+                                   "single": singles[t]["accuracy"],
+                                   "difference": results["classifier"]["tasks"][t]["accuracy"] - singles[t]["accuracy"]}
+                               for t in task_names}
+    confusion = results["classifier"]["tasks"][default]["confusion_matrix"]
+    metrics["classifier"]["confusion_matrix"] = confusion
+    id2label = dict(enumerate(default_names))
 
     # 3) outputs: confusion rows for the DVC plot, PNG, metrics json (with this run's id)
     with atomic_path(root / cfg.confusion) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["actual", "predicted"])
         w.writerows((names[a], names[p]) for a, p in zip(labels, preds_main))
-    plot_confusion(results["classifier"]["confusion_matrix"], names, root / cfg.confusion_png,
-                   f"classifier on test (accuracy {results['classifier']['accuracy']:.3f})")
+    default_acc = results["classifier"]["tasks"][default]["accuracy"]
+    plot_confusion(confusion, names, root / cfg.confusion_png,
+                   f"classifier on test (accuracy {default_acc:.3f})" if len(task_names) == 1 else
+                   f"classifier on {default} test (accuracy {default_acc:.3f})")
     # 4) the drift reference the server compares live traffic with: the classifier's test predictions, the
     # training split's words (what deploy ships in the model directory as drift_reference.json)
-    train_texts = pd.read_parquet(_need(clean_dir / "labeled_train.parquet", "clean"))["text"]
+    train_texts = tasks.load_split(clean_dir, default, params.clean, "train")["text"]
     texts = test["text"].tolist()
-    profile = reference_profile(texts, [id2label[int(p)] for p in preds_main], probs_main.max(-1).tolist(),
+    confidence = layout.predict(probs_main, default if layout.multi else None)[1]
+    profile = reference_profile(texts, [id2label[int(p)] for p in preds_main], confidence.tolist(),
                                 length_counter(tok_main)(texts), vocabulary(train_texts),
-                                label_names=[id2label[i] for i in sorted(id2label)])
+                                label_names=default_names)
     write_json(root / cfg.reference_profile, profile)
     # 5) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
     client = mlflow.MlflowClient()
@@ -114,14 +143,24 @@ def evaluate(params: Params, root: Path, run) -> None:
     mlflow.log_artifact(str(root / cfg.confusion_png))
     mlflow.log_artifact(str(root / cfg.confusion))
     mlflow.log_artifact(str(root / cfg.reference_profile))
-    mlflow.log_dict({"confusion_matrix": results["classifier"]["confusion_matrix"], "labels": names},
-                    "confusion_matrix.json")
-    mlflow.log_input(mlflow.data.from_pandas(test, source=str((clean_dir / "labeled_test.parquet").relative_to(root)),
-                                             name="labeled_test", targets="label"), context="test")
+    mlflow.log_dict({"confusion_matrix": confusion, "labels": names}, "confusion_matrix.json")
+    for t in task_names[1:]:  # the other tasks' confusion matrices, as artifacts
+        tm = results["classifier"]["tasks"][t]
+        mlflow.log_dict({"confusion_matrix": tm["confusion_matrix"], "labels": list(layout.labels[layout.index(t)])},
+                        f"confusion_matrix_{t}.json")
+    for t, df in tests.items():
+        where = tasks.task_dir(Path(params.clean.out_dir), t, params.clean) / "labeled_test.parquet"
+        mlflow.log_input(mlflow.data.from_pandas(df, source=str(where), targets="label",
+                                                 name="labeled_test" if len(tests) == 1 else f"labeled_test_{t}"),
+                         context="test")
     log_summary(client, summary_id, params, root, metrics)
     if not os.environ.get(PARENT_ENV):
         client.set_terminated(summary_id)  # deploy reopens nothing: it only adds tags
     line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; classifier accuracy {metrics['classifier']['accuracy']:.4f}"
+    if len(task_names) > 1:
+        line += " (mean of " + ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in results["classifier"]["tasks"].items()) + ")"
+    for t, tr in metrics.get("transfer", {}).items():
+        line += f"; transfer {t} {tr['difference']:+.4f}"
     if "scratch_baseline" in metrics:
         line += f" vs scratch {metrics['scratch_baseline']['accuracy']:.4f}"
     if "original_baseline" in metrics:

@@ -26,14 +26,13 @@ loss/accuracy curves and the training and validation splits are logged to MLflow
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-from lmpipe import checkpoints, strategies
+from lmpipe import checkpoints, strategies, tasks
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
@@ -44,13 +43,6 @@ from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import run_stage, seed_everything
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import encode_labeled, finetune as train_classifier
-
-
-def _load_split(clean_dir: Path, split: str) -> pd.DataFrame:
-    path = clean_dir / f"labeled_{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
-    return pd.read_parquet(path)
 
 
 def _log_variant(name: str, record: dict) -> None:
@@ -72,8 +64,8 @@ def _log_adapter(name: str, model_dir: Path) -> None:
 def finetune(params: Params, root: Path, run) -> None:
     cfg, seed = params.finetune, params.common.seed
     clean_dir = root / params.clean.out_dir
-    labels = json.loads((clean_dir / "labels.json").read_text())["names"]
-    id2label = dict(enumerate(labels))
+    task_names = tasks.selected(cfg, params.clean)
+    layout = tasks.Layout.of({t: tasks.label_names(clean_dir, t, params.clean) for t in task_names})
     source = resolve_init(cfg.init, root, params.pretrain.out_dir)
     base = source if source is not None else root / params.pretrain.out_dir  # scratch keeps the architecture
     if not (base / "config.json").is_file():
@@ -91,17 +83,12 @@ def finetune(params: Params, root: Path, run) -> None:
     if strategies.pads_left(cfg.strategy, base_config):
         tokenizer.padding_side = "left"
     dev = device(params.common)
-    teacher = strategies.load_teacher(cfg, labels, root, dev) if cfg.strategy == "distill" else None
+    teacher = strategies.load_teacher(cfg, list(layout.labels[0]), root, dev) if cfg.strategy == "distill" else None
 
-    train_df, val_df = _load_split(clean_dir, "train"), _load_split(clean_dir, "validation")
-    for df, split, context in ((train_df, "train", "training"), (val_df, "validation", "validation")):
-        mlflow.log_input(mlflow.data.from_pandas(df, source=f"{params.clean.out_dir}/labeled_{split}.parquet",
-                                                 name=f"labeled_{split}", targets="label"), context=context)
-    # text augmentation: the training split only, seeded; validation stays as it is
-    original_examples = len(train_df)
-    train_df = augment(train_df, cfg.augment, seed)
-    added = len(train_df) - original_examples
-    mlflow.log_metrics({"train_examples": len(train_df), "augmented_examples": added})
+    data = _task_data(params, clean_dir, task_names, layout)
+    train_df, val_df = data["train"], data["validation"]
+    examples = sum(data["sizes"].values()) if layout.multi else len(train_df)  # multi: train_df is the schedule
+    mlflow.log_metrics({"train_examples": examples, "augmented_examples": data["added"]})
     train = encode_labeled(tokenizer, train_df["text"].tolist(), train_df["label"].tolist(), cfg.max_length)
     val = encode_labeled(tokenizer, val_df["text"].tolist(), val_df["label"].tolist(), cfg.max_length)
     if teacher is not None:
@@ -110,27 +97,55 @@ def finetune(params: Params, root: Path, run) -> None:
     # one checkpoint folder for the whole stage, keyed by everything that makes it resumable: a retry
     # (Prefect, or a re-run after a crash) resumes it; another configuration's unfinished run is refused
     ckpt = checkpoints.claim("finetune", params, root)
-    # (variant, output, weights it starts from, random init): the selected model, and the baselines that
-    # get the same budget: a random-init twin, and the original checkpoint before continued pretraining
-    variants = [("classifier", cfg.out_dir, base, source is None)]
+    # (variant, output, weights it starts from, random init, its tasks): the selected model, and the baselines
+    # that get the same budget: a random-init twin, the original checkpoint before continued pretraining, and
+    # with several tasks one single-task model per task with the steps that task got
+    variants = [("classifier", cfg.out_dir, base, source is None, None)]
     if cfg.scratch_baseline:
-        variants.append(("scratch", cfg.scratch_dir, base, True))
+        variants.append(("scratch", cfg.scratch_dir, base, True, None))
     if cfg.original_baseline:
         variants.append(("original", cfg.original_dir, resolve_model_ref(params.pretrain.init, root, "pretrain.init"),
-                         False))
+                         False, None))
+    if cfg.single_task_baselines:
+        for t in task_names:
+            if not data["batches"][t]:
+                raise ConfigError(f"finetune.single_task_baselines: task {t} got 0 of the {data['steps']} multi-task "
+                                  "batches (no steps to give its baseline); raise finetune.max_steps or change sampling")
+            variants.append((f"single_{t}", str(Path(cfg.single_task_dir) / t), base, source is None, t))
     summary: dict = {"init": cfg.init, "strategy": cfg.strategy, "mlflow_run_id": run.info.run_id,
-                     "train_examples": len(train_df), "augmented_examples": added}
+                     "train_examples": examples, "augmented_examples": data["added"]}
+    if layout.multi:
+        summary["tasks"] = {t: {"batches": data["batches"][t], "share": data["batches"][t] / data["steps"],
+                                "expected_share": data["expected"][t], "train_examples": data["sizes"][t]}
+                            for t in task_names}
+        summary["sampling"] = cfg.sampling
     if teacher is not None:
         summary["teacher"] = teacher.source
-    for name, out_dir, weights, random_init in variants:
+    for name, out_dir, weights, random_init, single in variants:
         done = checkpoints.load_finished(ckpt, name)
         if done is None:
             seed_everything(seed)  # same init RNG and data order for every variant
-            model = load_classifier(weights, len(labels), id2label, random_init, tokenizer.pad_token_id, overrides)
-            plan = strategies.prepare(model, cfg, teacher)  # the same strategy for every variant
+            if single is None:
+                run_layout, run_cfg, run_train, run_val = layout, cfg, train, val
+                if layout.multi:
+                    run_cfg = cfg.model_copy(update={"max_steps": data["steps"]})
+            else:  # the task's own data and labels, the steps it got in the multi-task run
+                run_layout = tasks.Layout.of({single: layout.labels[layout.index(single)]})
+                steps = data["batches"][single]
+                run_cfg = cfg.model_copy(update={"max_steps": steps, "eval_every": min(cfg.eval_every, steps)})
+                own = data["single"][single]
+                run_train = encode_labeled(tokenizer, own["train"]["text"].tolist(), own["train"]["label"].tolist(),
+                                           cfg.max_length)
+                run_val = encode_labeled(tokenizer, own["validation"]["text"].tolist(),
+                                         own["validation"]["label"].tolist(), cfg.max_length)
+            entries = run_layout.config_entries()
+            model = load_classifier(weights, run_layout.total, entries.pop("id2label"), random_init,
+                                    tokenizer.pad_token_id, overrides, extra_config=entries)
+            plan = strategies.prepare(model, run_cfg, teacher)  # the same strategy for every variant
             trainable, total = strategies.parameter_counts(plan.model)
-            res = train_classifier(plan.model, tokenizer, train, val, cfg, dev, seed, ckpt / name,
-                                   prefix=f"{name}.", plan=plan)
+            res = train_classifier(plan.model, tokenizer, run_train, run_val, run_cfg, dev, seed, ckpt / name,
+                                   prefix=f"{name}.", plan=plan, layout=run_layout,
+                                   ordered=run_layout.multi)
             training = {"trainable_params": trainable, "total_params": total,
                         "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
                         "stopped_early": res.metrics.pop("stopped_early")}
@@ -151,13 +166,48 @@ def finetune(params: Params, root: Path, run) -> None:
         metrics = {**done.record["metrics"], **done.record.get("training", {})}
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         print(f"finetune[{name}]: best val accuracy {metrics['val_accuracy']:.4f} in {metrics['steps']} steps")
-    for flag, out_dir in (("scratch_baseline", cfg.scratch_dir), ("original_baseline", cfg.original_dir)):
+    for flag, out_dir in (("scratch_baseline", cfg.scratch_dir), ("original_baseline", cfg.original_dir),
+                          ("single_task_baselines", cfg.single_task_dir)):
         if not getattr(cfg, flag):
             # keep the declared DVC output present (and clearly empty) when this baseline is not trained
             with atomic_dir(root / out_dir) as out:
                 (out / "NOT_TRAINED").write_text(f"finetune.{flag} is false\n")
     write_json(root / cfg.metrics, summary)
     checkpoints.release(ckpt)
+
+
+def _task_data(params: Params, clean_dir: Path, task_names: list[str], layout) -> dict:
+    """The training and validation examples. One task: its splits as they are (augmented). Several: every
+    task's validation split with global labels, and the training examples in the order of the multi-task
+    batch schedule (lmpipe.tasks.schedule), so Trainer reads them sequentially."""
+    cfg, seed = params.finetune, params.common.seed
+    own, sizes, added = {}, {}, 0
+    for t in task_names:
+        train_df = tasks.load_split(clean_dir, t, params.clean, "train")
+        val_df = tasks.load_split(clean_dir, t, params.clean, "validation")
+        where = tasks.task_dir(Path(params.clean.out_dir), t, params.clean)
+        suffix = "" if len(task_names) == 1 else f"_{t}"
+        for df, split, context in ((train_df, "train", "training"), (val_df, "validation", "validation")):
+            mlflow.log_input(mlflow.data.from_pandas(df, source=str(where / f"labeled_{split}.parquet"),
+                                                     name=f"labeled_{split}{suffix}", targets="label"), context=context)
+        # text augmentation: the training split only, seeded; validation stays as it is
+        n = len(train_df)
+        train_df = augment(train_df, cfg.augment, seed)
+        added += len(train_df) - n
+        own[t], sizes[t] = {"train": train_df.reset_index(drop=True), "validation": val_df}, len(train_df)
+    if not layout.multi:
+        t = task_names[0]
+        return {"train": own[t]["train"], "validation": own[t]["validation"], "added": added, "single": own}
+    steps = tasks.total_steps(cfg, sum(sizes.values()))
+    rows, batches = tasks.schedule(sizes, steps, cfg.batch_size, cfg.sampling, cfg.sampling_temperature, seed)
+    offsets = {t: layout.offset(t) for t in task_names}
+    frames = {t: own[t]["train"] for t in task_names}
+    train = pd.DataFrame({"text": [frames[t]["text"].iat[i] for t, i in rows],
+                          "label": [int(frames[t]["label"].iat[i]) + offsets[t] for t, i in rows]})
+    val = pd.concat([own[t]["validation"].assign(label=own[t]["validation"]["label"] + offsets[t])
+                     for t in task_names], ignore_index=True)
+    return {"train": train, "validation": val, "added": added, "single": own, "steps": steps, "batches": batches,
+            "sizes": sizes, "expected": tasks.shares(sizes, cfg.sampling, cfg.sampling_temperature)}
 
 
 def main(argv: list[str] | None = None) -> int:

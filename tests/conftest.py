@@ -45,6 +45,43 @@ def write_tiny_data(folder: Path) -> Path:
     return folder
 
 
+TREC = {"LOC": ["What city is the capital of {}?", "Where is the river in {}?"],
+        "HUM": ["Who was the first king of {}?", "Who wrote the anthem of {}?"],
+        "NUM": ["How many people live in {}?", "When was {} founded?"]}
+NEWS = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}
+NEWS_WORDS = {"1": "minister election war treaty", "2": "match goal season coach",
+              "3": "shares profit market bank", "4": "software space chip research"}
+
+
+def write_tiny_tasks(folder: Path) -> Path:
+    """Two more tasks beside write_tiny_data's: TREC-format questions (train + test files) and an AG News-style
+    header-less CSV (one file, split by clean)."""
+    places = ["France", "Peru", "Kenya", "Japan", "Chile", "Norway", "Egypt", "India"]
+    (folder / "trec").mkdir(parents=True, exist_ok=True)
+    lines = [f"{label}:{'city' if label == 'LOC' else 'ind' if label == 'HUM' else 'count'} {q.format(p)}"
+             for p in places for label, qs in TREC.items() for q in qs]
+    (folder / "trec" / "train.label").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    (folder / "trec" / "test.label").write_text("\n".join(lines[::3]) + "\n", encoding="latin-1")
+    (folder / "news").mkdir(exist_ok=True)
+    rows = [f'"{k}","{w.split()[i % 4]} news {i}","the {w} report number {i}"' for i in range(12)
+            for k, w in NEWS_WORDS.items()]
+    (folder / "news" / "all.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def tiny_tasks_params(raw: dict) -> dict:
+    """clean.tasks for write_tiny_tasks' files (names: trec, news) and finetune.tasks over all three."""
+    raw["clean"]["labeled"]["name"] = "sst"
+    raw["clean"]["tasks"] = {
+        "trec": {"train": {"path": "trec/train.label", "format": "trec", "encoding": "latin-1"},
+                 "test": {"path": "trec/test.label", "format": "trec"}, "validation_fraction": 0.25},
+        "news": {"train": {"path": "news/all.csv", "header": False, "columns": ["label", "title", "description"],
+                           "text_columns": ["title", "description"], "label_column": "label"},
+                 "validation_fraction": 0.2, "test_fraction": 0.2, "label_names": list(NEWS.values())}}
+    raw["finetune"]["tasks"] = ["sst", "trec", "news"]
+    return raw
+
+
 def section(name: str, **values):
     """One validated params section: params.yaml's values (their one home) with `values` on top."""
     from lmpipe.config import Params
@@ -60,6 +97,7 @@ def tiny_params() -> dict:
     raw["clean"]["labeled"]["train"]["path"] = "task/train.tsv"
     raw["clean"]["labeled"]["test"]["path"] = "task/dev.tsv"
     raw["clean"]["labeled"]["validation_fraction"] = 0.25
+    raw["clean"]["tasks"] = {}  # tiny_tasks_params adds tiny ones
     raw["clean"]["min_chars"] = 5
     raw["tokenize"].update(vocab_size=300, block_size=16)
     raw["pretrain"].update(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,

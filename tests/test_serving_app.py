@@ -49,10 +49,10 @@ def server(model_dir: Path, workdir: Path):
 
 def metric(text: str, name: str, **labels) -> float:
     """One sample's value from Prometheus text format (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    want = {k: str(v) for k, v in labels.items()}
     for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
-        if m and m[1] == name and (m[2] or "") == want:
+        if m and m[1] == name and dict(re.findall(r'(\w+)="([^"]*)"', m[2] or "")) == want:
             return float(m[3])
     return 0.0
 
@@ -94,7 +94,8 @@ def test_concurrent_requests_share_forward_passes(server: Server, model_dir: Pat
     # the other series: requests by route and status, latency, labels, confidence, the model's identity
     assert metric(after, "lmpipe_requests_total", route="/predict", status="200") >= len(texts)
     assert metric(after, "lmpipe_request_latency_seconds_count", route="/predict") >= len(texts)
-    by_label = sum(metric(after, "lmpipe_predictions_total", label=n) - metric(before, "lmpipe_predictions_total", label=n)
+    by_label = sum(metric(after, "lmpipe_predictions_total", task="default", label=n)
+                   - metric(before, "lmpipe_predictions_total", task="default", label=n)
                    for n in ("negative", "positive"))
     assert by_label == len(texts)
     assert metric(after, "lmpipe_prediction_confidence_count") - metric(before, "lmpipe_prediction_confidence_count") == len(texts)

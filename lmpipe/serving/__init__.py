@@ -37,15 +37,26 @@ class HFClassifier:
         self.variant = self.clf.variant
         self.device = self.clf.device
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
-        return self.clf.predict(texts, batch_size)
+    def predict(self, texts: list[str], batch_size: int = 64, tasks: list[str | None] | None = None
+                ) -> list[dict[str, Any]]:
+        return self.clf.predict(texts, batch_size, tasks)
+
+    def tasks(self) -> dict[str, list[str]]:
+        return self.clf.tasks()
+
+    def embed_unsupported(self) -> str | None:
+        return self.clf.embed_unsupported()
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
+        return self.clf.embed(texts, batch_size)
 
 
 # MLflow advises type hints on `predict` when the class is created, under a warnings filter of its own (so a
 # filterwarnings here cannot silence it): record and drop it, or every `lmpipe` error line comes after it
 with warnings.catch_warnings(record=True):
     class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc flavour: input a DataFrame with a `text` column (or a list of strings)."""
+        """MLflow pyfunc flavour: input a DataFrame with a `text` column (or a list of strings); a multi-task
+        model answers for params={"task": NAME} (default: its first task)."""
 
         def load_context(self, context) -> None:
             # the truncation length comes from the model dir itself (see HFClassifier), not the model_config
@@ -56,7 +67,8 @@ with warnings.catch_warnings(record=True):
                 texts = model_input["text" if "text" in model_input.columns else model_input.columns[0]].astype(str).tolist()
             else:
                 texts = [str(t) for t in model_input]
-            return pd.DataFrame(self.clf.predict(texts))
+            task = (params or {}).get("task") or None
+            return pd.DataFrame(self.clf.predict(texts, tasks=[task] * len(texts) if task else None))
 
 
 class PyfuncPredictor:
@@ -65,17 +77,23 @@ class PyfuncPredictor:
     def __init__(self, model) -> None:
         self.model = model
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict[str, Any]]:
+    def tasks(self) -> dict[str, list[str]]:
+        return {"default": []}  # a foreign model: one task, its labels unknown until it answers
+
+    def predict(self, texts: list[str], batch_size: int = 64, tasks: list[str | None] | None = None
+                ) -> list[dict[str, Any]]:
         df = self.model.predict(pd.DataFrame({"text": texts}))
         return [{"label": str(r["label"]), "score": float(r["score"])} for r in df.to_dict("records")]
 
 
-def load_predictor(uri: str) -> HFClassifier | PyfuncPredictor:
-    """A local HF model dir, or any MLflow model URI (models:/NAME@alias, runs:/ID/model, a pyfunc dir).
+def load_predictor(uri: str):
+    """A local HF model dir (a classifier, or an encoder without a head: lmpipe.embeddings.Encoder), or any MLflow model URI (models:/NAME@alias, runs:/ID/model, a pyfunc dir).
     An lmpipe pyfunc is unwrapped to its HFClassifier: the server batches and tokenizes without pandas."""
+    from lmpipe.embeddings import Encoder, is_encoder_only
+
     path = Path(uri)
     if path.is_dir() and (path / "config.json").is_file():
-        return HFClassifier(path)
+        return Encoder(path) if is_encoder_only(path) else HFClassifier(path)
     model = mlflow.pyfunc.load_model(uri)
     inner = model.unwrap_python_model()
     return inner.clf if isinstance(inner, ClassifierPyfunc) else PyfuncPredictor(model)

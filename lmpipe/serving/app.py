@@ -5,7 +5,9 @@
 | route               | auth  | answers                                                                     |
 |---------------------|-------|-----------------------------------------------------------------------------|
 | GET /health         | open  | status and the served model's uri, name, version, variant                  |
-| POST /predict       | token | {"texts": [...]} -> {"predictions": [{label, score}, ...]}, micro-batched |
+| POST /predict       | token | {"texts": [...], "task"?: NAME} -> {"predictions": [{label, score}, ...]}, micro-batched |
+| POST /embed         | token | {"texts": [...]} -> {"embeddings": [[...], ...]} (L2-normalised), micro-batched |
+| GET /tasks          | token | the model's tasks, each with its labels; the default (first) task            |
 | GET /metrics        | token | Prometheus text format (lmpipe.serving.metrics)                            |
 | GET /drift          | token | PSI per feature of the live window vs the model's drift reference          |
 | POST /admin/reload  | token | check the alias now; swap when it moved                                     |
@@ -62,8 +64,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_texts(body: bytes, max_texts: int, max_chars: int) -> list[str]:
-    """{"texts": [...]} -> the texts; PayloadError 400 (not JSON) or 422 (naming the field) otherwise."""
+def parse_texts(body: bytes, max_texts: int, max_chars: int, fields: tuple[str, ...] = ("texts",)
+                ) -> tuple[list[str], dict[str, Any]]:
+    """{"texts": [...], <optional fields>} -> (the texts, the other fields given); PayloadError 400 (not JSON)
+    or 422 (naming the field) otherwise."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -72,9 +76,9 @@ def parse_texts(body: bytes, max_texts: int, max_chars: int) -> list[str]:
         raise PayloadError(400, "body: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise PayloadError(422, 'body: expected a JSON object {"texts": [...]}')
-    extra = sorted(set(data) - {"texts"})
+    extra = sorted(set(data) - set(fields))
     if extra:
-        raise PayloadError(422, f"{extra[0]}: unknown field (expected only texts)")
+        raise PayloadError(422, f"{extra[0]}: unknown field (expected {' and '.join(fields)})")
     texts = data.get("texts")
     if texts is None:
         raise PayloadError(422, "texts: field required")
@@ -91,7 +95,18 @@ def parse_texts(body: bytes, max_texts: int, max_chars: int) -> list[str]:
             raise PayloadError(422, f"texts[{i}]: empty text")
         if len(t) > max_chars:
             raise PayloadError(422, f"texts[{i}]: longer than {max_chars} characters (serve.max_chars)")
-    return texts
+    return texts, {k: v for k, v in data.items() if k != "texts"}
+
+
+def check_task(task: Any, known: dict[str, list[str]]) -> str | None:
+    """The `task` field of /predict: None (the default task) or one of the model's task names; 422 otherwise."""
+    if task is None:
+        return None
+    if not isinstance(task, str):
+        raise PayloadError(422, "task: expected a string (a task name)")
+    if task not in known:
+        raise PayloadError(422, f"task: unknown task {task!r}; the model's tasks are {', '.join(known)}")
+    return task
 
 
 def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, token: str | None = None,
@@ -110,6 +125,7 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
 
     def prepare(new: reload.Served) -> None:
         """Before a model is swapped in: its drift monitor (if it ships a reference) and the Info metric."""
+        new.extra["tasks"] = new.predictor.tasks()
         reference = load_reference(new.model_dir)
         new.extra["drift"] = (DriftMonitor(reference, cfg.monitor, new.predictor.tokenizer, metrics.drift_psi)
                               if reference else None)
@@ -117,21 +133,37 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
         if new is not served:
             metrics.reloads.inc()
 
-    def run(texts: list[str]) -> list[dict[str, Any]]:
-        """One batch on the inference thread, on whichever model is current now: sorted by length (characters,
-        a proxy for tokens) so each forward pass of forward_batch_size texts pads little, answers unsorted."""
+    def run(queries: list[tuple[str, str | None, str]]) -> list[Any]:
+        """One batch on the inference thread, on whichever model is current now. Queries are (text, task, kind):
+        predictions of every task come from one call (the encoder is shared), embeddings from another; each
+        call sorts by length (characters, a proxy for tokens) so each forward pass of forward_batch_size texts
+        pads little; answers in the queries' order."""
         current = holder.current
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        ranked = current.predictor.predict([texts[i] for i in order], batch_size=cfg.forward_batch_size)
-        preds: list[dict[str, Any]] = [{}] * len(texts)
-        for rank, i in enumerate(order):
-            preds[i] = ranked[rank]
-        metrics.forward_passes.inc(-(-len(texts) // cfg.forward_batch_size))
-        metrics.observe_predictions(preds)
-        drift = current.extra.get("drift")
-        if drift is not None and backlog.acquire(blocking=False):
-            monitor_pool.submit(drift.observe, texts, preds).add_done_callback(lambda f: backlog.release())
-        return preds
+        out: list[Any] = [None] * len(queries)
+        for kind in ("predict", "embed"):
+            idx = sorted((i for i, q in enumerate(queries) if q[2] == kind), key=lambda i: len(queries[i][0]))
+            if not idx:
+                continue
+            texts = [queries[i][0] for i in idx]
+            if kind == "predict":
+                ranked = current.predictor.predict(texts, batch_size=cfg.forward_batch_size,
+                                                   tasks=[queries[i][1] for i in idx])
+            else:
+                ranked = current.predictor.embed(texts, batch_size=cfg.forward_batch_size)
+            for rank, i in enumerate(idx):
+                out[i] = ranked[rank]
+            metrics.forward_passes.inc(-(-len(texts) // cfg.forward_batch_size))
+        predicted = [i for i, q in enumerate(queries) if q[2] == "predict"]
+        if predicted:
+            default = next(iter(current.extra["tasks"]))
+            metrics.observe_predictions([out[i] for i in predicted], [queries[i][1] or default for i in predicted])
+            # the drift reference describes the default task's predictions: only those join the window
+            own = [i for i in predicted if (queries[i][1] or default) == default]
+            drift = current.extra.get("drift")
+            if own and drift is not None and backlog.acquire(blocking=False):
+                monitor_pool.submit(drift.observe, [queries[i][0] for i in own], [out[i] for i in own]
+                                    ).add_done_callback(lambda f: backlog.release())
+        return out
 
     prepare(served)
     holder = reload.Holder(served, client, cfg.reload_interval_s, prepare)
@@ -166,20 +198,42 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     def health() -> dict[str, Any]:
         return {"status": "ok", **holder.current.info()}
 
-    @app.post("/predict")
-    async def predict(request: Request) -> Response:
+    async def answer(request: Request, kind: str) -> Response:
         require_token(request)
         try:
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 raise PayloadError(415, f"content-type: expected application/json (got {ctype or 'none'})")
-            texts = parse_texts(await read_body(request, cfg.max_body_bytes), cfg.max_texts, cfg.max_chars)
-            preds = await batcher.submit(texts)
+            fields = ("texts", "task") if kind == "predict" else ("texts",)
+            texts, extra = parse_texts(await read_body(request, cfg.max_body_bytes), cfg.max_texts, cfg.max_chars,
+                                       fields)
+            current = holder.current
+            task = check_task(extra.get("task"), current.extra["tasks"]) if kind == "predict" else None
+            if kind == "predict" and not current.extra["tasks"]:
+                raise PayloadError(409, "the served model is an encoder without a classifier head: use /embed")
+            if kind == "embed" and (why := embed_unsupported(current.predictor)):
+                raise PayloadError(409, why)
+            results = await batcher.submit([(t, task, kind) for t in texts])
         except PayloadError as e:
             return JSONResponse({"detail": e.detail}, status_code=e.status)
         except Refused as e:
             return JSONResponse({"detail": str(e)}, status_code=e.status)
-        return JSONResponse({"predictions": preds})
+        return JSONResponse({"predictions": results} if kind == "predict" else {"embeddings": results})
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        return await answer(request, "predict")
+
+    @app.post("/embed")
+    async def embed(request: Request) -> Response:
+        return await answer(request, "embed")
+
+    @app.get("/tasks")
+    def list_tasks(request: Request) -> dict[str, Any]:
+        require_token(request)
+        known = holder.current.extra["tasks"]
+        return {"tasks": [{"name": t, "labels": labels} for t, labels in known.items()],
+                "default": next(iter(known), None), **holder.current.info()}
 
     @app.get("/metrics")
     def prometheus(request: Request) -> Response:
@@ -206,6 +260,14 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
         return JSONResponse(result, status_code=200 if holder.alias else 409)
 
     return app
+
+
+def embed_unsupported(predictor) -> str | None:
+    """Why `predictor` cannot embed (None when it can)."""
+    why = getattr(predictor, "embed_unsupported", None)
+    if why is None:
+        return "the served model cannot embed (not an lmpipe model directory)"
+    return why()
 
 
 def _logging() -> None:

@@ -9,7 +9,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-ROUTES = ("/predict", "/health", "/metrics", "/drift", "/admin/reload")
+ROUTES = ("/predict", "/embed", "/tasks", "/health", "/metrics", "/drift", "/admin/reload")
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -28,7 +28,7 @@ class Metrics:
         self.forward_passes = Counter("lmpipe_forward_passes", "Forward passes (a batch runs in serve.forward_batch_size chunks)",
                                       registry=r)
         self.queue_texts = Gauge("lmpipe_queue_texts", "Texts waiting for a batch", registry=r)
-        self.predictions = Counter("lmpipe_predictions", "Predicted labels", ["label"], registry=r)
+        self.predictions = Counter("lmpipe_predictions", "Predicted labels by task", ["task", "label"], registry=r)
         self.confidence = Histogram("lmpipe_prediction_confidence", "Probability of the predicted label",
                                     buckets=CONFIDENCE_BUCKETS, registry=r)
         self.model = Info("lmpipe_model", "The served model: name, version, variant, uri", registry=r)
@@ -36,9 +36,9 @@ class Metrics:
         self.drift_psi = Gauge("lmpipe_drift_psi", "PSI of the live window against the model's drift reference",
                                ["feature"], registry=r)
 
-    def observe_predictions(self, preds: list[dict]) -> None:
-        for p in preds:
-            self.predictions.labels(p["label"]).inc()
+    def observe_predictions(self, preds: list[dict], tasks: list[str]) -> None:
+        for p, task in zip(preds, tasks):
+            self.predictions.labels(task, p["label"]).inc()
             self.confidence.observe(p["score"])
 
 

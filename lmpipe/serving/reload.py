@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.serving import HFClassifier, load_predictor
+from lmpipe.serving import PyfuncPredictor, load_predictor
 
 log = logging.getLogger("lmpipe.serving")
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
@@ -35,7 +35,7 @@ class Served:
 
     @property
     def model_dir(self) -> Path | None:
-        return self.predictor.model_dir if isinstance(self.predictor, HFClassifier) else None
+        return getattr(self.predictor, "model_dir", None) if not isinstance(self.predictor, PyfuncPredictor) else None
 
     def info(self) -> dict[str, str]:
         return {"model_uri": self.uri, "model": self.name, "version": self.version, "variant": self.variant}
