@@ -187,8 +187,13 @@ class Pretrain(Section):
     The checkpoint's config.json is then the architecture: arch and the shape keys (hidden_size, num_layers,
     num_heads, intermediate_size, max_position_embeddings, dropout) are not used; objective must be one the
     checkpoint has (mlm for encoders, clm for decoders), and tokenize.kind must be pretrained."""
-    objective: Literal["clm", "mlm"]
-    """clm = causal LM (next token); mlm = masked LM (BERT style)."""
+    objective: Literal["clm", "mlm", "simcse", "mlm_nsp"]
+    """clm = causal LM (next token); mlm = masked LM (BERT style); simcse = unsupervised contrastive sentence
+    embeddings on an encoder (lmpipe/objectives.py); mlm_nsp = BERT's masked LM + next-sentence prediction."""
+    simcse_temperature: float = Field(0.05, gt=0)
+    """simcse: softmax temperature of the in-batch cosine similarities (SimCSE's 0.05)."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """simcse: sentence embedding = mean of the token states, or the first ([CLS]) token's."""
     arch: Literal["llama", "gpt2", "bert"]
     """transformers architecture for the model config (init: scratch only)."""
     hidden_size: int = Field(ge=8)
@@ -261,8 +266,11 @@ class Pretrain(Section):
             return self  # the checkpoint's config is the architecture (checked against it by the stages)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_heads ({self.num_heads})")
-        if self.objective == "mlm" and self.arch != "bert":
-            raise ValueError(f"objective: mlm needs arch bert (got {self.arch})")
+        if self.objective in ("mlm", "simcse", "mlm_nsp") and self.arch != "bert":
+            raise ValueError(f"objective: {self.objective} needs arch bert (got {self.arch})")
+        if self.objective == "simcse" and self.dropout == 0:
+            raise ValueError("dropout: simcse needs dropout > 0 (the two dropout masks are its positive pair); "
+                             "e.g. pretrain.dropout=0.1")
         if self.objective == "clm" and self.arch == "bert":
             raise ValueError("objective: clm needs arch llama or gpt2 (got bert)")
         return self

@@ -76,6 +76,22 @@ def probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
     return {"linear_probe_accuracy": linear, "knn_accuracy": float((knn == test_y).mean())}
 
 
+def report(before, after, tokenizer, held_out: list[str], positives: list[str], probe_train: tuple[list[str], np.ndarray],
+           probe_test: tuple[list[str], np.ndarray], pooling: str, batch_size: int, device: str, seed: int,
+           max_length: int) -> dict[str, Any]:
+    """Alignment (held-out sentence vs its perturbed copy), uniformity (held-out sentences) and the frozen probes
+    (SST-2) of the encoder before and after contrastive training, and after minus before."""
+    out: dict[str, Any] = {}
+    for name, model in (("before", before), ("after", after)):
+        enc = lambda texts: encode(model, tokenizer, texts, batch_size, device, pooling, max_length)  # noqa: E731
+        x, y = enc(held_out), enc(positives)
+        out[name] = {"alignment": alignment(x, y), "uniformity": uniformity(x),
+                     **probe(enc(probe_train[0]), probe_train[1], enc(probe_test[0]), probe_test[1], seed)}
+    out["difference"] = {k: out["after"][k] - out["before"][k] for k in out["after"]}
+    out["held_out_sentences"], out["probe_train_examples"] = len(held_out), len(probe_train[0])
+    return out
+
+
 class Encoder:
     """An encoder-only model directory (a SimCSE pretrain output): texts -> embeddings; no classifier head."""
 

@@ -133,6 +133,13 @@ def checkpoint_objective(config: PretrainedConfig) -> str | None:
 def check_checkpoint(config: PretrainedConfig, ref: str, objective: str | None, block_size: int) -> None:
     """Refuse, in one line, what the checkpoint cannot do: another objective, blocks beyond its positions."""
     kind = checkpoint_objective(config)
+    if objective == "simcse" and kind == "mlm":
+        objective = "mlm"  # contrastive training needs an encoder: the checkpoints with a masked-LM head class
+    if objective == "mlm_nsp":
+        if config.model_type != "bert":
+            raise ConfigError(f"pretrain.objective: mlm_nsp needs a BERT checkpoint (BertForPreTraining's heads); "
+                              f"pretrain.init {ref} is {config.model_type}")
+        objective = "mlm"
     if objective is not None and kind != objective:
         has = f"a {kind} ({config.model_type}) checkpoint" if kind else f"a {config.model_type} checkpoint with no LM head class"
         raise ConfigError(f"pretrain.objective: {objective} but pretrain.init {ref} is {has}; "

@@ -49,15 +49,21 @@ def evaluate(params: Params, root: Path, run) -> None:
     test, names = tests[default], tasks.label_names(clean_dir, default, params.clean)
     labels = test["label"].to_numpy()
 
-    # 1) language model perplexity on the held-out validation blocks
+    # 1) language model perplexity on the held-out validation blocks; a contrastive encoder has no LM head:
+    #    its embeddings are measured instead, before and after the objective
     lm_dir = _need(root / params.pretrain.out_dir, "pretrain")
-    auto = AutoModelForMaskedLM if params.pretrain.objective == "mlm" else AutoModelForCausalLM
-    lm = auto.from_pretrained(lm_dir)
-    lm_tok = load_tokenizer(lm_dir)
-    val_blocks = load_blocks(_need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
-    lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, params.pretrain.objective == "mlm", lm_tok,
-                            params.pretrain.mlm_probability, params.common.seed)
-    del lm
+    objective = params.pretrain.objective
+    lm_metrics, embedding_metrics = None, None
+    if objective == "simcse":
+        embedding_metrics = _embedding_report(params, root, lm_dir, dev)
+    else:
+        auto = AutoModelForMaskedLM if objective in ("mlm", "mlm_nsp") else AutoModelForCausalLM
+        lm = auto.from_pretrained(lm_dir)
+        lm_tok = load_tokenizer(lm_dir)
+        val_blocks = load_blocks(_need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
+        lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, objective in ("mlm", "mlm_nsp"), lm_tok,
+                                params.pretrain.mlm_probability, params.common.seed)
+        del lm
 
     # 2) classifiers on the test split of every task they have: the selected model and the baselines
     def score(path: Path, which: list[str]) -> tuple[dict, dict]:
@@ -86,9 +92,11 @@ def evaluate(params: Params, root: Path, run) -> None:
     preds_main, _ = layout.predict(probs_main, default if layout.multi else None)
     default_names = list(layout.labels[layout.index(default)]) if layout.multi else list(layout.labels[0])
 
-    metrics = {"lm": {"perplexity": lm_metrics["perplexity"], "loss": lm_metrics["loss"],
-                      "tokens": lm_metrics["tokens"]},
-               "test_examples": int(len(test))}
+    metrics: dict = {"test_examples": int(len(test))}
+    if lm_metrics is not None:
+        metrics["lm"] = {"perplexity": lm_metrics["perplexity"], "loss": lm_metrics["loss"], "tokens": lm_metrics["tokens"]}
+    if embedding_metrics is not None:
+        metrics["embeddings"] = embedding_metrics
     for key, m in results.items():
         metrics[key] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
         if len(task_names) > 1:
@@ -156,7 +164,15 @@ def evaluate(params: Params, root: Path, run) -> None:
     log_summary(client, summary_id, params, root, metrics)
     if not os.environ.get(PARENT_ENV):
         client.set_terminated(summary_id)  # deploy reopens nothing: it only adds tags
-    line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; classifier accuracy {metrics['classifier']['accuracy']:.4f}"
+    if lm_metrics is not None:
+        line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; "
+    else:
+        e = embedding_metrics
+        line = (f"evaluate: simcse embeddings: SST-2 linear probe {e['before']['linear_probe_accuracy']:.4f} -> "
+                f"{e['after']['linear_probe_accuracy']:.4f}, k-NN {e['before']['knn_accuracy']:.4f} -> "
+                f"{e['after']['knn_accuracy']:.4f}, uniformity {e['before']['uniformity']:.3f} -> "
+                f"{e['after']['uniformity']:.3f}, alignment {e['before']['alignment']:.3f} -> {e['after']['alignment']:.3f}; ")
+    line += f"classifier accuracy {metrics['classifier']['accuracy']:.4f}"
     if len(task_names) > 1:
         line += " (mean of " + ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in results["classifier"]["tasks"].items()) + ")"
     for t, tr in metrics.get("transfer", {}).items():
@@ -166,6 +182,47 @@ def evaluate(params: Params, root: Path, run) -> None:
     if "original_baseline" in metrics:
         line += f" vs original checkpoint {metrics['original_baseline']['accuracy']:.4f}"
     print(line)
+
+
+PROBE_TRAIN = 2000
+"""Training examples of the frozen-encoder probes (a seeded sample of clean.labeled's train split)."""
+HELD_OUT = 500
+"""Held-out corpus sentences for alignment and uniformity."""
+
+
+def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -> dict:
+    """A contrastive (simcse) encoder against the encoder it started from (the pretrain.init checkpoint, or the
+    same architecture's seeded random init): alignment and uniformity on held-out corpus sentences (the positive
+    pair of a sentence: itself with a tenth of its words deleted), and frozen linear-probe / k-NN accuracy on
+    clean.labeled (SST-2 by default; its test split)."""
+    import torch
+    from transformers import AutoModel
+
+    from lmpipe import embeddings, objectives
+    from lmpipe.config import Augment
+    from lmpipe.modeling import resolve_model_ref, stored_max_length
+    from lmpipe.regularization import augment
+
+    seed, clean_dir = params.common.seed, root / params.clean.out_dir
+    after = AutoModel.from_pretrained(encoder_dir)
+    tokenizer = load_tokenizer(encoder_dir)
+    if params.pretrain.init == "scratch":
+        torch.manual_seed(seed)
+        before = AutoModel.from_config(after.config)
+    else:
+        before = AutoModel.from_pretrained(resolve_model_ref(params.pretrain.init, root, "pretrain.init"))
+    docs = pd.read_parquet(_need(clean_dir / "corpus_validation.parquet", "clean"))["text"].tolist()
+    held = objectives.sentence_sample(docs, HELD_OUT, seed)
+    perturbed = augment(pd.DataFrame({"text": held, "label": 0}), Augment(copies=1, probability=0.1, ops=["delete"]),
+                        seed)["text"].tolist()[len(held):]
+    train = pd.read_parquet(_need(clean_dir / "labeled_train.parquet", "clean"))
+    train = train.sample(n=min(PROBE_TRAIN, len(train)), random_state=seed)
+    test = pd.read_parquet(_need(clean_dir / "labeled_test.parquet", "clean"))
+    pooling = getattr(after.config, embeddings.POOLING_KEY, params.pretrain.pooling)
+    return embeddings.report(before, after, tokenizer, held, perturbed,
+                             (train["text"].tolist(), train["label"].to_numpy()),
+                             (test["text"].tolist(), test["label"].to_numpy()), pooling, params.evaluate.batch_size,
+                             dev, seed, stored_max_length(tokenizer, after.config))
 
 
 def main(argv: list[str] | None = None) -> int:

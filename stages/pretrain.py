@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 from transformers import AutoConfig
 
-from lmpipe import checkpoints
+from lmpipe import checkpoints, objectives
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
@@ -32,6 +32,8 @@ from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import pretrain as train_lm, write_curve
+
+SENTENCE_OBJECTIVES = ("simcse", "mlm_nsp")
 
 
 def pretrain(params: Params, root: Path, run) -> None:
@@ -47,7 +49,18 @@ def pretrain(params: Params, root: Path, run) -> None:
 
     # 1) model from a transformers config, or the init checkpoint; refuse shapes the model cannot take
     block = blocks["train"].shape[1]
-    if cfg.init == "scratch":
+    sentence_level = cfg.objective in SENTENCE_OBJECTIVES  # simcse, mlm_nsp: sentences, not packed blocks
+    continued = None
+    if sentence_level:
+        init_dir = None if cfg.init == "scratch" else resolve_model_ref(cfg.init, root, "pretrain.init")
+        if init_dir is not None:
+            check_checkpoint(AutoConfig.from_pretrained(init_dir), cfg.init, cfg.objective, block)
+        model, config = objectives.build_model(cfg, tokenizer, init_dir, attention_implementation(cfg))
+        if block > max_positions(config):
+            raise ConfigError(f"tokenize.block_size: {block} exceeds the model's {max_positions(config)} positions")
+        check_vocab(config, tokenizer, "pretrain")
+        docs = {split: _corpus(root / params.clean.out_dir, split) for split in ("train", "validation")}
+    elif cfg.init == "scratch":
         config = build_lm_config(cfg, tokenizer)
         if block > max_positions(config):
             raise ConfigError(f"tokenize.block_size: {block} exceeds pretrain.max_position_embeddings ({max_positions(config)})")
@@ -82,7 +95,11 @@ def pretrain(params: Params, root: Path, run) -> None:
 
     # 3) train
     dev = device(params.common)
-    result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
+    if sentence_level:
+        result = objectives.train(model, tokenizer, docs["train"], docs["validation"], cfg, block, dev,
+                                  params.common.seed, ckpt_dir)
+    else:
+        result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
     if not is_main:
         return
     if result.resumed_from:
@@ -100,8 +117,24 @@ def pretrain(params: Params, root: Path, run) -> None:
     mlflow.log_artifact(str(root / cfg.plot))
     mlflow.log_figure(curve_figure(result.curve, "pretrain"), "pretrain_loss.png")
     checkpoints.release(ckpt_dir)
-    print(f"pretrain: {result.metrics['steps']} steps, val loss {result.metrics['val_loss']:.4f} "
-          f"(ppl {result.metrics['val_perplexity']:.1f}), {result.metrics['tokens_per_s']:.0f} tok/s on {dev}")
+    m = result.metrics
+    line = f"pretrain: {cfg.objective}: {m['steps']} steps, val loss {m['val_loss']:.4f}"
+    if "val_perplexity" in m:
+        line += f" (ppl {m['val_perplexity']:.1f})"
+    if "val_nsp_accuracy" in m:
+        line += f", NSP accuracy {m['val_nsp_accuracy']:.4f}"
+    rate = f"{m['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in m else f"{m['examples_per_s']:.1f} examples/s"
+    print(f"{line}, {rate} on {dev}")
+
+
+def _corpus(clean_dir: Path, split: str) -> list[str]:
+    """The clean corpus documents of one split (the sentence-level objectives split them into sentences)."""
+    import pandas as pd
+
+    path = clean_dir / f"corpus_{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
+    return pd.read_parquet(path)["text"].tolist()
 
 
 def _torchrun_nproc(argv: list[str]) -> int:
