@@ -77,7 +77,7 @@ TASK_NAME = r"^[a-z][a-z0-9_]*$"
 
 
 class Labeled(Section):
-    name: str = Field("task", pattern=TASK_NAME)
+    name: str = Field(pattern=TASK_NAME)
     """The task's name (finetune.tasks, /predict's `task`); its splits are clean.out_dir/labeled_*.parquet."""
     train: LabeledSource
     """Labelled training file; a seeded `validation_fraction` of it becomes the validation split."""
@@ -117,7 +117,7 @@ class Clean(Section):
     """Unlabelled pretraining sources, concatenated."""
     labeled: Labeled
     """The classification task (a single-task pipeline has only this one)."""
-    tasks: dict[str, Task] = {}
+    tasks: dict[str, Task]
     """More named classification tasks for multi-task fine-tuning (finetune.tasks); each one's splits are
     clean.out_dir/tasks/<name>/labeled_*.parquet."""
     min_chars: int = Field(ge=1)
@@ -190,9 +190,9 @@ class Pretrain(Section):
     objective: Literal["clm", "mlm", "simcse", "mlm_nsp"]
     """clm = causal LM (next token); mlm = masked LM (BERT style); simcse = unsupervised contrastive sentence
     embeddings on an encoder (lmpipe/objectives.py); mlm_nsp = BERT's masked LM + next-sentence prediction."""
-    simcse_temperature: float = Field(0.05, gt=0)
+    simcse_temperature: float = Field(gt=0)
     """simcse: softmax temperature of the in-batch cosine similarities (SimCSE's 0.05)."""
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls"]
     """simcse: sentence embedding = mean of the token states, or the first ([CLS]) token's."""
     arch: Literal["llama", "gpt2", "bert"]
     """transformers architecture for the model config (init: scratch only)."""
@@ -343,8 +343,6 @@ class Augment(Section):
 
 
 class Finetune(Section):
-    # the multi-task keys (tasks ... single_task_dir) have defaults: a single-task params file written before
-    # they existed keeps working unchanged; params.yaml lists them with the same values (DVC tracks them there)
     init: str
     """pretrained (the pretrain stage's model), scratch (same architecture, random init), or a local HF model dir."""
     scratch_baseline: bool
@@ -394,21 +392,21 @@ class Finetune(Section):
     """If > 0, overrides epochs: the fixed step budget for every model."""
     eval_every: int = Field(ge=1)
     """Validation accuracy every N steps; the best checkpoint is kept."""
-    tasks: list[str] | None = None
+    tasks: list[str] | None
     """Tasks trained (clean.labeled's name and clean.tasks' names); null = clean.labeled only. With several:
     one shared encoder, one head per task (lmpipe/tasks.py), the best checkpoint by the mean of the per-task
     validation accuracies; the first task is the default one (drift reference, /predict without `task`)."""
-    sampling: Literal["proportional", "temperature", "round_robin"] = "proportional"
+    sampling: Literal["proportional", "temperature", "round_robin"]
     """Multi-task: each batch holds one task, drawn with probability proportional to the task's training
     examples, to n^(1/temperature), or in turn."""
-    sampling_temperature: float = Field(2.0, gt=0)
+    sampling_temperature: float = Field(gt=0)
     """sampling: temperature T (1 = proportional, large = uniform)."""
-    loss_weights: dict[str, float] | None = None
+    loss_weights: dict[str, float] | None
     """Multi-task: a weight per task name on its examples' cross-entropy (default 1 each)."""
-    single_task_baselines: bool = False
+    single_task_baselines: bool
     """Multi-task: also fine-tune one model per task with the steps that task got in the multi-task run, so
     evaluate measures the transfer (multi-task minus single-task score)."""
-    single_task_dir: str = "models/finetune_single"
+    single_task_dir: str
     """Output: one folder per task with its single-task baseline."""
     out_dir: str
     """Output: the selected classifier (HF format)."""

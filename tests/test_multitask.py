@@ -137,23 +137,22 @@ def test_multitask_heads_sampling_transfer_and_serving_every_task(tmp_path, monk
         assert 'task="trec"' in metrics and 'route="/embed"' in metrics
 
 
-def test_single_task_file_without_the_new_keys_gives_the_same_result(tmp_path, monkeypatch):
-    """A params file from before multi-task (no clean.labeled.name, clean.tasks, finetune.tasks, ...) runs as it
-    did: the same metrics as finetune.tasks naming its one task, and a plain classifier without a task layout."""
+def test_single_task_params_give_the_same_result_as_naming_the_one_task(tmp_path, monkeypatch):
+    """params.yaml's single-task setting (finetune.tasks: null, clean.tasks ignored) trains exactly what it trained
+    before multi-task existed: a plain classifier without a task layout, the same metrics as finetune.tasks naming
+    its one task (whatever the sampling: one task has no schedule)."""
     wd = _work(tmp_path, monkeypatch)
     raw = yaml.safe_load((wd / "params.yaml").read_text())
-    raw["clean"]["labeled"].pop("name")
-    raw["clean"].pop("tasks")
-    for key in ("tasks", "sampling", "sampling_temperature", "loss_weights", "single_task_baselines", "single_task_dir"):
-        raw["finetune"].pop(key)
+    raw["finetune"]["tasks"] = None
     (wd / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     _run(wd, "clean", "tokenize", "pretrain", "finetune")
-    old = json.loads((wd / "metrics" / "finetune.json").read_text())["classifier"]
+    old = json.loads((wd / "metrics" / "finetune.json").read_text())
     assert "lmpipe_tasks" not in json.loads((wd / "models" / "finetune" / "config.json").read_text())
-    _run(wd, "finetune", args=("--set", "finetune.tasks=[task]", "--set", "finetune.sampling=round_robin"))
+    assert "tasks" not in old
+    _run(wd, "finetune", args=("--set", "finetune.tasks=[sst]", "--set", "finetune.sampling=round_robin"))
     new = json.loads((wd / "metrics" / "finetune.json").read_text())["classifier"]
     drop = ("train_seconds", "steps_per_s")
-    assert {k: v for k, v in new.items() if k not in drop} == {k: v for k, v in old.items() if k not in drop}
+    assert {k: v for k, v in new.items() if k not in drop} == {k: v for k, v in old["classifier"].items() if k not in drop}
 
 
 @pytest.mark.parametrize("sets, expected", [
