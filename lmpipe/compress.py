@@ -196,9 +196,9 @@ class Classifier:
         out = []
         for row, task in zip(probs, tasks or [None] * len(texts)):
             name = self.layout.resolve(task)
-            labels = self.layout.labels[self.layout.index(name)]
-            idx, score = self.layout.predict(row[None, :], name)
-            out.append({"label": labels[int(idx[0])], "score": float(score[0])})
+            block = row[self.layout.span(name)]
+            i = int(block.argmax())
+            out.append({"label": self.layout.labels[self.layout.index(name)][i], "score": float(block[i])})
         return out
 
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -25,7 +24,7 @@ from lmpipe import tasks
 from lmpipe.config import Params, device, flatten
 from lmpipe.errors import DataError
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
-from lmpipe.io import atomic_path, read_json, write_json
+from lmpipe.io import atomic_path, write_json
 from lmpipe.modeling import load_finetuned, load_tokenizer
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.stage import run_stage
@@ -100,7 +99,7 @@ def evaluate(params: Params, root: Path, run) -> None:
     for key, m in results.items():
         metrics[key] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
         if len(task_names) > 1:
-            metrics[key]["tasks"] = {t: {k: v for k, v in tm.items()} for t, tm in m["tasks"].items()}
+            metrics[key]["tasks"] = m["tasks"]
     if len(task_names) > 1:
         metrics["test_examples_by_task"] = {t: int(len(df)) for t, df in tests.items()}
     # what pretraining bought (vs random init) and what continuing a checkpoint's pretraining bought (vs the
