@@ -68,6 +68,7 @@ def test_trec_and_csv_tasks_are_split_and_malformed_rows_refused_in_one_line(tmp
     assert sorted(p.name for p in clean.rglob("*")) == before  # nothing half-written
 
 
+@pytest.mark.slow  # make test stays near its 15 minutes; CI runs the slow set
 def test_multitask_heads_sampling_transfer_and_serving_every_task(tmp_path, monkeypatch):
     wd = _work(tmp_path, monkeypatch, sampling="temperature", sampling_temperature=3.0, max_steps=120,
                eval_every=40, single_task_baselines=True, loss_weights={"trec": 2.0})

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 import yaml
 
@@ -42,6 +43,7 @@ def _run(wd: Path, *stages: str) -> None:
         assert res.returncode == 0, f"{stage}: {res.stderr[-3000:]}"
 
 
+@pytest.mark.slow  # make test stays near its 15 minutes; CI runs the slow set
 def test_simcse_trains_an_encoder_measured_before_and_after_and_served_for_embed(tmp_path, monkeypatch):
     wd = _work(tmp_path, monkeypatch, objective="simcse", dropout=0.1, learning_rate=0.003)
     _run(wd, "clean", "tokenize", "pretrain")
@@ -78,6 +80,7 @@ def test_simcse_trains_an_encoder_measured_before_and_after_and_served_for_embed
         assert requests.get(f"{srv.url}/tasks", timeout=10).json()["tasks"] == []
 
 
+@pytest.mark.slow  # make test stays near its 15 minutes; CI runs the slow set
 def test_mlm_nsp_trains_both_bert_heads_and_reports_nsp_accuracy(tmp_path, monkeypatch):
     from lmpipe.objectives import nsp_pairs
 
