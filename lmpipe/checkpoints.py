@@ -214,6 +214,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def resume_point(folder: Path, who: str, max_steps: int) -> Path | None:
+    """latest_checkpoint, said in one line when there is one: `pretrain: resuming from checkpoint-80 (step 80
+    of 120)`, so a resumed run is never mistaken for a fresh one."""
+    found = latest_checkpoint(folder)
+    if found is not None:
+        step = int(CKPT_RE.match(found.name).group(1))
+        print(f"{who}: resuming from {found.name} (step {step} of {max_steps})", flush=True)
+    return found
+
+
 def _failure_reason(exc: BaseException, folder: Path) -> str:
     """The errno text of the first OSError in the chain; writers that wrap it (torch.save, safetensors)
     are recognised by a full disk."""

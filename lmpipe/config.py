@@ -35,6 +35,9 @@ class Common(Section):
     """MLflow experiment name."""
     device: Literal["auto", "cpu", "cuda"]
     """auto = cuda when present, else cpu. Env LMPIPE_DEVICE overrides."""
+    tracking_grace_s: float = Field(ge=0)
+    """Seconds a stage waits at its end for an unreachable MLflow server to come back, flushing the metrics
+    it buffered meanwhile; after that it fails with its checkpoint intact and a re-run logs them."""
 
 
 class TextSource(Section):

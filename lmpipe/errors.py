@@ -17,3 +17,9 @@ class DataError(LmpipeError):
     """Missing, malformed or empty input data."""
 
     exit_code = 1
+
+
+class ServiceError(LmpipeError):
+    """A service the run needs (the MLflow tracking server, the Prefect API) does not answer."""
+
+    exit_code = 3

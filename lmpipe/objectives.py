@@ -193,7 +193,7 @@ def build_model(cfg: Pretrain, tokenizer, init_dir: Path | None, attention: str)
 def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pretrain, block_size: int,
           device: str, seed: int, ckpt_dir: Path):
     """Train `model` with cfg.objective (simcse | mlm_nsp) on the corpus documents; resumes from ckpt_dir."""
-    from lmpipe.checkpoints import latest_checkpoint
+    from lmpipe.checkpoints import resume_point
     from lmpipe.training import MlflowCallback, PretrainResult, StepTimer, check_compile, history_curve, precision_flags
 
     if cfg.objective == "simcse":
@@ -225,7 +225,7 @@ def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pre
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                data_collator=collator, callbacks=[logger, timer], objective=cfg.objective,
                                temperature=cfg.simcse_temperature, pooling=cfg.pooling)
-    resume = latest_checkpoint(ckpt_dir)
+    resume = resume_point(ckpt_dir, "pretrain", cfg.max_steps)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0

@@ -66,13 +66,15 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
         overrides = dict(parse_override(s) for s in args.set)
         params = load_params(args.params, overrides=overrides)
         root = repo_root()
-        seed_everything(params.common.seed)
         if int(os.environ.get("RANK", "0")) != 0:
             # torchrun worker ranks > 0 take part in training only: no MLflow run, no outputs
+            seed_everything(params.common.seed)
             body(params, root, None)
             return 0
-        from lmpipe.tracking import setup, stage_run
+        from lmpipe.tracking import PENDING_FILE, check_reachable, metric_log, setup, stage_run, tracking_uri
 
+        check_reachable(tracking_uri(root))  # a tracking server that is down: refused before any compute
+        seed_everything(params.common.seed)
         from lmpipe.checkpoints import remember_run_id, resumable_run_id, run_id_file
 
         id_file = run_id_file(name, params, root) if resumable else None
@@ -81,12 +83,17 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
         with stage_run(name, params, root, run_id=resumable_run_id(id_file)) as run:
             if id_file is not None:
                 remember_run_id(id_file, run.info.run_id)
+            pending = id_file.parent / PENDING_FILE if id_file is not None else None
             try:
-                body(params, root, run)
+                with metric_log(run.info.run_id, pending, params.common.tracking_grace_s):
+                    body(params, root, run)
             except LmpipeError as e:
                 import mlflow
 
-                mlflow.set_tag("lmpipe.error", str(e).splitlines()[0][:500])
+                try:
+                    mlflow.set_tag("lmpipe.error", str(e).splitlines()[0][:500])
+                except Exception:  # the tracking server is what failed: the error line below says so
+                    pass
                 raise
     except LmpipeError as e:
         _end_progress_bars()

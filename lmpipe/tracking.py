@@ -6,6 +6,12 @@ Open the UI with:  mlflow ui --backend-store-uri sqlite:///mlflow.db
 Environment read here (set by the Prefect flow, see flows/pipeline.py):
   LMPIPE_PARENT_RUN_ID   nest stage runs under this MLflow run
   LMPIPE_RUN_TAGS        JSON object of extra tags (prefect.flow_run_id, ...)
+
+A tracking server (http URI) is checked before a stage computes anything (`check_reachable`). Metrics
+logged while training go through `MetricLog`: while the server is unreachable they are buffered and
+training goes on; they are flushed when it answers again, and at the stage's end it waits up to
+`common.tracking_grace_s` for it. Metrics still unsent then are kept next to the stage's checkpoints
+(`pending_metrics.jsonl`) and logged by the re-run, which resumes into the same MLflow run.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmpipe.config import Params, flatten
+from lmpipe.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +42,39 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Read timed out",
+                   "Max retries exceeded", "Connection reset", "Remote end closed"):
+        if marker in text:
+            return marker.lower()
+    return (text.splitlines()[0][:160] if text else type(e).__name__)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking URI must answer its /health endpoint; a local store needs no server.
+    Raises ServiceError (one line) naming the URI and what to do."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as e:
+        raise ServiceError(f"MLflow tracking server {uri} does not answer ({_reason(e)}); start it "
+                           f"(`lmpipe services up`) or unset MLFLOW_TRACKING_URI to use the local mlflow.db") from None
+
+
 def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the store and experiment; returns the experiment id."""
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    if tracking_uri(root).startswith(("http://", "https://")):
+        # a call against a server that went away fails within seconds (MLflow's default retries for minutes);
+        # training metrics do not depend on it (MetricLog buffers them)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # mlflow.data.from_pandas hints meant for model signatures (our label column is int on purpose)
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
@@ -148,17 +183,162 @@ def stage_run(stage: str, params: Params, root: Path, run_id: str | None = None)
         run = mlflow.start_run(run_id=run_id)
     else:
         run = mlflow.start_run(run_name=stage, tags=tags)
-    with run:
+    status = "FINISHED"
+    try:
         if not run_id:
             mlflow.log_params(run_params(stage, params))
         else:
             mlflow.set_tags(tags)
         yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status)
+        except Exception as e:  # the server went away: the stage's own outcome (and error line) stands
+            log.warning("MLflow run %s not marked %s: %s", run.info.run_id, status, _reason(e))
+
+
+PENDING_FILE = "pending_metrics.jsonl"
+
+
+class MetricLog:
+    """The metrics of one MLflow run, sent in batches; buffered while the server is unreachable.
+
+    `log` never raises for an unreachable server: it keeps the points and retries at most every
+    `retry_every` seconds, so a training loop is never held up by an outage for more than one failed
+    call (a refused connection fails at once; MLflow's own retries are off for these calls).
+    `finish(grace_s)` sends what is left, waiting up to grace_s for the server; what it still cannot
+    send is written to `pending_file` (next to the checkpoints) and ServiceError is raised. A later
+    MetricLog on the same run and file logs those points first."""
+
+    def __init__(self, run_id: str, pending_file: Path | None = None, retry_every: float = 5.0) -> None:
+        self.run_id, self.pending_file, self.retry_every = run_id, pending_file, retry_every
+        self.pending: list[tuple[str, float, int, int]] = []  # (key, value, timestamp ms, step)
+        self.down_since: float | None = None
+        self._next_try = 0.0
+        if pending_file is not None and pending_file.is_file():
+            for line in pending_file.read_text().splitlines():
+                key, value, ts, step = json.loads(line)
+                self.pending.append((key, float(value), int(ts), int(step)))
+            if self.pending:
+                print(f"tracking: {len(self.pending)} metric points a previous attempt could not send are "
+                      f"logged now", flush=True)
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        now_ms = int(time.time() * 1000)
+        self.pending += [(k, float(v), now_ms, int(step or 0)) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+        if time.monotonic() >= self._next_try:
+            self._send()
+
+    def _send(self) -> bool:
+        import time
+
+        import mlflow
+        from mlflow.entities import Metric
+
+        while self.pending:
+            chunk = self.pending[:1000]  # MLflow's log_batch limit
+            saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+            os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+            try:
+                mlflow.MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, ts, st) for k, v, ts, st in chunk],
+                                                synchronous=True)
+            except Exception as e:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    print(f"tracking: MLflow server unreachable ({_reason(e)}); training goes on, metrics are "
+                          f"buffered ({len(self.pending)} so far)", flush=True)
+                self._next_try = time.monotonic() + self.retry_every
+                return False
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            del self.pending[:len(chunk)]
+        if self.down_since is not None:
+            print(f"tracking: MLflow server back after {time.monotonic() - self.down_since:.0f} s; "
+                  f"buffered metrics sent", flush=True)
+            self.down_since = None
+        if self.pending_file is not None and self.pending_file.is_file():
+            self.pending_file.unlink()
+        return True
+
+    def finish(self, grace_s: float) -> None:
+        """Send everything, waiting up to grace_s for the server; else keep the points and raise."""
+        import time
+
+        deadline = time.monotonic() + grace_s
+        while not self._send():
+            if time.monotonic() >= deadline:
+                n, kept = len(self.pending), self.keep()
+                raise ServiceError(f"MLflow tracking server {mlflow_uri()} unreachable for {grace_s:g} s "
+                                   f"(common.tracking_grace_s); {n} metric points not sent, {kept}")
+            time.sleep(min(self.retry_every, max(0.0, deadline - time.monotonic())))
+            self._next_try = 0.0
+
+    def keep(self) -> str:
+        """Write the unsent points to pending_file (atomically); says where they went."""
+        if self.pending_file is None:
+            return "lost (this stage keeps no checkpoints)"
+        from lmpipe.io import atomic_path
+
+        with atomic_path(self.pending_file) as tmp:
+            tmp.write_text("".join(json.dumps(p) + "\n" for p in self.pending))
+        return f"kept in {self.pending_file} for the re-run, which resumes into the same MLflow run"
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+_active: MetricLog | None = None
+
+
+@contextmanager
+def metric_log(run_id: str, pending_file: Path | None, grace_s: float) -> Iterator[MetricLog]:
+    """The run's MetricLog for the body of a stage (log_metrics_bounded writes to it). Finished (sent, or
+    ServiceError) when the body returns; when it raises, what cannot be sent at once is kept."""
+    global _active
+    _active = MetricLog(run_id, pending_file)
+    try:
+        yield _active
+    except BaseException:
+        if _active.pending and not _active._send():
+            _active.keep()
+        raise
+    else:
+        _active.finish(grace_s)
+    finally:
+        _active = None
+
+
+def settle(grace_s: float) -> None:
+    """Before a stage writes its outputs: every metric so far sent (waiting up to grace_s for the server),
+    else ServiceError with nothing written (the checkpoint stays; the re-run resumes and sends them)."""
+    if _active is not None:
+        _active.finish(grace_s)
 
 
 def log_metrics_bounded(metrics: dict[str, float], step: int | None = None) -> None:
+    """Finite numbers only; through the stage's MetricLog when one is open (outage-proof), else directly."""
     import mlflow
 
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
-    if clean:
+    if not clean:
+        return
+    if _active is not None:
+        _active.log(clean, step)
+    else:
         mlflow.log_metrics(clean, step=step)

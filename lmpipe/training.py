@@ -21,9 +21,10 @@ import torch
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, EarlyStoppingCallback, PreTrainedModel,
                           PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
 
-from lmpipe.checkpoints import checkpoint_write_error, latest_checkpoint
+from lmpipe.checkpoints import checkpoint_write_error, resume_point
 from lmpipe.config import Finetune, Pretrain
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.tracking import log_metrics_bounded
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -78,6 +79,16 @@ class GuardedTrainer(Trainer):
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             raise checkpoint_write_error(folder, e) from None
 
+    def _issue_warnings_after_load(self, load_result):
+        # a tied weight (lm_head.weight = the input embedding) is saved once, so a checkpoint of a tied model
+        # "misses" it: re-tie and keep the warning for keys that are really missing
+        every = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        tied = every - {n for n, _ in self.model.named_parameters()}
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        if len(missing) < len(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
 
 @dataclass
 class MlflowCallback(TrainerCallback):
@@ -92,8 +103,6 @@ class MlflowCallback(TrainerCallback):
         self._t, self._step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kw):
-        import mlflow
-
         if not state.is_world_process_zero or not logs:
             return
         step = state.global_step
@@ -111,7 +120,7 @@ class MlflowCallback(TrainerCallback):
                 out[self.prefix + "tokens_per_s"] = (step - self._step) * self.tokens_per_step / (now - self._t)
             self._t, self._step = now, step
         if out:
-            mlflow.log_metrics(out, step=step)
+            log_metrics_bounded(out, step=step)  # buffered while the tracking server is unreachable
 
 
 @dataclass
@@ -222,7 +231,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     timer = StepTimer()
     trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_small,
                              data_collator=collator, callbacks=[logger, timer])
-    resume = latest_checkpoint(ckpt_dir)
+    resume = resume_point(ckpt_dir, "pretrain", cfg.max_steps)
     # 3) train (resuming restores model, optimizer, scheduler, RNG and data position)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -471,7 +480,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     best mean of the per-task accuracies; `ordered` trains on `train` in its own order (the task schedule)."""
     multi = layout is not None and layout.multi
     teacher = getattr(plan, "teacher", None)
-    resume = latest_checkpoint(ckpt_dir)
+    resume = resume_point(ckpt_dir, f"finetune[{prefix.rstrip('.')}]" if prefix else "finetune", cfg.max_steps)
     # an interrupted run that early stopping had already ended at its newest checkpoint: resume to that step
     # (no more training), so a crash after training changes neither the steps nor the best model
     stopped_at = _early_stopped_at(resume, cfg.patience)

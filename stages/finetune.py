@@ -32,7 +32,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import checkpoints, strategies, tasks
+from lmpipe import checkpoints, strategies, tasks, tracking
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
@@ -162,6 +162,7 @@ def finetune(params: Params, root: Path, run) -> None:
             if done.record["mlflow_run_id"] != run.info.run_id:  # that attempt logged to another run
                 _log_variant(name, done.record)
                 _log_adapter(name, done.path)
+        tracking.settle(params.common.tracking_grace_s)  # its metrics sent before its output is written
         checkpoints.copy_finished(done, root / out_dir)
         metrics = {**done.record["metrics"], **done.record.get("training", {})}
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 from transformers import AutoConfig
 
-from lmpipe import checkpoints, objectives
+from lmpipe import checkpoints, objectives, tracking
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
@@ -102,6 +102,7 @@ def pretrain(params: Params, root: Path, run) -> None:
         result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
     if not is_main:
         return
+    tracking.settle(params.common.tracking_grace_s)  # every training metric sent before any output is written
     if result.resumed_from:
         mlflow.set_tag("pretrain.resumed_from", result.resumed_from)
 

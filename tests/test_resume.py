@@ -73,6 +73,9 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
 
     res = run_module("stages.pretrain", workdir)
     assert res.returncode == 0, res.stderr
+    # a resume says so in one line, and re-tying the embedding (lm_head.weight is not saved twice) is no warning
+    assert f"pretrain: resuming from checkpoint-{second} (step {second} of 400)" in res.stdout, res.stdout
+    assert "missing keys" not in res.stdout + res.stderr, res.stderr
     got = json.loads((workdir / "metrics" / "pretrain.json").read_text())
     assert got["steps"] == expected["steps"] == 400
     assert abs(got["val_loss"] - expected["val_loss"]) < 1e-4, (got["val_loss"], expected["val_loss"])

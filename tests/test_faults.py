@@ -1,0 +1,183 @@
+"""Faults with a defined outcome: the MLflow tracking server down at a stage's start or killed while it trains
+(a real `mlflow server`, killed and restarted), SIGTERM to a running flow, the Prefect server restarted under one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, mlflow_runs, prepare_workdir, run_module
+
+BIN = Path(sys.executable).parent
+
+
+class MlflowServer:
+    """`mlflow server` on a SQLite store in `folder`, on a fixed port so a restart is the same server to clients."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        import requests
+
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if requests.get(self.uri + "/health", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, "mlflow server exited at start"
+            time.sleep(0.3)
+        raise AssertionError("mlflow server did not answer")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn workers, at once
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    srv = MlflowServer(tmp_path / "server").start()
+    yield srv
+    srv.kill()
+
+
+class Stage:
+    """A stage process whose output is collected line by line while it runs."""
+
+    def __init__(self, stage: str, cwd: Path, env: dict, *args: str) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd,
+                                     env={**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in ln for ln in self.lines):
+                return
+            assert self.proc.poll() is None or any(text in ln for ln in self.lines), \
+                f"exited before {text!r}:\n" + "\n".join(self.lines[-30:])
+            time.sleep(0.1)
+        raise AssertionError(f"no {text!r} within {timeout} s:\n" + "\n".join(self.lines[-30:]))
+
+    def finish(self, timeout: float = 600) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        time.sleep(0.2)  # the reader thread takes the last lines
+        return code, "\n".join(self.lines)
+
+
+def _train_loss_steps(uri: str, run_id: str) -> list[int]:
+    import mlflow
+
+    # (step 3000 holds two points: the last per-step loss and the Trainer's whole-run train_loss)
+    return sorted({m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "train_loss")})
+
+
+def _long_pretrain(workdir: Path) -> None:
+    # long enough (tens of seconds) that the server is killed while steps are still being taken
+    prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=3000, log_every=20, checkpoint_every=500,
+                                                          eval_every=1000, keep_last=1))
+
+
+def test_a_stage_refuses_in_one_line_when_the_tracking_server_is_down(workdir: Path):
+    prepare_workdir(workdir, lambda r: None)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    res = run_module("stages.pretrain", workdir, env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+    assert res.returncode == 3
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"pretrain: error: MLflow tracking server {uri} does not answer (connection refused)"), res.stderr
+    assert "Traceback" not in res.stderr
+    # refused before any compute: no checkpoint folder, no output
+    assert not (workdir / "checkpoints").exists() and not (workdir / "models" / "pretrain").exists()
+
+
+@pytest.mark.slow  # a real server killed and restarted around a real training run: about a minute
+def test_training_goes_on_while_the_tracking_server_is_down_and_flushes_when_it_is_back(workdir: Path, server):
+    _long_pretrain(workdir)
+    st = Stage("pretrain", workdir, {"MLFLOW_TRACKING_URI": server.uri})
+    import mlflow
+
+    client = mlflow.MlflowClient(server.uri)
+    deadline = time.time() + 180
+    run_id = None
+    while time.time() < deadline and run_id is None:  # kill once the first training metrics are in
+        runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id]) \
+            if client.get_experiment_by_name("lmpipe") else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
+            run_id = runs[0].info.run_id
+        time.sleep(0.2)
+    assert run_id, "no training metrics reached the server"
+    server.kill()
+    st.wait_for("tracking: MLflow server unreachable", timeout=120)
+    time.sleep(3)  # the outage lasts a few more steps
+    server.start()
+    code, out = st.finish()
+    assert code == 0, out
+    assert "tracking: MLflow server back after" in out, out
+    got = json.loads((workdir / "metrics" / "pretrain.json").read_text())
+    assert got["mlflow_run_id"] == run_id
+    # no training step's metrics were lost: every log_every step from the first to the last is in the run
+    assert _train_loss_steps(server.uri, run_id) == list(range(20, 3001, 20))
+    assert mlflow.MlflowClient(server.uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow  # a real server killed for longer than the grace period, then the retry: about two minutes
+def test_an_outage_past_the_grace_period_fails_in_one_line_and_the_retry_resumes_into_the_same_run(workdir: Path,
+                                                                                                   server):
+    _long_pretrain(workdir)
+    st = Stage("pretrain", workdir, {"MLFLOW_TRACKING_URI": server.uri}, "--set", "common.tracking_grace_s=2")
+    ckpts = workdir / "checkpoints" / "pretrain"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(ckpts.glob("*/mlflow_run_id")):
+        time.sleep(0.2)
+    time.sleep(1)
+    server.kill()
+    code, out = st.finish()
+    assert code == 3, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"pretrain: error: MLflow tracking server {server.uri} unreachable for 2 s "
+                           "(common.tracking_grace_s);"), out
+    assert "pending_metrics.jsonl for the re-run, which resumes into the same MLflow run" in last
+    assert "Traceback" not in out
+    assert not (workdir / "models" / "pretrain").exists(), "nothing is written while metrics are unsent"
+    from lmpipe.checkpoints import latest_checkpoint
+
+    fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
+    assert latest_checkpoint(fp_dir) is not None, "the checkpoint stays for the retry"
+    first_run = (fp_dir / "mlflow_run_id").read_text().strip() if (fp_dir / "mlflow_run_id").exists() else None
+
+    server.start()
+    res = run_module("stages.pretrain", workdir, env={"MLFLOW_TRACKING_URI": server.uri})
+    assert res.returncode == 0, res.stderr
+    assert "pretrain: resuming from checkpoint-" in res.stdout
+    assert "metric points a previous attempt could not send are logged now" in res.stdout
+    got = json.loads((workdir / "metrics" / "pretrain.json").read_text())
+    runs = [r for r in mlflow_runs(server.uri) if r.data.tags.get("lmpipe.stage") == "pretrain"]
+    assert len(runs) == 1 and runs[0].info.run_id == got["mlflow_run_id"]
+    if first_run:
+        assert first_run == got["mlflow_run_id"]
+    assert _train_loss_steps(server.uri, got["mlflow_run_id"]) == list(range(20, 3001, 20))
+    assert not (fp_dir / "pending_metrics.jsonl").exists()
