@@ -9,6 +9,11 @@ task), holding a file lock so a second flow run on the same workspace waits. Wit
 DVC experiment: the committed HEAD is checked out into `.lmpipe/worktrees/<flow run>` (sharing the
 DVC cache), params are applied there, the stages run there, and `dvc exp save` records the
 experiment, so `dvc exp show` lists it and the user's params.yaml and outputs are never touched.
+
+SIGTERM (a worker cancelling the run, `timeout`, a pod being stopped) stops the running stage (its last
+checkpoint stays; a re-run resumes from it), the flow run ends Crashed, and the process exits within
+seconds. Without PREFECT_API_URL the temporary Prefect API runs in a session of its own (a signal sent to
+the flow's process group does not take it down before the run's state is recorded) and ends with the flow.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,15 +78,20 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upst
     ws = Path(workspace)
     cmd = [*DVC, "repro", *([] if upstream else ["--single-item"]), stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
+    # its own session: the flow decides when the stage stops (see stop_stage), whoever signals the flow
     proc = subprocess.Popen(cmd, cwd=ws, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
     lines = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        sys.stdout.write(line)  # live on the worker's console (progress bars included)
-        sys.stdout.flush()
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            sys.stdout.write(line)  # live on the worker's console (progress bars included)
+            sys.stdout.flush()
+        code = proc.wait()
+    except BaseException:  # SIGTERM (Prefect's TerminationSignal), Ctrl-C, a crash of the flow itself
+        stop_stage(proc, stage)
+        raise
     output = "".join(lines)
     # into the Prefect logs once the stage ends, so that on failure the stage's own error line comes first
     kept = [ln.rstrip() for ln in lines if ln.strip() and "\r" not in ln]  # no progress-bar redraws
@@ -94,6 +106,115 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upst
     ran = f"Running stage '{stage}'" in output
     return {"stage": stage, "ran": ran, "cached": not ran, "seconds": round(time.perf_counter() - t0, 2),
             "mlflow_run_id": _metrics_run_id(ws, stage)}
+
+
+STOP_GRACE_S = 8.0  # a stage told to stop gets this long before SIGKILL (a checkpoint save in flight)
+EXIT_DEADLINE_S = 12.0  # after a termination signal the flow process is gone within this, state recorded or not
+
+
+def stop_stage(proc: subprocess.Popen, stage: str) -> None:
+    """Stop a running stage (dvc and the stage process, one session): SIGTERM, then SIGKILL after
+    STOP_GRACE_S. Checkpoints are complete or absent (lmpipe.checkpoints), so the last one stays loadable."""
+    _exit_deadline()
+    if proc.poll() is None:
+        print(f"lmpipe: stopping stage {stage} (its last checkpoint stays; a re-run resumes from it)",
+              file=sys.stderr, flush=True)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+_deadline_started = threading.Event()
+
+
+def _exit_deadline() -> None:
+    """The flow process exits within EXIT_DEADLINE_S of being told to stop, even when the Prefect API it
+    would report the final state to is gone (its client otherwise retries for minutes)."""
+    if _deadline_started.is_set():
+        return
+    _deadline_started.set()
+
+    def expire() -> None:
+        time.sleep(EXIT_DEADLINE_S)
+        print("lmpipe: stopped; the Prefect API did not take the run's final state in time", file=sys.stderr,
+              flush=True)
+        os._exit(143)
+
+    threading.Thread(target=expire, daemon=True, name="lmpipe-exit-deadline").start()
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the flow process (re-raised by Prefect once it has recorded the run as Crashed)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    _exit_deadline()
+    raise Terminated()
+
+
+def _session_ephemeral_api() -> None:
+    """Without PREFECT_API_URL: start Prefect's temporary API server now, in a session of its own that ends
+    with this process (Linux: PR_SET_PDEATHSIG), and register it where Prefect's clients look for it (as
+    prefect.testing.utilities.prefect_test_harness does). A SIGTERM to the flow's process group (`timeout`,
+    a terminal) then stops the flow while the API stays up to record the run as Crashed."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    if SubprocessASGIServer._instances.get(None) is not None:
+        return  # already started in this process (a test harness, a second flow call)
+
+    def die_with_parent() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the server still stops at exit (atexit)
+            pass
+
+    class SessionServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            real = subprocess.Popen
+
+            def popen(*args, **kwargs):
+                return real(*args, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
+
+            subprocess.Popen = popen
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = real
+
+    server = object.__new__(SessionServer)
+    server.__init__()
+    SubprocessASGIServer._instances[None] = server
+    server.start()
+
+
+def check_services(root: Path) -> None:
+    """The Prefect API (PREFECT_API_URL, when set) and the MLflow server (an http MLFLOW_TRACKING_URI) answer;
+    else ServiceError, one line, before anything starts."""
+    import requests
+
+    from lmpipe.errors import ServiceError
+    from lmpipe.tracking import check_reachable, tracking_uri
+
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        try:
+            requests.get(api.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as e:
+            from lmpipe.tracking import _reason
+
+            raise ServiceError(f"Prefect API {api} does not answer ({_reason(e)}); start it (`lmpipe services up` "
+                               "or `prefect server start`) or unset PREFECT_API_URL to use a temporary local one") from None
+    check_reachable(tracking_uri(root))
 
 
 def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id: str | None, exp_name: str | None) -> str:
@@ -198,6 +319,11 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
                                      markdown=report_markdown(results, metrics, parent.info.run_id, exp_name),
                                      description="metrics, ran vs cached stages, MLflow run ids")
             return {"stages": results, "metrics": metrics, "parent_run_id": parent.info.run_id, "exp_name": exp_name}
+    except BaseException as e:
+        if is_exp and not isinstance(e, Exception):  # stopped by a signal: the stage's checkpoints stay with it
+            keep_worktree = True
+            print(f"lmpipe: experiment worktree kept: {wt}", file=sys.stderr, flush=True)
+        raise
     finally:
         if is_exp and not keep_worktree:
             experiments.remove(root, wt)
@@ -219,11 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(parse_override(s) for s in args.set)
         check_inputs(ROOT, overrides, args.profile, args.stages)  # one line, exit 2, before Prefect starts
+        check_services(ROOT)
+        signal.signal(signal.SIGTERM, _on_sigterm)  # Prefect's own handler wraps this one during the run
+        _session_ephemeral_api()
         state = pipeline(overrides=overrides, profile=args.profile, stages=args.stages, force=args.force,
                          return_state=True)
     except LmpipeError as e:
         print(f"lmpipe: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("lmpipe: stopped by SIGTERM; the flow run is marked Crashed, the stage that was running kept its "
+              "last checkpoint (a re-run resumes from it)", file=sys.stderr, flush=True)
+        return 143
     if state.is_failed():
         print(f"lmpipe: flow failed: {state.message}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,12 @@ def _end_progress_bars() -> None:
             pass
 
 
+def _stop(signum, frame) -> None:
+    # SIGTERM (the flow stopping it, a worker, `timeout`): unwind like Ctrl-C, so the MLflow run is marked
+    # KILLED; a checkpoint being written is incomplete and ignored, the previous one stays (lmpipe.checkpoints)
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: bool = False) -> int:
     """Parse `--params/--set`, validate, open the stage's MLflow run, call body(params, root, run).
 
@@ -62,6 +69,7 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
                         help="override a dotted params key for this run only")
     args = parser.parse_args(argv)
     _quiet()
+    signal.signal(signal.SIGTERM, _stop)
     try:
         overrides = dict(parse_override(s) for s in args.set)
         params = load_params(args.params, overrides=overrides)
@@ -104,7 +112,10 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
         where = e.filename or "output"
         print(f"{name}: error: {where}: {e.strerror or e}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        _end_progress_bars()
+        how = " by SIGTERM" if str(e) == "SIGTERM" else ""
+        print(f"{name}: interrupted{how}; its last complete checkpoint (if any) is kept and a re-run resumes from it",
+              file=sys.stderr, flush=True)
+        return 143 if how else 130
     return 0

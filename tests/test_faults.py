@@ -181,3 +181,64 @@ def test_an_outage_past_the_grace_period_fails_in_one_line_and_the_retry_resumes
         assert first_run == got["mlflow_run_id"]
     assert _train_loss_steps(server.uri, got["mlflow_run_id"]) == list(range(20, 3001, 20))
     assert not (fp_dir / "pending_metrics.jsonl").exists()
+
+
+def _flow_run_states(prefect_home: Path) -> list[str]:
+    """State names of the flow runs in a temporary Prefect API's database (read through a fresh one)."""
+    code = ("import asyncio\nfrom prefect import get_client\n"
+            "async def main():\n    async with get_client() as c:\n"
+            "        print(','.join(r.state.name for r in await c.read_flow_runs()))\nasyncio.run(main())\n")
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PREFECT_HOME": str(prefect_home)},
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip().splitlines()[-1].split(",")
+
+
+def _still_running(marker: str) -> list[str]:
+    res = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True)
+    return [ln for ln in res.stdout.splitlines() if "pgrep" not in ln]
+
+
+@pytest.mark.slow  # the flow up to pretrain, SIGTERM, then the resume: about two minutes
+def test_sigterm_to_a_running_flow_stops_it_within_15_s_with_its_checkpoint_and_a_crashed_run(tmp_path: Path,
+                                                                                                 tiny_data: Path):
+    from conftest import clean_env, make_repo, tiny_params
+
+    from lmpipe.checkpoints import latest_checkpoint
+
+    raw = tiny_params()
+    raw["pretrain"].update(max_steps=3000, checkpoint_every=100, eval_every=1000, log_every=50, keep_last=2)
+    repo = make_repo(tmp_path / "repo", raw, tiny_data)
+    home = tmp_path / "prefect"
+    env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # its own session, signalled as a whole, as `timeout` and a terminal's process group are
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout), daemon=True).start()
+    ckpts = repo / "checkpoints" / "pretrain"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(ckpts.glob("*/checkpoint-*")):
+        assert proc.poll() is None, "\n".join(lines[-40:])
+        time.sleep(0.2)
+    time.sleep(1.0)  # mid-training, between checkpoints or in one
+    os.killpg(proc.pid, signal.SIGTERM)
+    signalled = time.time()
+    code = proc.wait(timeout=15)  # the issue's bound: the process is gone within 15 s
+    assert time.time() - signalled < 15
+    time.sleep(0.5)
+    out = "\n".join(lines)
+    assert code == 143, out[-3000:]
+    assert "lmpipe: stopped by SIGTERM; the flow run is marked Crashed" in out, out[-3000:]
+    assert "Connection refused" not in out, out[-3000:]
+    assert not _still_running(str(repo)), "the stage (or dvc) outlived the flow"
+    fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
+    last = latest_checkpoint(fp_dir)
+    assert last is not None and last.name != "checkpoint-3000"
+    assert _flow_run_states(home) == ["Crashed"]
+
+    # the stage resumes from the checkpoint it kept
+    res = subprocess.run([sys.executable, "-m", "dvc", "repro", "pretrain"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "pretrain: resuming from checkpoint-" in res.stdout, res.stdout[-3000:]
