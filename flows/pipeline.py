@@ -200,20 +200,12 @@ def _session_ephemeral_api() -> None:
 def check_services(root: Path) -> None:
     """The Prefect API (PREFECT_API_URL, when set) and the MLflow server (an http MLFLOW_TRACKING_URI) answer;
     else ServiceError, one line, before anything starts."""
-    import requests
-
-    from lmpipe.errors import ServiceError
-    from lmpipe.tracking import check_reachable, tracking_uri
+    from lmpipe.tracking import check_health, check_reachable, tracking_uri
 
     api = os.environ.get("PREFECT_API_URL")
     if api:
-        try:
-            requests.get(api.rstrip("/") + "/health", timeout=5).raise_for_status()
-        except requests.RequestException as e:
-            from lmpipe.tracking import _reason
-
-            raise ServiceError(f"Prefect API {api} does not answer ({_reason(e)}); start it (`lmpipe services up` "
-                               "or `prefect server start`) or unset PREFECT_API_URL to use a temporary local one") from None
+        check_health(f"Prefect API {api}", api.rstrip("/") + "/health", "start it (`lmpipe services up` or "
+                     "`prefect server start`) or unset PREFECT_API_URL to use a temporary local one")
     check_reachable(tracking_uri(root))
 
 

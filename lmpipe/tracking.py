@@ -42,7 +42,8 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """A connection failure in a few words (`connection refused`), for one-line errors."""
     text = str(e)
     for marker in ("Connection refused", "Name or service not known", "timed out", "Read timed out",
                    "Max retries exceeded", "Connection reset", "Remote end closed"):
@@ -51,18 +52,21 @@ def _reason(e: BaseException) -> str:
     return (text.splitlines()[0][:160] if text else type(e).__name__)
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """An http(s) tracking URI must answer its /health endpoint; a local store needs no server.
-    Raises ServiceError (one line) naming the URI and what to do."""
-    if not uri.startswith(("http://", "https://")):
-        return
+def check_health(service: str, url: str, hint: str, timeout: float = 5.0) -> None:
+    """GET url must answer 2xx, else ServiceError: `<service> does not answer (<reason>); <hint>`."""
     import requests
 
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        requests.get(url, timeout=timeout).raise_for_status()
     except requests.RequestException as e:
-        raise ServiceError(f"MLflow tracking server {uri} does not answer ({_reason(e)}); start it "
-                           f"(`lmpipe services up`) or unset MLFLOW_TRACKING_URI to use the local mlflow.db") from None
+        raise ServiceError(f"{service} does not answer ({reason(e)}); {hint}") from None
+
+
+def check_reachable(uri: str) -> None:
+    """An http(s) tracking URI must answer its /health endpoint; a local store needs no server."""
+    if uri.startswith(("http://", "https://")):
+        check_health(f"MLflow tracking server {uri}", uri.rstrip("/") + "/health",
+                     "start it (`lmpipe services up`) or unset MLFLOW_TRACKING_URI to use the local mlflow.db")
 
 
 def setup(root: Path, experiment: str) -> str:
@@ -200,7 +204,7 @@ def stage_run(stage: str, params: Params, root: Path, run_id: str | None = None)
         try:
             mlflow.end_run(status)
         except Exception as e:  # the server went away: the stage's own outcome (and error line) stands
-            log.warning("MLflow run %s not marked %s: %s", run.info.run_id, status, _reason(e))
+            log.warning("MLflow run %s not marked %s: %s", run.info.run_id, status, reason(e))
 
 
 PENDING_FILE = "pending_metrics.jsonl"
@@ -233,8 +237,7 @@ class MetricLog:
         import time
 
         now_ms = int(time.time() * 1000)
-        self.pending += [(k, float(v), now_ms, int(step or 0)) for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+        self.pending += [(k, v, now_ms, int(step or 0)) for k, v in metrics.items()]  # finite floats
         if time.monotonic() >= self._next_try:
             self._send()
 
@@ -254,7 +257,7 @@ class MetricLog:
             except Exception as e:
                 if self.down_since is None:
                     self.down_since = time.monotonic()
-                    print(f"tracking: MLflow server unreachable ({_reason(e)}); training goes on, metrics are "
+                    print(f"tracking: MLflow server unreachable ({reason(e)}); training goes on, metrics are "
                           f"buffered ({len(self.pending)} so far)", flush=True)
                 self._next_try = time.monotonic() + self.retry_every
                 return False
@@ -281,7 +284,9 @@ class MetricLog:
         while not self._send():
             if time.monotonic() >= deadline:
                 n, kept = len(self.pending), self.keep()
-                raise ServiceError(f"MLflow tracking server {mlflow_uri()} unreachable for {grace_s:g} s "
+                import mlflow
+
+                raise ServiceError(f"MLflow tracking server {mlflow.get_tracking_uri()} unreachable for {grace_s:g} s "
                                    f"(common.tracking_grace_s); {n} metric points not sent, {kept}")
             time.sleep(min(self.retry_every, max(0.0, deadline - time.monotonic())))
             self._next_try = 0.0
@@ -295,12 +300,6 @@ class MetricLog:
         with atomic_path(self.pending_file) as tmp:
             tmp.write_text("".join(json.dumps(p) + "\n" for p in self.pending))
         return f"kept in {self.pending_file} for the re-run, which resumes into the same MLflow run"
-
-
-def mlflow_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
 
 
 _active: MetricLog | None = None
