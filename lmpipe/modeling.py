@@ -240,7 +240,9 @@ def stored_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConf
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise DataError(f"{path}: tokenizer directory missing; run the tokenize stage first")
-    tok = AutoTokenizer.from_pretrained(path)
+    # local_files_only, always: transformers writes the value into a re-saved tokenizer_config.json, which must
+    # not depend on whether HF_HUB_OFFLINE happened to be set (DVC would see a different output)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:  # GPT-style tokenizers ship without one; classification batches need it
         tok.pad_token = tok.eos_token
     return tok

@@ -105,7 +105,7 @@ def load_pretrained_tokenizer(path: Path, ref: str, field: str = "pretrain.init"
                         "tokenize.kind: pretrained packs with the checkpoint's own tokenizer: save it there "
                         "(tokenizer.save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)  # as modeling.load_tokenizer
     except (OSError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{field}: {ref}: cannot load the tokenizer in {path} ({first[:200]})") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import threading
@@ -242,3 +243,53 @@ def test_sigterm_to_a_running_flow_stops_it_within_15_s_with_its_checkpoint_and_
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "pretrain: resuming from checkpoint-" in res.stdout, res.stdout[-3000:]
+
+
+def _cache_file(repo: Path, out: str, relpath: str) -> Path:
+    """The DVC cache file behind `relpath` inside the directory output `out` (from dvc.lock and the .dir listing)."""
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    dir_md5 = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == out)
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+    entries = json.loads((cache / dir_md5[:2] / dir_md5[2:]).read_text())
+    md5 = next(e["md5"] for e in entries if e["relpath"] == relpath)
+    return cache / md5[:2] / md5[2:]
+
+
+def _truncate(path: Path) -> None:
+    path.chmod(0o644)  # DVC keeps cache files read-only
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow  # three stages reproduced twice on a real DVC repo: about two minutes
+def test_a_truncated_file_in_the_dvc_cache_or_the_workspace_is_detected_and_reproduced_never_loaded(tmp_path: Path,
+                                                                                                   tiny_data: Path):
+    import hashlib
+
+    from conftest import make_repo, sh, tiny_params
+
+    repo = make_repo(tmp_path / "repo", tiny_params(), tiny_data)
+    sh(repo, sys.executable, "-m", "dvc", "repro", "pretrain")
+    model, parquet = repo / "models" / "pretrain" / "model.safetensors", repo / "data" / "clean" / "corpus_train.parquet"
+    good = {p: hashlib.md5(p.read_bytes()).hexdigest() for p in (model, parquet)}
+
+    # 1) the cache copies torn (a disk fault, a killed copy), the workspace outputs gone (a fresh checkout)
+    for out, rel in (("models/pretrain", "model.safetensors"), ("data/clean", "corpus_train.parquet")):
+        _truncate(_cache_file(repo, out, rel))
+        shutil.rmtree(repo / out)
+    status = sh(repo, sys.executable, "-m", "dvc", "status").stdout
+    assert "not in cache" in status, status  # DVC checks the cache file's hash, not only its name
+    res = sh(repo, sys.executable, "-m", "dvc", "repro", "pretrain")
+    ran = [s for s in ("clean", "tokenize", "pretrain") if f"Running stage '{s}'" in res.stdout]
+    assert ran == ["clean", "pretrain"], res.stdout[-3000:]  # re-produced, not checked out from the torn cache
+    assert {p: hashlib.md5(p.read_bytes()).hexdigest() for p in good} == good  # deterministic: the same bytes
+    assert hashlib.md5(_cache_file(repo, "models/pretrain", "model.safetensors").read_bytes()).hexdigest() == good[model]
+
+    # 2) a workspace output torn in place: `dvc status` names it, `dvc repro` restores the cached good copy
+    _truncate(model)
+    assert "modified:           models/pretrain" in sh(repo, sys.executable, "-m", "dvc", "status").stdout
+    res = sh(repo, sys.executable, "-m", "dvc", "repro", "pretrain")
+    assert hashlib.md5(model.read_bytes()).hexdigest() == good[model], res.stdout[-3000:]
+    assert "Running stage 'finetune'" not in res.stdout
