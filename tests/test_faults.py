@@ -293,3 +293,133 @@ def test_a_truncated_file_in_the_dvc_cache_or_the_workspace_is_detected_and_repr
     res = sh(repo, sys.executable, "-m", "dvc", "repro", "pretrain")
     assert hashlib.md5(model.read_bytes()).hexdigest() == good[model], res.stdout[-3000:]
     assert "Running stage 'finetune'" not in res.stdout
+
+
+class PrefectServer:
+    """`prefect server start` on its own SQLite database under `home`, on a fixed port (a restart is the same
+    server to its clients)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.port, self.proc = home, free_port(), None
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+                    "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_UI_ENABLED": "false", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+    def start(self) -> "PrefectServer":
+        import requests
+
+        log = open(self.home.parent / f"prefect-server-{self.port}.log", "a")
+        self.proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                      str(self.port)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(self.api + "/health", timeout=2).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, "prefect server exited at start"
+            time.sleep(0.3)
+        raise AssertionError("prefect server did not answer")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.mark.slow  # a real Prefect server killed and restarted under a running flow: about three minutes
+def test_a_prefect_server_restarted_during_a_flow_run_leaves_one_completed_run_and_no_stage_twice(tmp_path: Path,
+                                                                                                 tiny_data: Path):
+    from conftest import clean_env, make_repo, stage_runs, tiny_params
+
+    raw = tiny_params()
+    raw["pretrain"].update(max_steps=600, checkpoint_every=100, eval_every=1000, log_every=50)
+    repo = make_repo(tmp_path / "repo", raw, tiny_data)
+    (tmp_path / "prefect").mkdir()
+    server = PrefectServer(tmp_path / "prefect").start()
+    try:
+        env = {**clean_env(), **{k: v for k, v in server.env.items() if k.startswith("PREFECT_")},
+               "PREFECT_API_URL": server.api}
+        proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--stages", "clean", "tokenize", "pretrain"],
+                                cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in proc.stdout), daemon=True).start()
+        deadline = time.time() + 400
+        while time.time() < deadline and not list((repo / "checkpoints" / "pretrain").glob("*/checkpoint-*")):
+            assert proc.poll() is None, "\n".join(lines[-40:])
+            time.sleep(0.2)
+        server.kill()  # mid-pretrain: the flow's next state change meets a dead API
+        time.sleep(3)
+        server.start()
+        code = proc.wait(timeout=900)
+        out = "\n".join(lines)
+        assert code == 0, out[-4000:]
+        # the run's state reached the restarted server: one flow run, Completed, its three stage tasks Completed
+        states = subprocess.run(
+            [sys.executable, "-c", "import asyncio\nfrom prefect import get_client\nasync def main():\n"
+             "    async with get_client() as c:\n        f = await c.read_flow_runs()\n"
+             "        t = await c.read_task_runs()\n        print([r.state.name for r in f], sorted(r.state.name for r in t))\n"
+             "asyncio.run(main())\n"], env=env, capture_output=True, text=True, timeout=120)
+        assert states.returncode == 0, states.stderr
+        assert states.stdout.strip().splitlines()[-1] == "['Completed'] ['Completed', 'Completed', 'Completed']", \
+            states.stdout + out[-3000:]
+        runs = stage_runs(repo)  # no stage ran twice: one MLflow run per stage, each FINISHED
+        assert [len(runs[s]) for s in ("clean", "tokenize", "pretrain")] == [1, 1, 1]
+        assert all(r.info.status == "FINISHED" for s in ("clean", "tokenize", "pretrain") for r in runs[s])
+        assert "pretrain: resuming" not in out  # the stage was not restarted either
+        assert "Traceback" not in out and "Connection refused" not in out, out[-3000:]
+    finally:
+        server.kill()
+
+
+def _cache_intact(repo: Path) -> list[str]:
+    """Cache files whose content does not hash to their name (a torn or interleaved write)."""
+    import hashlib
+
+    bad = []
+    for path in (repo / ".dvc" / "cache" / "files" / "md5").glob("*/*"):
+        name = path.parent.name + path.name
+        if not name.endswith(".dir") and hashlib.md5(path.read_bytes()).hexdigest() != name:
+            bad.append(str(path))
+    return bad
+
+
+@pytest.mark.slow  # two whole tiny pipelines at once through DVC's queue: about four minutes
+def test_two_experiments_at_once_through_dvc_queue_finish_with_their_own_metrics(tmp_path: Path, tiny_data: Path):
+    from conftest import make_repo, sh, tiny_params
+
+    from test_experiments import _exp_metrics
+
+    import mlflow
+
+    repo = make_repo(tmp_path / "repo", tiny_params(), tiny_data)
+    names = {"lr-low": 0.001, "lr-high": 0.004}
+    for name, lr in names.items():  # both change pretrain: every stage runs in both, at the same time
+        sh(repo, sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", f"pretrain.learning_rate={lr}")
+    sh(repo, sys.executable, "-m", "dvc", "queue", "start", "-j", "2")
+    logs = {name: sh(repo, sys.executable, "-m", "dvc", "queue", "logs", "--follow", name, timeout=900).stdout
+            for name in names}
+    status = sh(repo, sys.executable, "-m", "dvc", "queue", "status").stdout
+    assert status.count("Success") == 2, status + "\n".join(v[-2000:] for v in logs.values())
+    for name, log in logs.items():
+        assert "database is locked" not in log and "Traceback" not in log, log[-3000:]
+        assert all(f"Running stage '{s}'" in log for s in ("pretrain", "finetune", "evaluate")), log[-3000:]
+
+    # each experiment's metrics are its own run's: the MLflow run its metrics file names has its lr and loss
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    losses = {}
+    for name, lr in names.items():
+        pretrain = _exp_metrics(repo, name)["metrics/pretrain.json"]["data"]
+        run = client.get_run(pretrain["mlflow_run_id"])
+        assert float(run.data.params["pretrain.learning_rate"]) == lr and run.info.status == "FINISHED"
+        assert run.data.metrics["val_loss"] == pytest.approx(pretrain["val_loss"])
+        losses[name] = pretrain["val_loss"]
+        assert _exp_metrics(repo, name)["metrics/eval.json"]["data"]["lm"]["perplexity"] > 1
+    assert losses["lr-low"] != losses["lr-high"]
+    assert _cache_intact(repo) == []
+    pretrains = [r for r in client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+                 if r.data.tags.get("lmpipe.stage") == "pretrain"]
+    assert len(pretrains) == 2  # one per experiment, none lost to a locked database
