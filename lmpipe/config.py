@@ -45,8 +45,8 @@ class TextSource(Section):
     """File under the data dir (txt, csv, tsv, jsonl, parquet) or `hf:<dataset id>[:split]`."""
     text_column: str | None = None
     """Column holding the text (tabular files); txt files have none."""
-    unit: Literal["line", "paragraph"] = "line"
-    """For txt: one document per line, or per blank-line separated paragraph."""
+    unit: Literal["line", "paragraph", "file"] = "line"
+    """For txt: one document per line, per blank-line separated paragraph, or the whole file as one."""
     encoding: str = "utf-8"
     """File encoding; decoding errors are reported, never replaced."""
     header: bool = True
@@ -128,7 +128,10 @@ class Clean(Section):
     max_chars: int = Field(ge=1)
     """Drop documents longer than this after normalisation (characters)."""
     validation_fraction: float = Field(gt=0, lt=1)
-    """Share of corpus documents held out for validation / perplexity."""
+    """Share of the corpus held out for validation / perplexity (documents, or characters with split tail)."""
+    split: Literal["random", "tail"]
+    """random: a seeded random share of the documents is validation; tail: the last validation_fraction of
+    the corpus characters, in order (nanoGPT's split; a document straddling the cut is cut there)."""
     keep_newlines: bool = False
     """Keep line breaks inside corpus documents (verse, char-level LMs); other whitespace is still collapsed."""
     out_dir: str

@@ -115,6 +115,8 @@ def read_texts(src: TextSource, data_dir: Path) -> list[str]:
         raise DataError(f"{path}: unknown encoding {src.encoding!r}") from None
     if src.unit == "paragraph":
         return re.split(r"\n\s*\n", text)
+    if src.unit == "file":
+        return [text]
     return text.splitlines()
 
 
@@ -149,6 +151,20 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     random.Random(seed).shuffle(idx)
     n_val = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
     return sorted(idx[n_val:]), sorted(idx[:n_val])
+
+
+def tail_split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """The last `fraction` of the characters (documents in order) as validation, the rest as train; the
+    document at the cut is cut there (nanoGPT: train = text[:int(n * 0.9)], val = text[int(n * 0.9):])."""
+    cut = int(sum(len(d) for d in docs) * (1 - fraction))
+    train: list[str] = []
+    for i, doc in enumerate(docs):
+        if cut <= len(doc):
+            head, tail = doc[:cut], doc[cut:]
+            return train + ([head] if head else []), ([tail] if tail else []) + docs[i + 1:]
+        train.append(doc)
+        cut -= len(doc)
+    return train, []
 
 
 _TREC_LINE = re.compile(r"^([A-Z]+):(\S+) (.*\S.*)$")

@@ -34,13 +34,22 @@ def clean(params: Params, root: Path, run) -> None:
     for src in cfg.corpus:
         raw_docs.extend(data.read_texts(src, ddir))
     docs, corpus_stats = data.clean_documents(raw_docs, cfg.min_chars, cfg.max_chars, cfg.keep_newlines)
-    if len(docs) < 2:
+    if len(docs) < (1 if cfg.split == "tail" else 2):  # tail cuts one document in two
         raise DataError(
             f"clean.corpus: {len(docs)} documents left after cleaning ({corpus_stats['rows_in']} in: "
             f"{corpus_stats['dropped_empty']} empty, {corpus_stats['dropped_too_short']} shorter than "
-            f"min_chars={cfg.min_chars}, {corpus_stats['dropped_duplicate']} duplicates); need at least 2")
-    train_idx, val_idx = data.split_indices(len(docs), cfg.validation_fraction, seed)
-    corpus_stats.update(train=len(train_idx), validation=len(val_idx))
+            f"min_chars={cfg.min_chars}, {corpus_stats['dropped_duplicate']} duplicates); need at least "
+            f"{1 if cfg.split == 'tail' else 2}")
+    if cfg.split == "tail":
+        train_docs, val_docs = data.tail_split(docs, cfg.validation_fraction)
+    else:
+        train_idx, val_idx = data.split_indices(len(docs), cfg.validation_fraction, seed)
+        train_docs, val_docs = [docs[i] for i in train_idx], [docs[i] for i in val_idx]
+    if not train_docs or not val_docs:
+        raise DataError(f"clean.corpus: {sum(map(len, docs))} characters give an empty "
+                        f"{'train' if not train_docs else 'validation'} split (clean.validation_fraction="
+                        f"{cfg.validation_fraction}, split {cfg.split})")
+    corpus_stats.update(train=len(train_docs), validation=len(val_docs))
 
     # 2) labelled tasks: train file -> train/validation (and test without a test file), test file kept whole
     tasks = {cfg.labeled.name: _labeled_task(cfg.labeled, None, ddir, cfg.max_chars, seed, "clean.labeled")}
@@ -50,8 +59,8 @@ def clean(params: Params, root: Path, run) -> None:
 
     # 3) write everything at once (atomic dir swap)
     with atomic_dir(root / cfg.out_dir) as out:
-        pd.DataFrame({"text": [docs[i] for i in train_idx]}).to_parquet(out / "corpus_train.parquet", index=False)
-        pd.DataFrame({"text": [docs[i] for i in val_idx]}).to_parquet(out / "corpus_validation.parquet", index=False)
+        pd.DataFrame({"text": train_docs}).to_parquet(out / "corpus_train.parquet", index=False)
+        pd.DataFrame({"text": val_docs}).to_parquet(out / "corpus_validation.parquet", index=False)
         for name, t in tasks.items():
             folder = task_dir(out, name, cfg)
             folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,7 @@ def clean(params: Params, root: Path, run) -> None:
     mlflow.log_artifact(str(root / cfg.metrics))
     for name, t in list(tasks.items())[1:]:
         log_metrics_bounded({f"tasks.{name}.{split}": len(df) for split, df in t["splits"].items()})
-    print(f"clean: corpus {corpus_stats['rows_in']} -> {len(train_idx)} train / {len(val_idx)} validation docs; "
+    print(f"clean: corpus {corpus_stats['rows_in']} -> {len(train_docs)} train / {len(val_docs)} validation docs; "
           f"labelled {len(tr_idx)} train / {len(va_idx)} validation / {len(test_df)} test, {len(vocab)} classes")
 
 

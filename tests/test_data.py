@@ -90,3 +90,26 @@ def test_unwritable_output_dir(workdir: Path):
     _edit_params(workdir, lambda r: r["clean"].update(out_dir="/proc/lmpipe-out"))
     res = run_module("stages.clean", workdir)
     assert res.returncode != 0 and "cannot create output directory" in res.stderr
+
+
+def test_tail_split_holds_out_the_last_characters_in_order_like_nanogpt(workdir: Path, tiny_data: Path):
+    # the whole file as one document, the last 10% of its characters as validation: nanoGPT's prepare.py split
+    text = "\n".join(f"line {i}: " + " ".join(["to be or not to be"] * (i % 5 + 1)) for i in range(300))
+    (tiny_data / "corpus" / "text.txt").write_text(text, encoding="utf-8")
+    _edit_params(workdir, lambda r: r["clean"].update(corpus=[{"path": "corpus/text.txt", "unit": "file"}],
+                                                      split="tail", validation_fraction=0.1, keep_newlines=True,
+                                                      max_chars=1_000_000))
+    res = run_module("stages.clean", workdir)
+    assert res.returncode == 0, res.stderr
+    train = pd.read_parquet(workdir / "data" / "clean" / "corpus_train.parquet")["text"].tolist()
+    val = pd.read_parquet(workdir / "data" / "clean" / "corpus_validation.parquet")["text"].tolist()
+    n = len(text)
+    assert train == [text[: int(n * 0.9)]] and val == [text[int(n * 0.9):]]
+
+
+def test_tail_split_cuts_across_documents_in_order():
+    from lmpipe.data import tail_split
+
+    docs = ["aaaa", "bbbb", "cc"]  # 10 characters: the last 30% is "bcc"
+    assert tail_split(docs, 0.3) == (["aaaa", "bbb"], ["b", "cc"])
+    assert tail_split(docs, 0.2) == (["aaaa", "bbbb"], ["cc"])
