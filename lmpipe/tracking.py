@@ -83,23 +83,37 @@ def setup(root: Path, experiment: str) -> str:
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(root))
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        location = None
-        uri = tracking_uri(root)
-        if uri.startswith("sqlite:///"):
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    with _first_use_lock(db):
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name(experiment)  # the first call creates (migrates) a new store
+        if exp is None:
             # artifacts next to the sqlite store, not wherever the process runs (DVC temp dirs vanish)
-            location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-        try:
-            exp_id = client.create_experiment(experiment, artifact_location=location)
-        except Exception:  # created concurrently by another stage process
-            exp_id = client.get_experiment_by_name(experiment).experiment_id
-    else:
-        exp_id = exp.experiment_id
+            location = (db.parent / "mlartifacts").resolve().as_uri() if db else None
+            try:
+                exp_id = client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # created concurrently by another stage process (a server store)
+                exp_id = client.get_experiment_by_name(experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _first_use_lock(db: Path | None):
+    """A file lock beside a SQLite store while a process opens it: two stages starting at once (`dvc queue
+    start -j 2`, two flows) otherwise both run MLflow's schema migrations on a new mlflow.db and break it
+    (`table _alembic_tmp_model_versions already exists`). Server stores need none."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if db is None:
+        return nullcontext()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock")
 
 
 def git_info(root: Path) -> dict[str, str]:

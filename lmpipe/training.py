@@ -54,6 +54,34 @@ def check_compile(compiled: bool, device: str) -> None:
                           "install one or set pretrain.compile=false")
 
 
+COMPILE_CACHE_ENV = "LMPIPE_COMPILE_CACHE"
+
+
+def compile_cache() -> Path:
+    """torch.compile's on-disk caches (inductor's FX-graph cache and AOTAutograd's cache) in one folder per
+    machine, outside every DVC output, so a second process with the same shapes loads its kernels instead of
+    compiling them: $LMPIPE_COMPILE_CACHE, else $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/lmpipe/torch-compile.
+    PyTorch keys each entry by the graph, its input shapes and dtypes, the torch version and the compile
+    settings: a changed model shape compiles anew and never loads another shape's artifact."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmpipe" / "torch-compile"
+    folder = Path(os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or base).expanduser()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return folder
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """Compiled graphs this process loaded from the cache vs compiled (torch's own counters)."""
+    from torch._dynamo.utils import counters
+
+    return {"compile_graphs_cached": int(counters["inductor"]["fxgraph_cache_hit"]),
+            "compile_graphs_compiled": int(counters["inductor"]["fxgraph_cache_miss"])}
+
+
 def precision_flags(precision: str, device: str, compiled: bool = False) -> dict[str, bool]:
     """auto: bf16 on a CUDA device that supports it; on CPU bf16 only for a compiled model on a CPU with
     native bf16, where it measured faster (README, Results); eager bf16 autocast gained nothing because its
@@ -215,6 +243,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     block = train_blocks.shape[1]
     # 2) Trainer owns optimizer, schedule, accumulation, clipping, precision, compile and checkpoints
     check_compile(cfg.compile, device)
+    cache = compile_cache() if cfg.compile else None
     args = TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -246,6 +275,10 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
                "parameters": int(sum(p.numel() for p in model.parameters())),
                "val_blocks": len(val_full)}
+    if cache is not None:
+        metrics.update(compile_cache_counts())
+        print(f"pretrain: torch.compile cache {cache}: {metrics['compile_graphs_cached']} graphs loaded, "
+              f"{metrics['compile_graphs_compiled']} compiled", flush=True)
     curve = history_curve(trainer.state.log_history)
     return PretrainResult(trainer.model, metrics, curve, str(resume) if resume else None, timer)
 

@@ -152,6 +152,7 @@ def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_pat
 
     from lmpipe.modeling import attention_implementation
 
+    monkeypatch.setenv("LMPIPE_COMPILE_CACHE", str(tmp_path / "compile-cache"))  # not the machine's
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
     mlflow.set_experiment("test")
     torch.manual_seed(0)
@@ -163,6 +164,7 @@ def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_pat
         res = pretrain(model, tok, blocks, blocks[:8], cfg, "cpu", 0, tmp_path / "ckpt")
     assert res.metrics["steps"] == 20 and res.metrics["train_loss"] < np.log(len(tok))
     assert res.metrics["train_tokens_per_s"] > 0 and res.metrics["val_blocks"] == 8
+    assert res.metrics["compile_graphs_compiled"] > 0 and any((tmp_path / "compile-cache").iterdir())
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-20"
     res.model.save_pretrained(tmp_path / "out")
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
@@ -177,3 +179,29 @@ def test_compile_without_a_cpp_compiler_is_refused(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         check_compile(True, "cpu")
     check_compile(False, "cpu")
+
+
+@pytest.mark.slow  # three compiled pretrain processes: about two minutes
+def test_a_second_compiled_run_loads_its_graphs_from_the_cache_and_a_new_shape_compiles_anew(workdir, tmp_path):
+    import json
+    import shutil
+
+    from conftest import prepare_workdir, run_module
+
+    prepare_workdir(workdir, lambda r: r["pretrain"].update(compile=True, arch="gpt2"))
+    env = {"LMPIPE_COMPILE_CACHE": str(tmp_path / "compile-cache")}
+
+    def run(*args: str) -> dict:
+        for out in ("models/pretrain", "checkpoints"):  # a fresh training run each time, same shapes
+            shutil.rmtree(workdir / out, ignore_errors=True)
+        res = run_module("stages.pretrain", workdir, *args, env=env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "torch.compile cache" in res.stdout
+        return json.loads((workdir / "metrics" / "pretrain.json").read_text())
+
+    first, second = run(), run()
+    assert first["compile_graphs_compiled"] > 0
+    assert second["compile_graphs_cached"] > 0 and second["compile_graphs_compiled"] == 0  # warm: nothing compiled
+    assert second["val_loss"] == pytest.approx(first["val_loss"], abs=1e-4)  # the cached kernels compute the same
+    wider = run("--set", "pretrain.hidden_size=32", "--set", "pretrain.intermediate_size=64")
+    assert wider["compile_graphs_compiled"] > 0  # another shape: compiled, not loaded from the 16-wide entries
