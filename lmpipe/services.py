@@ -403,7 +403,9 @@ def up(lay: Layout, cfg: Services) -> Iterator[str]:
     create_databases(lay, rec["postgres_port"])
     _write_json(lay.ports, rec)
 
-    # 2) MLflow, then 3) Prefect: each detached, checked by its health endpoint
+    # 2) MLflow and 3) Prefect: each detached, both started before either is waited for (their first start
+    # migrates their database: ~1 min each on 2 cores), then checked by its health endpoint
+    spawned = {}
     for name in SERVERS:
         key = f"{name}_port"
         pid = read_pid(lay.pid(name))
@@ -412,8 +414,17 @@ def up(lay: Layout, cfg: Services) -> Iterator[str]:
             continue
         rec[key] = _pick_port(key, host, getattr(cfg, key), rec.get(key))
         _write_json(lay.ports, rec)
-        pid = spawn(name, server_cmd(name, host, rec[key], cfg, lay), server_env(name, lay, rec["postgres_port"]), lay)
-        wait_healthy(name, pid, health_url(name, host, rec[key]), lay, cfg.start_timeout_s)
+        spawned[name] = spawn(name, server_cmd(name, host, rec[key], cfg, lay),
+                              server_env(name, lay, rec["postgres_port"]), lay)
+    for name, pid in spawned.items():
+        key = f"{name}_port"
+        try:
+            wait_healthy(name, pid, health_url(name, host, rec[key]), lay, cfg.start_timeout_s)
+        except ServiceError:
+            for other, other_pid in spawned.items():  # leave nothing half-up behind a failure
+                if other != name and read_pid(lay.pid(other)) == other_pid:
+                    stop_group(other_pid)
+            raise
         started = True
         yield f"{name}: started at {url(name, host, rec[key])} (pid {pid}, log {lay.log(name)})"
     if not started:
