@@ -4,6 +4,7 @@ those services and one DVC remote."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -152,3 +153,124 @@ def test_port_in_use_is_one_line(state_dir: Path):
     assert res.returncode == 3, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and f"services.postgres_port: 127.0.0.1:{port} is in use" in err[0], res.stderr
+
+
+def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as fh:  # the child keeps its own handle
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """End a process this test started, and its process group (the worker's flow-run children)."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.slow
+def test_two_hosts_share_services_and_a_dvc_remote(tmp_path: Path, tiny_data: Path, state_dir: Path):
+    """Host A runs the pipeline and pushes; host B (a separate clone with its own DVC cache) pulls and has
+    nothing to reproduce; one MLflow server holds both hosts' runs; B's champion leads back to A's runs; a
+    worker on B runs a deployment run created on A."""
+    import mlflow
+
+    from conftest import STAGES, make_repo, sh, tiny_params
+
+    env = exported(lmpipe_services("up", state_dir, *FREE_PORTS).stdout)
+    uri, api = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]
+    remote = tmp_path / "dvc-remote"
+    remote.mkdir()
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    prefect_env = dict(PREFECT_API_URL=api, PREFECT_HOME=str(home), PREFECT_CLI_PROMPT="false",
+                       PREFECT_SERVER_ANALYTICS_ENABLED="false")
+
+    # host A: the pipeline against the shared MLflow server, dvc.lock committed, outputs pushed to the remote
+    a = make_repo(tmp_path / "host-a", tiny_params(), tiny_data)
+    sh(a, "dvc", "remote", "add", "-d", "shared", str(remote))
+    sh(a, "git", "commit", "-qam", "DVC remote: shared")
+    ran_at = sh(a, "git", "rev-parse", "HEAD").stdout.strip()
+    first = sh(a, "dvc", "repro", MLFLOW_TRACKING_URI=uri)
+    assert all(f"Running stage '{s}'" in first.stdout for s in STAGES), first.stdout
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "commit", "-qm", "pipeline run on host A")
+    sh(a, "dvc", "push")
+    assert not (a / "mlflow.db").exists()  # nothing went to the local default store
+
+    # host B: its own clone and DVC cache; pull, then nothing to reproduce
+    b = tmp_path / "host-b"
+    sh(tmp_path, "git", "clone", "-q", str(a), str(b))
+    assert not (b / ".dvc" / "cache").exists()
+    sh(b, sys.executable, "-m", "lmpipe.cli", "data", "link", str(tiny_data))  # machine-local, not in git
+    sh(b, "dvc", "pull")
+    repro = sh(b, "dvc", "repro", MLFLOW_TRACKING_URI=uri)
+    assert "Running stage" not in repro.stdout, repro.stdout
+    assert all(f"Stage '{s}' didn't change, skipping" in repro.stdout for s in STAGES), repro.stdout
+    assert "Data and pipelines are up to date." in repro.stdout
+
+    # one server, A's six stage runs; B's pulled metrics files name exactly those runs
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("lmpipe")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    stage_runs = {r.data.tags["lmpipe.stage"]: r.info.run_id for r in runs if "lmpipe.stage" in r.data.tags}
+    assert sorted(stage_runs) == sorted(STAGES) and len([r for r in runs if "lmpipe.stage" in r.data.tags]) == 6
+    params = tiny_params()
+    for stage in STAGES:
+        pulled = json.loads((b / params[stage]["metrics"]).read_text())
+        assert pulled["mlflow_run_id"] == stage_runs[stage], stage
+
+    # lineage asked on host B: the champion was produced by host A's runs, at a commit B has
+    info = json.loads(sh(b, sys.executable, "-m", "lmpipe.cli", "lineage", "models:/lmpipe-sst2@champion", "--json",
+                         MLFLOW_TRACKING_URI=uri).stdout)
+    assert {s["stage"]: s["run_id"] for s in info["stages"]} == stage_runs
+    assert info["git_commit"] == ran_at
+    sh(b, "git", "merge-base", "--is-ancestor", ran_at, "HEAD")
+
+    # Prefect: deployments registered from A for the workers' checkout (B's path), a run created on A, a
+    # worker on B takes it and completes it (every stage cached: B pulled them)
+    res = subprocess.run([sys.executable, "-m", "flows.deployments", "--workspace", str(b)], cwd=a,
+                         env=clean_env(**prefect_env), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    created = subprocess.run([str(Path(sys.executable).parent / "prefect"), "deployment", "run",
+                              "lmpipe-pipeline/on-demand"], cwd=a, env=clean_env(**prefect_env),
+                             capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stdout + created.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout).group(1)
+
+    worker_log = tmp_path / "worker-b.log"
+    worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "1",
+                     "--name", "host-b"], b,
+                    clean_env(**prefect_env, MLFLOW_TRACKING_URI=uri, PREFECT_WORKER_QUERY_SECONDS="2"), worker_log)
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as pc:
+            deadline = time.monotonic() + 600
+            while not (state := pc.read_flow_run(flow_run_id).state) or not state.is_final():
+                assert worker.poll() is None, f"worker exited:\n{worker_log.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, f"flow run still {state.name if state else None}"
+                time.sleep(3)
+            assert state.is_completed(), f"{state.name}: {state.message}\n{worker_log.read_text()[-4000:]}"
+            assert pc.read_flow_run(flow_run_id).work_pool_name == "cpu"
+    finally:
+        _stop(worker)
+    assert "host-b" in worker_log.read_text()
+
+    # the worker's execution on B is in the same server: a pipeline run of that flow run, every stage
+    # cached and pointing at A's stage runs
+    (b_run,) = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert b_run.info.run_name == "pipeline"
+    for stage in STAGES:
+        assert b_run.data.tags[f"stage.{stage}"] == "cached"
+        assert b_run.data.tags[f"stage.{stage}.run_id"] == stage_runs[stage]
+    assert len(client.search_runs([exp.experiment_id], "tags.`lmpipe.stage` != ''", max_results=1000)) == 6
