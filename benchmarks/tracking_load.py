@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if lay is not None:
             for line in services.down(lay):
                 print(line, file=sys.stderr, flush=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{args.steps} steps x {args.metrics} metrics per writer (one log_batch per step):")
     print(f"{'writers':<9}" + "".join(f"{name + ' pts/s':>24}{'failures':>10}" for name in sides))

@@ -167,6 +167,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """A file only its owner can read, from its first byte (not chmod after a world-readable write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -245,11 +252,9 @@ def init_cluster(lay: Layout) -> bool:
         return False
     lay.pg_dir.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(24)
-    lay.password.write_text(password + "\n")
-    lay.password.chmod(0o600)
-    pwfile = lay.pg_dir / ".initdb-pw"
-    pwfile.write_text(password + "\n")
-    pwfile.chmod(0o600)
+    pwfile = lay.pg_dir / ".initdb-pw"  # initdb reads it as the postgres user; removed right after
+    for path in (lay.password, pwfile):
+        _write_private(path, password + "\n")
     if os.geteuid() == 0:
         shutil.chown(lay.pg_dir, "postgres", "postgres")
         shutil.chown(pwfile, "postgres", "postgres")
