@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run smoke sweep test test-all install serve mlflow-ui clean-outputs deploy-flows
+.PHONY: run smoke sweep test test-all install serve mlflow-ui clean-outputs deploy-flows services services-down push pull
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -55,3 +55,18 @@ mlflow-ui: $(STAMP)
 ## make deploy-flows: work pools cpu/gpu + the deployments of prefect.yaml on $PREFECT_API_URL.
 deploy-flows: $(STAMP)
 	$(BIN)/python -m flows.deployments
+
+## make services: a team's shared PostgreSQL + MLflow server + Prefect server on loopback (params.yaml services),
+## state in .lmpipe/services; prints the exports to use. `make services-down` stops them.
+services: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/lmpipe services up
+
+services-down: $(STAMP)
+	$(BIN)/lmpipe services down
+
+## make push / make pull: outputs to / from the default DVC remote (`dvc remote add -d shared DIR|s3://...`).
+push: $(STAMP)
+	$(BIN)/dvc push
+
+pull: $(STAMP)
+	$(BIN)/dvc pull

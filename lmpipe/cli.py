@@ -9,6 +9,7 @@
     lmpipe exp-run profiles/minilm-sst2.yaml [--queue] [-S KEY=VALUE]  # dvc exp run with a profile's keys
     lmpipe sweep sweeps/finetune-lr-strategy.yaml [--apply-best]        # Optuna study, trials = DVC experiments
     lmpipe validate [params.yaml] [--profile P]                         # check params, list every problem
+    lmpipe services up|down|status [--state-dir D] [--set services.K=V] # shared PostgreSQL, MLflow, Prefect
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     p_val = sub.add_parser("validate", help="validate params.yaml (and a profile)")
     p_val.add_argument("params", nargs="?", default="params.yaml")
     p_val.add_argument("--profile", default=None)
+    p_svc = sub.add_parser("services", help="shared PostgreSQL + MLflow server + Prefect server (make services)",
+                           description="up: start what is not running and print the export lines; down: stop what "
+                                       "up started (pid files); status: each service's state, pid and URL. Ports and "
+                                       "host: params.yaml's services section (--set overrides).")
+    p_svc.add_argument("action", choices=["up", "down", "status"])
+    p_svc.add_argument("--state-dir", default=None,
+                       help="state folder (default: $LMPIPE_SERVICES_DIR, else services.state_dir)")
+    p_svc.add_argument("--params", default="params.yaml")
+    p_svc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="params override, e.g. --set services.mlflow_port=5001")
     args = parser.parse_args(argv)
     root = repo_root()
     try:
@@ -162,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{datasource.DEP} -> {path}")
             else:
                 print(datasource.data_dir(root))
+            return 0
+        if args.cmd == "services":
+            from lmpipe import services
+
+            cfg = load_params(args.params, dict(parse_override(s) for s in args.set)).services
+            lay = services.layout(root, cfg, args.state_dir)
+            action = {"up": lambda: services.up(lay, cfg), "down": lambda: services.down(lay),
+                      "status": lambda: services.status(lay)}[args.action]
+            for line in action():
+                print(line, flush=True)
             return 0
         if args.cmd == "validate":
             load_params(args.params, profile=args.profile)

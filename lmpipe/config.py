@@ -515,6 +515,25 @@ class Serve(Section):
     """Drift monitoring of live traffic against the model's drift_reference.json."""
 
 
+class Services(Section):
+    host: str
+    """Interface the MLflow and Prefect servers of `lmpipe services up` bind (PostgreSQL always binds 127.0.0.1:
+    only those two servers use it). A non-loopback host exposes both servers, which have no auth of their own."""
+    postgres_port: int = Field(ge=0, le=65535)
+    """TCP port of the PostgreSQL cluster on 127.0.0.1; 0: a free port, chosen at the first `up` and kept."""
+    mlflow_port: int = Field(ge=0, le=65535)
+    """TCP port of the MLflow tracking server; 0: a free port, chosen at the first `up` and kept."""
+    prefect_port: int = Field(ge=0, le=65535)
+    """TCP port of the Prefect server; 0: a free port, chosen at the first `up` and kept."""
+    mlflow_workers: int = Field(ge=1)
+    """MLflow server worker processes (uvicorn): parallel writers are served by this many processes."""
+    state_dir: str
+    """Folder (git-ignored) holding the cluster, artifacts, logs and pid files; env LMPIPE_SERVICES_DIR or
+    `lmpipe services --state-dir` override."""
+    start_timeout_s: float = Field(gt=0)
+    """How long `up` waits for each server's health endpoint (Prefect migrates its database at the first start)."""
+
+
 class Params(Section):
     common: Common
     clean: Clean
@@ -524,6 +543,7 @@ class Params(Section):
     evaluate: Evaluate
     deploy: Deploy
     serve: Serve
+    services: Services
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":
