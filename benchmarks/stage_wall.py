@@ -1,0 +1,101 @@
+"""Whole-stage wall time on nanoGPT's shakespeare_char CPU run: `python -m stages.pretrain` of
+profiles/nanogpt-shakespeare-char.yaml, process start to outputs written, against nanoGPT's model and loop
+(benchmarks/nanogpt_reference.py, eager and compiled) timed the same way in the same run.
+
+    .venv/bin/python benchmarks/stage_wall.py [--steps 2000] [--profile profiles/nanogpt-shakespeare-char.yaml]
+
+Rows: the stage with an empty torch.compile cache (first run on a machine), the stage again (warm cache:
+the second run of the same shapes), nanoGPT eager, nanoGPT compiled. The stage's clean and tokenize run once
+first (not timed in the ratio; printed). Both sides use nanoGPT's split (the last 10% of the characters),
+so val losses compare number to number: nanoGPT's is its estimate on 20 random batches, the stage's is the
+mean over every full validation block. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lmpipe.datasource import data_dir  # noqa: E402
+from lmpipe.experiments import prepare  # noqa: E402
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"stage_wall: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return seconds, res.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--profile", default=str(ROOT / "profiles" / "nanogpt-shakespeare-char.yaml"))
+    ap.add_argument("--skip-reference", action="store_true", help="only the stage's two runs")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lmpipe-stage-wall-"))
+    raw, params = prepare(ROOT, {"pretrain.max_steps": args.steps}, Path(args.profile))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "LMPIPE_DATA_DIR": str(data_dir(ROOT)), "LMPIPE_COMPILE_CACHE": str(tmp / "compile-cache"),
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    prep = {s: timed([sys.executable, "-m", f"stages.{s}"], tmp, env)[0] for s in ("clean", "tokenize")}
+
+    runs = []
+    for label in ("lmpipe stage, cold compile cache", "lmpipe stage, warm compile cache"):
+        for out in ("models/pretrain", "checkpoints", "metrics/pretrain.json"):
+            shutil.rmtree(tmp / out, ignore_errors=True) if (tmp / out).is_dir() else (tmp / out).unlink(missing_ok=True)
+        seconds, _ = timed([sys.executable, "-m", "stages.pretrain"], tmp, env)
+        m = json.loads((tmp / params.pretrain.metrics).read_text())
+        runs.append({"name": label, "seconds": seconds, "val_loss": m["val_loss"],
+                     "tokens_per_s": m["train_tokens_per_s"], "cached": m.get("compile_graphs_cached"),
+                     "compiled": m.get("compile_graphs_compiled")})
+        print(f"{label}: {seconds:.1f} s, val loss {m['val_loss']:.4f}", flush=True)
+    if not args.skip_reference:
+        text = data_dir(ROOT) / "pretrain" / "tinyshakespeare" / "input.txt"
+        for compiled in ("false", "true"):
+            ref_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(tmp / f"nanogpt-cache-{compiled}")}
+            seconds, out = timed([sys.executable, str(ROOT / "benchmarks" / "nanogpt_reference.py"), "--text",
+                                  str(text), "--compile", compiled, "--max-iters", str(args.steps),
+                                  "--out", str(tmp)], tmp, ref_env)
+            r = json.loads(out.strip().splitlines()[-1])
+            runs.append({"name": f"nanoGPT loop, {'compiled' if compiled == 'true' else 'eager'}",
+                         "seconds": seconds, "val_loss": r["val_loss"], "tokens_per_s": r["tokens_per_s"]})
+            print(f"{runs[-1]['name']}: {seconds:.1f} s, val loss {r['val_loss']:.4f}", flush=True)
+
+    refs = [r for r in runs if r["name"].startswith("nanoGPT")]
+    best = min(refs, key=lambda r: r["seconds"]) if refs else None
+    print(f"\n{'':36}{'wall s':>8}{'vs best':>9}{'val loss':>10}{'tokens/s':>10}{'graphs cached/compiled':>24}")
+    for r in runs:
+        ratio = f"{r['seconds'] / best['seconds']:9.2f}" if best else f"{'-':>9}"
+        graphs = f"{r['cached']}/{r['compiled']}" if r.get("cached") is not None else "-"
+        print(f"{r['name']:36}{r['seconds']:8.1f}{ratio}{r['val_loss']:10.4f}{r['tokens_per_s']:10.0f}{graphs:>24}")
+    print(f"{args.steps} steps each; clean {prep['clean']:.1f} s, tokenize {prep['tokenize']:.1f} s (once, before); "
+          f"best reference: {best['name'] if best else '-'}")
+    summary = {"steps": args.steps, "prep_seconds": {k: round(v, 1) for k, v in prep.items()},
+               "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs]}
+    if best:
+        summary["warm_vs_best_reference"] = round(runs[1]["seconds"] / best["seconds"], 3)
+        summary["steady_tokens_per_s_vs_best_reference"] = round(
+            runs[1]["tokens_per_s"] / max(r["tokens_per_s"] for r in refs), 3)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
