@@ -415,7 +415,7 @@ def test_two_experiments_at_once_through_dvc_queue_finish_with_their_own_metrics
         pretrain = _exp_metrics(repo, name)["metrics/pretrain.json"]["data"]
         run = client.get_run(pretrain["mlflow_run_id"])
         assert float(run.data.params["pretrain.learning_rate"]) == lr and run.info.status == "FINISHED"
-        assert run.data.metrics["val_loss"] == pytest.approx(pretrain["val_loss"])
+        assert run.data.metrics["final.val_loss"] == pytest.approx(pretrain["val_loss"])
         losses[name] = pretrain["val_loss"]
         assert _exp_metrics(repo, name)["metrics/eval.json"]["data"]["lm"]["perplexity"] > 1
     assert losses["lr-low"] != losses["lr-high"]
