@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--profile", default=str(ROOT / "profiles" / "nanogpt-shakespeare-char.yaml"))
     ap.add_argument("--skip-reference", action="store_true", help="only the stage's two runs")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (printed) for a look afterwards")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lmpipe-stage-wall-"))
     raw, params = prepare(ROOT, {"pretrain.max_steps": args.steps}, Path(args.profile))
@@ -60,7 +61,10 @@ def main() -> None:
     for label in ("lmpipe stage, cold compile cache", "lmpipe stage, warm compile cache"):
         for out in ("models/pretrain", "checkpoints", "metrics/pretrain.json"):
             shutil.rmtree(tmp / out, ignore_errors=True) if (tmp / out).is_dir() else (tmp / out).unlink(missing_ok=True)
-        seconds, _ = timed([sys.executable, "-m", "stages.pretrain"], tmp, env)
+        seconds, out = timed([sys.executable, "-m", "stages.pretrain"], tmp, env)
+        for line in out.splitlines():  # the stage's own account: loop shares, compile cache, result
+            if line.startswith("pretrain:"):
+                print("  " + line, flush=True)
         m = json.loads((tmp / params.pretrain.metrics).read_text())
         runs.append({"name": label, "seconds": seconds, "val_loss": m["val_loss"],
                      "tokens_per_s": m["train_tokens_per_s"], "cached": m.get("compile_graphs_cached"),
@@ -93,7 +97,10 @@ def main() -> None:
         summary["warm_vs_best_reference"] = round(runs[1]["seconds"] / best["seconds"], 3)
         summary["steady_tokens_per_s_vs_best_reference"] = round(
             runs[1]["tokens_per_s"] / max(r["tokens_per_s"] for r in refs), 3)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"work dir kept: {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary))
 
 

@@ -98,14 +98,30 @@ def precision_flags(precision: str, device: str, compiled: bool = False) -> dict
 
 class GuardedTrainer(Trainer):
     """Trainer whose checkpoint write fails as one line and leaves no partial checkpoint behind. The
-    previous checkpoint stays: Trainer rotates old checkpoints only after a complete save."""
+    previous checkpoint stays: Trainer rotates old checkpoints only after a complete save. It also keeps
+    the wall seconds its evaluations and checkpoint saves took (`phase_seconds`), so a stage can report
+    what share of its loop they cost."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.phase_seconds = {"evaluate": 0.0, "checkpoint": 0.0}
+
+    def evaluate(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.phase_seconds["evaluate"] += time.perf_counter() - t
 
     def _save_checkpoint(self, model, trial):
+        t = time.perf_counter()
         try:
             super()._save_checkpoint(model, trial)
         except Exception as e:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             raise checkpoint_write_error(folder, e) from None
+        finally:
+            self.phase_seconds["checkpoint"] += time.perf_counter() - t
 
     def _issue_warnings_after_load(self, load_result):
         # a tied weight (lm_head.weight = the input embedding) is saved once, so a checkpoint of a tied model
@@ -124,6 +140,8 @@ class MlflowCallback(TrainerCallback):
 
     prefix: str = ""
     tokens_per_step: int = 0
+    seconds: float = 0.0
+    """Wall seconds spent in on_log (building the points and handing them to MLflow)."""
     _t: float = 0.0
     _step: int = 0
 
@@ -133,7 +151,13 @@ class MlflowCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        step = state.global_step
+        t = time.perf_counter()
+        try:
+            self._log(state.global_step, logs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def _log(self, step: int, logs: dict) -> None:
         out: dict[str, float] = {}
         for key, value in logs.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -265,8 +289,11 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
+    loop = {**trainer.phase_seconds, "logging": logger.seconds}
     # 4) final evaluation on the whole validation split
+    t1 = time.perf_counter()
     final = trainer.evaluate(eval_dataset=val_full)
+    final_eval_seconds = time.perf_counter() - t1
     metrics = {"train_loss": float(out.training_loss), "val_loss": float(final["eval_loss"]),
                "val_perplexity": math.exp(min(float(final["eval_loss"]), 50)), "train_seconds": seconds,
                "steps": int(trainer.state.global_step),
@@ -274,7 +301,11 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                * logger.tokens_per_step / max(seconds, 1e-9),
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
                "parameters": int(sum(p.numel() for p in model.parameters())),
-               "val_blocks": len(val_full)}
+               "val_blocks": len(val_full), "final_eval_seconds": final_eval_seconds,
+               # the training loop's wall time spent in periodic evaluation, checkpoint saves, MLflow logging
+               **{f"loop_share_{k}": v / max(seconds, 1e-9) for k, v in loop.items()}}
+    print("pretrain: loop " + ", ".join(f"{k} {v:.1f} s ({v / max(seconds, 1e-9):.1%})" for k, v in loop.items())
+          + f" of {seconds:.1f} s; final evaluation {final_eval_seconds:.1f} s", flush=True)
     if cache is not None:
         metrics.update(compile_cache_counts())
         print(f"pretrain: torch.compile cache {cache}: {metrics['compile_graphs_cached']} graphs loaded, "

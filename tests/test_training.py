@@ -47,6 +47,11 @@ def test_pretrain_lowers_loss_and_checkpoints(tmp_path, arch, objective, monkeyp
     assert res.metrics["val_loss"] < evals[0] < untrained, (res.metrics["val_loss"], evals, untrained)
     assert res.metrics["val_loss"] < untrained - 0.25
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-20"
+    # the loop's wall time in its two evaluations, two checkpoint saves and four logging steps: measured, a
+    # share of the loop each, all three together less than the whole loop
+    shares = [res.metrics[f"loop_share_{k}"] for k in ("evaluate", "checkpoint", "logging")]
+    assert all(0 < s < 1 for s in shares) and sum(shares) < 1, shares
+    assert res.metrics["final_eval_seconds"] > 0
 
 
 def test_vocab_mismatch_is_refused():
