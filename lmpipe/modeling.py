@@ -53,7 +53,15 @@ def attention_implementation(cfg: Pretrain) -> str:
 
 def build_lm(config: PretrainedConfig, objective: str, attention: str = "sdpa") -> PreTrainedModel:
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
-    return auto.from_config(config, attn_implementation=attention)
+    return _named_loss(auto.from_config(config, attn_implementation=attention), objective)
+
+
+def _named_loss(model: PreTrainedModel, objective: str) -> PreTrainedModel:
+    """Name the loss transformers would fall back to anyway when the class name does not say it
+    (GPT2LMHeadModel): the fallback warns on every forward, a graph break under torch.compile."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForMaskedLM" if objective == "mlm" else "ForCausalLM"
+    return model
 
 
 def max_positions(config: PretrainedConfig) -> int:
@@ -167,7 +175,7 @@ def load_continued_lm(path: Path, objective: str, attention: str) -> ContinuedLM
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     model, info = auto.from_pretrained(path, attn_implementation=attention, dtype=torch.float32,
                                        output_loading_info=True)
-    return ContinuedLM(model, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
+    return ContinuedLM(_named_loss(model, objective), sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
 
 
 def _base_weight_names(config: PretrainedConfig) -> set[str]:
