@@ -111,7 +111,7 @@ def _labeled_task(task, test_fraction: float | None, ddir: Path, max_chars: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("clean", clean, argv)
+    return run_stage("clean", clean, argv, uses_torch=False)
 
 
 if __name__ == "__main__":
