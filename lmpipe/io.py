@@ -42,14 +42,19 @@ def write_failure(exc: BaseException, folder: Path) -> str:
     e: BaseException | None = exc
     while e is not None:
         if isinstance(e, OSError) and e.strerror:
-            return e.strerror
+            break
         e = e.__cause__ or e.__context__
-    text = str(exc)
+    text = e.strerror if e is not None else str(exc)
+    code = re.search(r"(?:os error|errno) (\d+)\b", text)  # pyarrow: "Error writing bytes ... [errno 28] ..."
+    if code:
+        return os.strerror(int(code.group(1)))
+    if e is not None:
+        return text
     try:
         full = shutil.disk_usage(folder).free < (1 << 20)
     except OSError:
         full = False
-    if full or "No space left" in text or re.search(r"(os error|errno) 28\b", text):
+    if full or "No space left" in text:
         return "No space left on device"
     return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
 
