@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,10 +44,15 @@ def base(tmp_path_factory) -> Path:
     raw = tiny_params()
     raw["pretrain"].update(max_steps=2, eval_every=2, checkpoint_every=2, log_every=1)
     (root / "work" / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    # and the registry knows deploy.model_name, but no version holds deploy.alias yet (nothing deployed)
-    code = ("import sys\nimport mlflow\nfrom stages import clean, pretrain, tokenize\n"
-            "rc = clean.main([]) or tokenize.main([]) or pretrain.main([])\n"
-            "sys.exit(rc or mlflow.MlflowClient().create_registered_model('lmpipe-sst2') and 0)\n")
+    # then the registry learns deploy.model_name, with no version holding deploy.alias (nothing deployed yet)
+    code = textwrap.dedent("""
+        import sys
+        import mlflow
+        from stages import clean, pretrain, tokenize
+        if clean.main([]) or tokenize.main([]) or pretrain.main([]):
+            sys.exit(1)
+        mlflow.MlflowClient().create_registered_model("lmpipe-sst2")
+    """)
     res = subprocess.run([sys.executable, "-c", code], cwd=root / "work", capture_output=True, text=True, timeout=600,
                          env={**os.environ, **_env(root / "work", root / "data")})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -54,7 +60,8 @@ def base(tmp_path_factory) -> Path:
 
 
 def _env(wd: Path, data: Path) -> dict[str, str]:
-    return {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}", "LMPIPE_API_TOKEN": ""}
+    return {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}",
+            "LMPIPE_API_TOKEN": ""}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,7 @@ class Ctx:
 @dataclass
 class Case:
     cmd: tuple[str, ...]
-    """`python -m <cmd[0]> <cmd[1:]>`, formatted with {port}."""
+    """`python -m <cmd[0]> <cmd[1:]>`, formatted with {port} and {classifier}."""
     edit: Callable[[Ctx], None]
     code: int
     """Exit code: 2 params, 1 data, 3 a service (lmpipe/errors.py)."""
@@ -188,7 +195,8 @@ def nothing(ctx: Ctx) -> None:
     pass
 
 
-CLEAN, TOKENIZE, PRETRAIN, FINETUNE = ("stages.clean",), ("stages.tokenize",), ("stages.pretrain",), ("stages.finetune",)
+CLEAN, TOKENIZE, PRETRAIN, FINETUNE = (("stages.clean",), ("stages.tokenize",), ("stages.pretrain",),
+                                       ("stages.finetune",))
 # (a params error is the same line from every stage: each validates the whole file; `dvc repro` runs clean first)
 SERVE = ("lmpipe.cli", "serve", "--port", "{port}")
 
@@ -196,7 +204,8 @@ CASES = {
     # params.yaml
     "malformed-yaml": Case(CLEAN, replace_text("params.yaml", "seed: 1337", "seed: [1337"), 2,
                            "params.yaml: line 3: not valid YAML (expected ',' or ']'"),
-    "unknown-key": Case(CLEAN, params(pretrain__lerning_rate=0.1), 2, "params.yaml: pretrain.lerning_rate: unknown key"),
+    "unknown-key": Case(CLEAN, params(pretrain__lerning_rate=0.1), 2,
+                        "params.yaml: pretrain.lerning_rate: unknown key"),
     "wrong-type": Case(CLEAN, params(pretrain__learning_rate="fast"), 2,
                        "params.yaml: pretrain.learning_rate: Input should be a valid number"),
     "out-of-range": Case(CLEAN, params(pretrain__batch_size=0), 2,
@@ -233,7 +242,8 @@ CASES = {
     # so the new tokenizer is not kept either
     "output-under-a-file": Case(TOKENIZE, params(tokenize__vocab_size=280, tokenize__out_dir="params.yaml/tokens"), 1,
                                 "{wd}/params.yaml/tokens: cannot create output directory ({wd}/params.yaml is a file)"),
-    "full-disk": Case(CLEAN, full_disk, 1, "clean: cannot write output (No space left on device); the previous clean is kept"),
+    "full-disk": Case(CLEAN, full_disk, 1,
+                      "disk/clean: cannot write output (No space left on device); the previous clean is kept"),
     # services
     "mlflow-unreachable": Case(CLEAN, env(MLFLOW_TRACKING_URI="http://127.0.0.1:{port}"), 3,
                                "MLflow tracking server http://127.0.0.1:"),
@@ -245,7 +255,7 @@ CASES = {
     "port-in-use": Case((*SERVE, "--model-uri", "{classifier}"), nothing, 1,
                         "serve: cannot listen on 127.0.0.1:{port} (Address already in use)", server=True,
                         classifier=True),
-    "unknown-model-alias": Case(SERVE, nothing, 1,
+    "unknown-model-alias": Case(SERVE, nothing, 1,  # the default --model-uri; base registered the name only
                                 "--model-uri models:/lmpipe-sst2@champion: cannot load model (MlflowException: "
                                 "Registered model alias champion not found."),
     "corrupted-served-model": Case((*SERVE, "--model-uri", "clf"), torn_classifier, 1,
@@ -292,14 +302,16 @@ def test_bad_input_is_one_line_and_leaves_outputs_as_they_were(name: str, base: 
     finally:
         for undo in ctx.cleanup:
             undo()
-    prefix = case.cmd[0].removeprefix("stages.") + ": error: " if case.cmd[0].startswith("stages.") else "lmpipe: error: "
+    stage = case.cmd[0].removeprefix("stages.") if case.cmd[0].startswith("stages.") else "lmpipe"
+    prefix = f"{stage}: error: "
     line = _error_line(res, prefix)
     print(f"{name}: exit {res.returncode}: {line}")  # -s: the lines README's table quotes
     assert res.returncode == case.code, res.stderr[-3000:]
     assert case.expected.format(**fmt) in line, line
     changed = sorted(k for k in before if after.get(k) != before[k])
-    new = sorted(k for k in after.keys() - before.keys()
-                 if not (case.resumable and k.startswith("work/checkpoints/") and (after[k] == "dir" or Path(k).name in BOOKKEEPING)))
+    bookkeeping = {k for k in after if case.resumable and k.startswith("work/checkpoints/")
+                   and (after[k] == "dir" or Path(k).name in BOOKKEEPING)}
+    new = sorted(after.keys() - before.keys() - bookkeeping)
     assert changed == [] and new == [], f"changed {changed}, new {new}"
 
 
