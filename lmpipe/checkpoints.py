@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from lmpipe.config import Params, flatten
 from lmpipe.errors import ConfigError, LmpipeError
-from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_json
+from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_failure, write_json
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 RESUME_KEY_FILE = "lmpipe_resume_key.json"
@@ -224,31 +224,13 @@ def resume_point(folder: Path, who: str, max_steps: int) -> Path | None:
     return found
 
 
-def _failure_reason(exc: BaseException, folder: Path) -> str:
-    """The errno text of the first OSError in the chain; writers that wrap it (torch.save, safetensors)
-    are recognised by a full disk."""
-    e: BaseException | None = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.strerror:
-            return e.strerror
-        e = e.__cause__ or e.__context__
-    text = str(exc)
-    try:
-        full = shutil.disk_usage(folder.parent).free < (1 << 20)
-    except OSError:
-        full = False
-    if full or "No space left" in text or "os error 28" in text:
-        return "No space left on device"
-    return text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-
-
 def checkpoint_write_error(folder: Path, exc: BaseException) -> LmpipeError:
     """A checkpoint write that failed, as one line: the partial folder is removed, the previous complete
     checkpoint (which a re-run resumes from) is named."""
     shutil.rmtree(folder, ignore_errors=True)
     previous = latest_checkpoint(folder.parent)
     kept = f"; {previous.name} is intact and a re-run resumes from it" if previous else ""
-    return LmpipeError(f"{folder}: cannot write checkpoint ({_failure_reason(exc, folder)}){kept}")
+    return LmpipeError(f"{folder}: cannot write checkpoint ({write_failure(exc, folder.parent)}){kept}")
 
 
 # -- finished variants (a stage that trains several models resumes per model) --------------------------------

@@ -40,6 +40,8 @@ def _resolve(src: TextSource, data_dir: Path) -> Path:
         path = data_dir / path
     if not path.is_file():
         raise DataError(f"{path}: data file not found (source {src.path!r}, data dir {data_dir})")
+    if path.stat().st_size == 0:  # a download or copy that never happened
+        raise DataError(f"{path}: empty file (source {src.path!r})")
     return path
 
 

@@ -51,6 +51,19 @@ def attention_implementation(cfg: Pretrain) -> str:
     return "eager" if cfg.compile else "sdpa"
 
 
+def from_pretrained(auto, path: Path, **kwargs) -> PreTrainedModel:
+    """auto.from_pretrained(path, **kwargs); a model folder whose weights or config cannot be read (a torn
+    model.safetensors, a foreign file) is refused in one line naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DataError(f"{path}: cannot load the model ({type(e).__name__}: {why}); its files are torn or "
+                        "not a model: re-create them (dvc repro)") from None
+
+
 def build_lm(config: PretrainedConfig, objective: str, attention: str = "sdpa") -> PreTrainedModel:
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     return _named_loss(auto.from_config(config, attn_implementation=attention), objective)
@@ -173,8 +186,8 @@ def load_continued_lm(path: Path, objective: str, attention: str) -> ContinuedLM
     import torch
 
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
-    model, info = auto.from_pretrained(path, attn_implementation=attention, dtype=torch.float32,
-                                       output_loading_info=True)
+    model, info = from_pretrained(auto, path, attn_implementation=attention, dtype=torch.float32,
+                                  output_loading_info=True)
     return ContinuedLM(_named_loss(model, objective), sorted(info["missing_keys"]), sorted(info["unexpected_keys"]))
 
 
@@ -220,7 +233,7 @@ def load_classifier(source: Path, num_labels: int, id2label: dict[int, str], ran
         for key, value in (extra_config or {}).items():
             setattr(config, key, value)
         return AutoModelForSequenceClassification.from_config(config)
-    model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    model = from_pretrained(AutoModelForSequenceClassification, source, **kwargs)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     for key, value in (extra_config or {}).items():
@@ -292,7 +305,7 @@ def load_finetuned(path: Path):
     (same call, same `.config`). Evaluate, serving and the distillation teacher load through here."""
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file():
-        return AutoModelForSequenceClassification.from_pretrained(path)
+        return from_pretrained(AutoModelForSequenceClassification, path)
     from peft import PeftModel
     from safetensors.torch import load_file
 

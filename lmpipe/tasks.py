@@ -25,6 +25,7 @@ import pandas as pd
 
 from lmpipe.config import Clean, Finetune
 from lmpipe.errors import DataError
+from lmpipe.io import read_parquet
 
 CONFIG_KEY = "lmpipe_tasks"
 """config.json key of a multi-task model: [{"name": ..., "labels": [...]}, ...] in output order."""
@@ -39,10 +40,7 @@ def task_dir(clean_dir: Path, name: str, cfg: Clean) -> Path:
 
 
 def load_split(clean_dir: Path, name: str, cfg: Clean, split: str) -> pd.DataFrame:
-    path = task_dir(clean_dir, name, cfg) / f"labeled_{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
-    return pd.read_parquet(path)
+    return read_parquet(task_dir(clean_dir, name, cfg) / f"labeled_{split}.parquet", "clean")
 
 
 def label_names(clean_dir: Path, name: str, cfg: Clean) -> list[str]:

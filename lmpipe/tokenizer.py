@@ -120,8 +120,13 @@ def document_separator(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def load_blocks(path: str | Path) -> np.ndarray:
-    """Memory-mapped (n_blocks, block_size) array."""
-    return np.load(path, mmap_mode="r")
+    """Memory-mapped (n_blocks, block_size) array; a torn file (a copy cut short) refused in one line."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:  # a header or data shorter than it declares
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable .npy file ({why[:200]}); re-run the tokenize stage "
+                        "(dvc repro tokenize)") from None
 
 
 class Throughput:

@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from lmpipe import data
@@ -26,6 +25,8 @@ from lmpipe.tracking import log_metrics_bounded
 
 
 def clean(params: Params, root: Path, run) -> None:
+    import mlflow  # here, not at import: a params error is then reported in about a second, not after ~2.5 s
+
     cfg, seed = params.clean, params.common.seed
     ddir = data_dir(root)
 
@@ -111,7 +112,7 @@ def _labeled_task(task, test_fraction: float | None, ddir: Path, max_chars: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("clean", clean, argv)
+    return run_stage("clean", clean, argv, uses_torch=False)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from lmpipe import tasks
 from lmpipe.config import Params, device, flatten
 from lmpipe.errors import DataError
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
-from lmpipe.io import atomic_path, write_json
-from lmpipe.modeling import load_finetuned, load_tokenizer
+from lmpipe.io import atomic_path, read_parquet, write_json
+from lmpipe.modeling import from_pretrained, load_finetuned, load_tokenizer
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import load_blocks
@@ -57,7 +57,7 @@ def evaluate(params: Params, root: Path, run) -> None:
         embedding_metrics = _embedding_report(params, root, lm_dir, dev)
     else:
         auto = AutoModelForMaskedLM if objective in ("mlm", "mlm_nsp") else AutoModelForCausalLM
-        lm = auto.from_pretrained(lm_dir)
+        lm = from_pretrained(auto, lm_dir)
         lm_tok = load_tokenizer(lm_dir)
         val_blocks = load_blocks(_need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
         lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, objective in ("mlm", "mlm_nsp"), lm_tok,
@@ -210,13 +210,13 @@ def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -
         before = AutoModel.from_config(after.config)
     else:
         before = AutoModel.from_pretrained(resolve_model_ref(params.pretrain.init, root, "pretrain.init"))
-    docs = pd.read_parquet(_need(clean_dir / "corpus_validation.parquet", "clean"))["text"].tolist()
+    docs = read_parquet(clean_dir / "corpus_validation.parquet", "clean")["text"].tolist()
     held = objectives.sentence_sample(docs, HELD_OUT, seed)
     perturbed = augment(pd.DataFrame({"text": held, "label": 0}), Augment(copies=1, probability=0.1, ops=["delete"]),
                         seed)["text"].tolist()[len(held):]
-    train = pd.read_parquet(_need(clean_dir / "labeled_train.parquet", "clean"))
+    train = read_parquet(clean_dir / "labeled_train.parquet", "clean")
     train = train.sample(n=min(PROBE_TRAIN, len(train)), random_state=seed)
-    test = pd.read_parquet(_need(clean_dir / "labeled_test.parquet", "clean"))
+    test = read_parquet(clean_dir / "labeled_test.parquet", "clean")
     pooling = getattr(after.config, embeddings.POOLING_KEY, params.pretrain.pooling)
     return embeddings.report(before, after, tokenizer, held, perturbed,
                              (train["text"].tolist(), train["label"].to_numpy()),

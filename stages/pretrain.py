@@ -25,7 +25,7 @@ from lmpipe import checkpoints, objectives, tracking
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.evaluation import curve_figure
-from lmpipe.io import atomic_dir, write_json
+from lmpipe.io import atomic_dir, read_parquet, write_json
 from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab,
                              load_continued_lm, load_tokenizer, max_positions, resolve_model_ref, save_lm)
 from lmpipe.stage import run_stage
@@ -130,12 +130,7 @@ def pretrain(params: Params, root: Path, run) -> None:
 
 def _corpus(clean_dir: Path, split: str) -> list[str]:
     """The clean corpus documents of one split (the sentence-level objectives split them into sentences)."""
-    import pandas as pd
-
-    path = clean_dir / f"corpus_{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
-    return pd.read_parquet(path)["text"].tolist()
+    return read_parquet(clean_dir / f"corpus_{split}.parquet", "clean")["text"].tolist()
 
 
 def _torchrun_nproc(argv: list[str]) -> int:

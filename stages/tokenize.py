@@ -12,24 +12,31 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from lmpipe.config import Params
 from lmpipe.errors import DataError
-from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import check_checkpoint, resolve_model_ref
+from lmpipe.io import atomic_dir, read_parquet, write_json
 from lmpipe.stage import run_stage
-from lmpipe.tokenizer import (Throughput, document_separator, encode_stream, load_pretrained_tokenizer, pack_blocks,
-                              train_tokenizer)
 from lmpipe.tracking import log_metrics_bounded
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# transformers (and torch under it) are imported in the functions, not here: a params error is then reported
+# in about a second instead of after ~6 s of imports
 
 
 def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenizerBase, int | None]:
     """The pretrain.init checkpoint's tokenizer and the id that separates documents (tokenize.kind:
     pretrained); the checkpoint is checked first, so a bad one is refused before anything is read or written."""
+    from transformers import AutoConfig
+
+    from lmpipe.modeling import check_checkpoint, resolve_model_ref
+    from lmpipe.tokenizer import document_separator, load_pretrained_tokenizer
+
     ref = params.pretrain.init
     path = resolve_model_ref(ref, root, "pretrain.init")
     check_checkpoint(AutoConfig.from_pretrained(path), ref, params.pretrain.objective, params.tokenize.block_size)
@@ -38,15 +45,14 @@ def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenize
 
 
 def tokenize(params: Params, root: Path, run) -> None:
+    from lmpipe.tokenizer import Throughput, encode_stream, pack_blocks, train_tokenizer
+
     cfg = params.tokenize
     pretrained = checkpoint_tokenizer(params, root) if cfg.kind == "pretrained" else None
     clean_dir = root / params.clean.out_dir
     splits = {}
     for split in ("train", "validation"):
-        path = clean_dir / f"corpus_{split}.parquet"
-        if not path.is_file():
-            raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
-        splits[split] = pd.read_parquet(path)["text"].tolist()
+        splits[split] = read_parquet(clean_dir / f"corpus_{split}.parquet", "clean")["text"].tolist()
 
     # 1) train on the training split only (validation stays unseen), or take the checkpoint's tokenizer
     timer = Throughput()
@@ -76,11 +82,10 @@ def tokenize(params: Params, root: Path, run) -> None:
         stats[split] = {"documents": len(texts), "tokens": int(len(ids)), "blocks": int(len(blocks[split])),
                         "tokens_per_s": round(timer.rate(len(ids)))}
 
-    # 3) write atomically: tokenizer dir, then blocks dir
+    # 3) write atomically, both or neither: a blocks dir that cannot be written leaves the old tokenizer too
     tok.model_max_length = max_len
-    with atomic_dir(root / cfg.tokenizer_dir) as out:
-        tok.save_pretrained(str(out))
-    with atomic_dir(root / cfg.out_dir) as out:
+    with atomic_dir(root / cfg.tokenizer_dir) as tok_out, atomic_dir(root / cfg.out_dir) as out:
+        tok.save_pretrained(str(tok_out))
         for split, arr in blocks.items():
             np.save(out / f"{split}.npy", arr)
 

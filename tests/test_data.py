@@ -1,11 +1,10 @@
-"""Cleaning: pure functions, and bad input through the clean stage's CLI (one line, non-zero, no outputs)."""
+"""Cleaning: pure functions and the clean stage's outputs (its bad inputs: tests/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 
 from conftest import run_module
@@ -54,42 +53,6 @@ def _edit_params(workdir: Path, fn) -> None:
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     fn(raw)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw))
-
-
-def _expect_failure(workdir: Path, *needles: str) -> None:
-    res = run_module("stages.clean", workdir)
-    assert res.returncode != 0
-    err = [line for line in res.stderr.strip().splitlines() if line.startswith("clean: error:")]
-    assert len(err) == 1, res.stderr
-    for needle in needles:
-        assert needle in err[0], err[0]
-    assert not (workdir / "data").exists() and not (workdir / "metrics").exists()
-
-
-def test_missing_data_file(workdir: Path):
-    _edit_params(workdir, lambda r: r["clean"]["corpus"][0].__setitem__("path", "corpus/nope.txt"))
-    _expect_failure(workdir, "nope.txt", "not found")
-
-
-def test_missing_label_column(workdir: Path):
-    _edit_params(workdir, lambda r: r["clean"]["labeled"]["train"].__setitem__("label_column", "sentiment"))
-    _expect_failure(workdir, "train.tsv", "'sentiment'")
-
-
-def test_non_utf8_file(workdir: Path, tiny_data: Path):
-    (tiny_data / "corpus" / "text.txt").write_bytes("caf\xe9 au lait is a fine drink\n".encode("latin-1"))
-    _expect_failure(workdir, "text.txt", "not valid utf-8")
-
-
-def test_corpus_empty_after_cleaning(workdir: Path):
-    _edit_params(workdir, lambda r: r["clean"].update(min_chars=10_000, max_chars=20_000))
-    _expect_failure(workdir, "clean.corpus", "min_chars=10000")
-
-
-def test_unwritable_output_dir(workdir: Path):
-    _edit_params(workdir, lambda r: r["clean"].update(out_dir="/proc/lmpipe-out"))
-    res = run_module("stages.clean", workdir)
-    assert res.returncode != 0 and "cannot create output directory" in res.stderr
 
 
 def test_tail_split_holds_out_the_last_characters_in_order_like_nanogpt(workdir: Path, tiny_data: Path):

@@ -34,3 +34,17 @@ def test_pack_drops_tail_and_picks_dtype():
     assert blocks.shape == (len(ids) // 4, 4) and blocks.dtype == np.uint16
     assert np.array_equal(blocks.reshape(-1), ids[: blocks.size])
     assert pack_blocks(np.arange(10), 4, 70_000).dtype == np.uint32
+
+
+def test_torn_blocks_file_is_one_line_naming_it(tmp_path):
+    from lmpipe.errors import DataError
+    from lmpipe.tokenizer import load_blocks
+
+    path = tmp_path / "train.npy"
+    np.save(path, pack_blocks(np.arange(400), 16, 300))
+    assert load_blocks(path).shape == (25, 16)
+    for size in (100, 500):  # the header cut short; the data cut short
+        with open(path, "r+b") as f:
+            f.truncate(size)
+        with pytest.raises(DataError, match=r"train\.npy: not a readable \.npy file \(.+\); re-run the tokenize stage"):
+            load_blocks(path)

@@ -313,6 +313,8 @@ def serve(model_uri: str, host: str | None = None, port: int | None = None, cfg:
     try:
         served = reload.load(model_uri, client)
         app = create_app(served, model_uri, cfg, token=token, client=client)  # reads the drift reference
+    except LmpipeError as e:  # a torn model file, ...: its own line names the file
+        raise LmpipeError(f"--model-uri {model_uri}: {e}") from None
     except Exception as e:  # unknown alias, missing files, not a classifier, a broken drift reference, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmpipeError(f"--model-uri {model_uri}: cannot load model ({type(e).__name__}: {first})") from None
