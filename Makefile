@@ -27,6 +27,7 @@ run: $(STAMP)
 	test -d .git || git init -q
 	test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/lmpipe data link
+	$(BIN)/lmpipe validate  # a broken params.yaml in one line (dvc would print its YAML parser's context)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 ## make smoke: the whole pipeline with profiles/smoke.yaml, as a DVC experiment (params.yaml untouched).
