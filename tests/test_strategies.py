@@ -207,6 +207,7 @@ def test_llrd_parameter_groups_decay_geometrically(work):
     assert got["classifier"]["trainable_params"] == got["classifier"]["total_params"]
 
 
+@pytest.mark.slow  # finetune + evaluate + deploy of a LoRA model through the stages (about 1.5 min on CI)
 def test_lora_trains_peft_count_and_merges_to_a_plain_model(work):
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 

@@ -44,6 +44,7 @@ GRID = {"space": {"finetune.learning_rate": {"type": "categorical", "choices": [
         "sampler": "grid", "objective": "val_accuracy", "direction": "maximize", "seed": 0}
 
 
+@pytest.mark.slow  # four DVC experiments through the sweep CLI: the default suite's longest test (about 2 min on CI)
 def test_grid_sweep_runs_each_point_as_a_dvc_experiment_under_one_mlflow_run(tmp_path, tiny_data):
     repo = _sweep_repo(tmp_path, tiny_data, GRID)
     res = _sweep(repo, "sweeps/tiny.yaml")
