@@ -1,0 +1,177 @@
+"""Tokenize throughput: the tokenize stage's encoding + packing path against raw `tokenizers` encode_batch on the
+same corpus and tokenizer, in one run.
+
+    .venv/bin/python benchmarks/tokenize_speed.py [--rounds 5] [--kinds bpe,char] [--corpus wikitext|pipeline]
+
+The corpus is the clean stage's train split, made by `python -m stages.clean` in a scratch folder: WikiText-2 raw
+valid + test (the train file is not in ../shared/data, PROVENANCE.md), or with --corpus pipeline the corpus
+params.yaml lists (WikiText-2 + the SST-2 train sentences). For each tokenizer kind the stage trains
+(`lmpipe.tokenizer.train_tokenizer`, the stage's settings), rows:
+  (a) raw encode_batch: a plain `tokenizers.Tokenizer` (the trained one's JSON) encoding the whole split in
+      one call, ids left in the Encoding objects -- the reference;
+  (a') raw encode_batch_fast: the same without character offsets;
+  (b) lmpipe: `encode_stream` + `pack_blocks`, the stage's path, ids out into a (n_blocks, block_size) array;
+  (c) before: what encode_stream did until now (transformers' own call, one np.asarray per document), packed.
+Each with the backend's threads on and off (TOKENIZERS_PARALLELISM, which `tokenizers` reads at every call).
+Rounds alternate the rows so a slow spell of a shared host hits all of them alike; each figure is the best
+round (as timeit does). Then the whole `python -m stages.tokenize` per kind as a process: wall from start to
+outputs written (and its imports alone), and the train split's tokens/s the stage records. Last line: one
+JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lmpipe.datasource import data_dir  # noqa: E402
+from lmpipe.experiments import prepare  # noqa: E402
+
+WIKITEXT = [{"path": "pretrain/wikitext-2-raw/wiki.valid.raw"}, {"path": "pretrain/wikitext-2-raw/wiki.test.raw"}]
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode != 0:
+        sys.exit(f"tokenize_speed: {' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return seconds
+
+
+def old_path(tok, texts: list[str], block_size: int) -> np.ndarray:
+    """encode_stream + pack_blocks as they were before the fast path (1000 documents per call)."""
+    from lmpipe.tokenizer import pack_blocks
+
+    chunks = []
+    for start in range(0, len(texts), 1000):
+        chunks.extend(np.asarray(ids, dtype=np.int64) for ids in tok(texts[start:start + 1000])["input_ids"])
+    return pack_blocks(np.concatenate(chunks), block_size, len(tok))
+
+
+def measure(kind: str, texts: list[str], params, rounds: int) -> dict:
+    """Best-of-rounds seconds of every row for one tokenizer kind, and whether (b) and (c) wrote the same blocks."""
+    from tokenizers import Tokenizer
+
+    from lmpipe.tokenizer import encode_stream, pack_blocks, train_tokenizer
+
+    cfg = params.tokenize
+    tok = train_tokenizer(texts, kind, cfg.vocab_size, cfg.min_frequency, params.pretrain.max_position_embeddings)
+    tok.model_max_length = int(1e12)  # as the stage sets it: documents are packed, not truncated
+    raw = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    tokens = len(encode_stream(tok, texts, total=len(texts), desc=f"{kind} (count)"))
+    rows = {"raw encode_batch": lambda: raw.encode_batch(texts),
+            "raw encode_batch_fast": lambda: raw.encode_batch_fast(texts),
+            "lmpipe encode_stream + pack": lambda: pack_blocks(
+                encode_stream(tok, texts, total=len(texts), desc=kind), cfg.block_size, len(tok)),
+            "before: transformers call + pack": lambda: old_path(tok, texts, cfg.block_size)}
+    seconds: dict[str, float] = {}
+    for r in range(rounds):
+        for parallel in ("true", "false"):
+            os.environ["TOKENIZERS_PARALLELISM"] = parallel
+            for name, fn in rows.items():
+                t0 = time.perf_counter()
+                fn()
+                key = f"{name}|{parallel}"
+                seconds[key] = min(seconds.get(key, float("inf")), time.perf_counter() - t0)
+    same = bool(np.array_equal(rows["lmpipe encode_stream + pack"](), rows["before: transformers call + pack"]()))
+    return {"kind": kind, "vocab": len(tok), "tokens": tokens, "seconds": seconds, "identical_to_before": same}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--kinds", default="bpe,char")
+    ap.add_argument("--corpus", choices=("wikitext", "pipeline"), default="wikitext")
+    ap.add_argument("--skip-stage", action="store_true", help="no whole-stage runs")
+    args = ap.parse_args()
+    parallel_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    tmp = Path(tempfile.mkdtemp(prefix="lmpipe-tokenize-speed-"))
+    # 1) the clean stage's train split in a scratch folder (not timed)
+    raw, params = prepare(ROOT, {"clean.corpus": WIKITEXT} if args.corpus == "wikitext" else None, None)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "LMPIPE_DATA_DIR": str(data_dir(ROOT)),
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    timed([sys.executable, "-m", "stages.clean"], tmp, env)
+    import pandas as pd
+
+    texts = pd.read_parquet(tmp / params.clean.out_dir / "corpus_train.parquet")["text"].tolist()
+    chars = sum(map(len, texts))
+    print(f"corpus ({args.corpus}): clean train split, {len(texts)} documents, {chars / 1e6:.2f} M characters; "
+          f"{os.cpu_count()} cores", flush=True)
+
+    # 2) in-process rows, per kind
+    results = [measure(kind, texts, params, args.rounds) for kind in args.kinds.split(",")]
+
+    # 3) the whole stage as a process, per kind (env as this benchmark was started: its threads setting)
+    imports = None if args.skip_stage else timed(
+        [sys.executable, "-c", "import stages.tokenize, lmpipe.tracking, mlflow"], tmp, env)  # the import floor
+    for res in results:
+        if args.skip_stage:
+            continue
+        res["stage_wall_s"] = timed([sys.executable, "-m", "stages.tokenize", "--set", f"tokenize.kind={res['kind']}"],
+                                    tmp, env)
+        m = json.loads((tmp / params.tokenize.metrics).read_text())
+        res["stage_tokens_per_s"] = m["train"]["tokens_per_s"]
+        res["stage_tokenizer_train_s"] = m["tokenizer_train_seconds"]
+
+    # 4) the table
+    print(f"\n{'':44}{'threads on':>22}{'threads off':>22}")
+    print(f"{'':44}{'tokens/s':>12}{'vs (a)':>10}{'tokens/s':>12}{'vs (a)':>10}")
+    summary: dict = {"corpus": args.corpus, "documents": len(texts), "characters": chars, "rounds": args.rounds,
+                     "cores": os.cpu_count(), "kinds": {}}
+    for res in results:
+        print(f"{res['kind']} (vocab {res['vocab']}, {res['tokens']} tokens, block "
+              f"{params.tokenize.block_size}; output identical to before: {res['identical_to_before']})")
+        out = {"tokens": res["tokens"], "identical_to_before": res["identical_to_before"]}
+        for key, label, name in (("a", "(a)  raw encode_batch", "raw encode_batch"),
+                                 ("a_fast", "(a') raw encode_batch_fast", "raw encode_batch_fast"),
+                                 ("b", "(b)  lmpipe encode_stream + pack_blocks", "lmpipe encode_stream + pack"),
+                                 ("c", "(c)  before: transformers call + pack", "before: transformers call + pack")):
+            cells = ""
+            for parallel in ("true", "false"):
+                tps = res["tokens"] / res["seconds"][f"{name}|{parallel}"]
+                ref = res["tokens"] / res["seconds"][f"raw encode_batch|{parallel}"]
+                cells += f"{tps:12.0f}{tps / ref:10.2f}"
+                out[f"{key}_tokens_per_s_{'on' if parallel == 'true' else 'off'}"] = round(tps)
+            print(f"  {label:42}{cells}")
+        for parallel, tag in (("true", "on"), ("false", "off")):
+            s = res["seconds"]
+            out[f"ratio_b_over_a_{tag}"] = round(s[f"raw encode_batch|{parallel}"] / s[f"lmpipe encode_stream + pack|{parallel}"], 3)
+            out[f"ratio_b_over_a_fast_{tag}"] = round(
+                s[f"raw encode_batch_fast|{parallel}"] / s[f"lmpipe encode_stream + pack|{parallel}"], 3)
+            out[f"ratio_c_over_a_{tag}"] = round(
+                s[f"raw encode_batch|{parallel}"] / s[f"before: transformers call + pack|{parallel}"], 3)
+        if "stage_wall_s" in res:
+            print(f"  python -m stages.tokenize: {res['stage_wall_s']:.1f} s wall (process start to outputs written; "
+                  f"train + validation, tokenizer training {res['stage_tokenizer_train_s']:.1f} s); "
+                  f"its train split at {res['stage_tokens_per_s']} tokens/s")
+            out.update({k: res[k] for k in ("stage_wall_s", "stage_tokens_per_s", "stage_tokenizer_train_s")})
+            out["stage_wall_s"] = round(out["stage_wall_s"], 2)
+        summary["kinds"][res["kind"]] = out
+    stage_threads = parallel_env if parallel_env is not None else "false (run_stage's default when unset)"
+    summary["stage_tokenizers_parallelism"] = stage_threads
+    if imports is not None:
+        summary["stage_import_s"] = round(imports, 2)
+        print(f"the stage's imports alone (python -c 'import stages.tokenize, mlflow'): {imports:.1f} s")
+    print(f"best of {args.rounds} rounds; the stage processes ran with TOKENIZERS_PARALLELISM={stage_threads}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
