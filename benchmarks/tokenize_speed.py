@@ -1,7 +1,7 @@
 """Tokenize throughput: the tokenize stage's encoding + packing path against raw `tokenizers` encode_batch on the
 same corpus and tokenizer, in one run.
 
-    .venv/bin/python benchmarks/tokenize_speed.py [--rounds 5] [--kinds bpe,char] [--corpus wikitext|pipeline]
+    .venv/bin/python benchmarks/tokenize_speed.py [--rounds 7] [--kinds bpe,char] [--corpus wikitext|pipeline]
 
 The corpus is the clean stage's train split, made by `python -m stages.clean` in a scratch folder: WikiText-2 raw
 valid + test (the train file is not in ../shared/data, PROVENANCE.md), or with --corpus pipeline the corpus
@@ -14,7 +14,7 @@ params.yaml lists (WikiText-2 + the SST-2 train sentences). For each tokenizer k
   (c) before: what encode_stream did until now (transformers' own call, one np.asarray per document), packed.
 Each with the backend's threads on and off (TOKENIZERS_PARALLELISM, which `tokenizers` reads at every call).
 Rounds alternate the rows so a slow spell of a shared host hits all of them alike; each figure is the best
-round (as timeit does). Then the whole `python -m stages.tokenize` per kind as a process: wall from start to
+round (as timeit does); with threads off the ratio is also given by CPU time, which a busy host disturbs less. Then the whole `python -m stages.tokenize` per kind as a process: wall from start to
 outputs written (and its imports alone), and the train split's tokens/s the stage records. Last line: one
 JSON object.
 """
@@ -62,8 +62,14 @@ def old_path(tok, texts: list[str], block_size: int) -> np.ndarray:
     return pack_blocks(np.concatenate(chunks), block_size, len(tok))
 
 
+ROWS = {"a": "(a)  raw encode_batch", "a_fast": "(a') raw encode_batch_fast",
+        "b": "(b)  lmpipe encode_stream + pack_blocks", "c": "(c)  before: transformers call + pack"}
+THREADS = {"on": "true", "off": "false"}  # TOKENIZERS_PARALLELISM
+
+
 def measure(kind: str, texts: list[str], params, rounds: int) -> dict:
-    """Best-of-rounds seconds of every row for one tokenizer kind, and whether (b) and (c) wrote the same blocks."""
+    """Best-of-rounds wall and CPU seconds of every row, threads on and off, for one tokenizer kind; and whether
+    (b) and (c) make the same blocks."""
     from tokenizers import Tokenizer
 
     from lmpipe.tokenizer import encode_stream, pack_blocks, train_tokenizer
@@ -73,27 +79,27 @@ def measure(kind: str, texts: list[str], params, rounds: int) -> dict:
     tok.model_max_length = int(1e12)  # as the stage sets it: documents are packed, not truncated
     raw = Tokenizer.from_str(tok.backend_tokenizer.to_str())
     tokens = len(encode_stream(tok, texts, total=len(texts), desc=f"{kind} (count)"))
-    rows = {"raw encode_batch": lambda: raw.encode_batch(texts),
-            "raw encode_batch_fast": lambda: raw.encode_batch_fast(texts),
-            "lmpipe encode_stream + pack": lambda: pack_blocks(
-                encode_stream(tok, texts, total=len(texts), desc=kind), cfg.block_size, len(tok)),
-            "before: transformers call + pack": lambda: old_path(tok, texts, cfg.block_size)}
-    seconds: dict[str, float] = {}
-    for r in range(rounds):
-        for parallel in ("true", "false"):
-            os.environ["TOKENIZERS_PARALLELISM"] = parallel
-            for name, fn in rows.items():
-                t0 = time.perf_counter()
+    rows = {"a": lambda: raw.encode_batch(texts),
+            "a_fast": lambda: raw.encode_batch_fast(texts),
+            "b": lambda: pack_blocks(encode_stream(tok, texts, total=len(texts), desc=kind), cfg.block_size, len(tok)),
+            "c": lambda: old_path(tok, texts, cfg.block_size)}
+    wall: dict[tuple[str, str], float] = {}
+    cpu: dict[tuple[str, str], float] = {}
+    for _ in range(rounds):
+        for threads, env_value in THREADS.items():
+            os.environ["TOKENIZERS_PARALLELISM"] = env_value
+            for row, fn in rows.items():
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                key = f"{name}|{parallel}"
-                seconds[key] = min(seconds.get(key, float("inf")), time.perf_counter() - t0)
-    same = bool(np.array_equal(rows["lmpipe encode_stream + pack"](), rows["before: transformers call + pack"]()))
-    return {"kind": kind, "vocab": len(tok), "tokens": tokens, "seconds": seconds, "identical_to_before": same}
+                wall[row, threads] = min(wall.get((row, threads), float("inf")), time.perf_counter() - t0)
+                cpu[row, threads] = min(cpu.get((row, threads), float("inf")), time.process_time() - c0)
+    same = bool(np.array_equal(rows["b"](), rows["c"]()))
+    return {"kind": kind, "vocab": len(tok), "tokens": tokens, "wall": wall, "cpu": cpu, "identical_to_before": same}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--kinds", default="bpe,char")
     ap.add_argument("--corpus", choices=("wikitext", "pipeline"), default="wikitext")
     ap.add_argument("--skip-stage", action="store_true", help="no whole-stage runs")
@@ -129,33 +135,26 @@ def main() -> None:
         res["stage_tokens_per_s"] = m["train"]["tokens_per_s"]
         res["stage_tokenizer_train_s"] = m["tokenizer_train_seconds"]
 
-    # 4) the table
-    print(f"\n{'':44}{'threads on':>22}{'threads off':>22}")
-    print(f"{'':44}{'tokens/s':>12}{'vs (a)':>10}{'tokens/s':>12}{'vs (a)':>10}")
+    # 4) the table: tokens/s at the best wall time; with threads off the work is one thread, so the ratio of CPU
+    # times is the same comparison with the other sessions' load on the host mostly taken out
+    print(f"\n{'':44}{'threads on':>20}{'threads off':>32}")
+    print(f"{'':44}{'tokens/s':>10}{'vs (a)':>10}{'tokens/s':>10}{'vs (a)':>10}{'by CPU s':>12}")
     summary: dict = {"corpus": args.corpus, "documents": len(texts), "characters": chars, "rounds": args.rounds,
                      "cores": os.cpu_count(), "kinds": {}}
     for res in results:
-        print(f"{res['kind']} (vocab {res['vocab']}, {res['tokens']} tokens, block "
-              f"{params.tokenize.block_size}; output identical to before: {res['identical_to_before']})")
-        out = {"tokens": res["tokens"], "identical_to_before": res["identical_to_before"]}
-        for key, label, name in (("a", "(a)  raw encode_batch", "raw encode_batch"),
-                                 ("a_fast", "(a') raw encode_batch_fast", "raw encode_batch_fast"),
-                                 ("b", "(b)  lmpipe encode_stream + pack_blocks", "lmpipe encode_stream + pack"),
-                                 ("c", "(c)  before: transformers call + pack", "before: transformers call + pack")):
-            cells = ""
-            for parallel in ("true", "false"):
-                tps = res["tokens"] / res["seconds"][f"{name}|{parallel}"]
-                ref = res["tokens"] / res["seconds"][f"raw encode_batch|{parallel}"]
-                cells += f"{tps:12.0f}{tps / ref:10.2f}"
-                out[f"{key}_tokens_per_s_{'on' if parallel == 'true' else 'off'}"] = round(tps)
-            print(f"  {label:42}{cells}")
-        for parallel, tag in (("true", "on"), ("false", "off")):
-            s = res["seconds"]
-            out[f"ratio_b_over_a_{tag}"] = round(s[f"raw encode_batch|{parallel}"] / s[f"lmpipe encode_stream + pack|{parallel}"], 3)
-            out[f"ratio_b_over_a_fast_{tag}"] = round(
-                s[f"raw encode_batch_fast|{parallel}"] / s[f"lmpipe encode_stream + pack|{parallel}"], 3)
-            out[f"ratio_c_over_a_{tag}"] = round(
-                s[f"raw encode_batch|{parallel}"] / s[f"before: transformers call + pack|{parallel}"], 3)
+        wall, cpu, n = res["wall"], res["cpu"], res["tokens"]
+        print(f"{res['kind']} (vocab {res['vocab']}, {n} tokens, block {params.tokenize.block_size}; "
+              f"output identical to before: {res['identical_to_before']}; threads on: (a) ran on "
+              f"{cpu['a', 'on'] / wall['a', 'on']:.2f} cores)")
+        out = {"tokens": n, "identical_to_before": res["identical_to_before"]}
+        for row, label in ROWS.items():
+            print(f"  {label:42}{n / wall[row, 'on']:10.0f}{wall['a', 'on'] / wall[row, 'on']:10.2f}"
+                  f"{n / wall[row, 'off']:10.0f}{wall['a', 'off'] / wall[row, 'off']:10.2f}"
+                  f"{cpu['a', 'off'] / cpu[row, 'off']:12.2f}")
+            for threads in THREADS:
+                out[f"{row}_tokens_per_s_{threads}"] = round(n / wall[row, threads])
+                out[f"{row}_vs_a_{threads}"] = round(wall["a", threads] / wall[row, threads], 3)
+            out[f"{row}_vs_a_off_cpu"] = round(cpu["a", "off"] / cpu[row, "off"], 3)
         if "stage_wall_s" in res:
             print(f"  python -m stages.tokenize: {res['stage_wall_s']:.1f} s wall (process start to outputs written; "
                   f"train + validation, tokenizer training {res['stage_tokenizer_train_s']:.1f} s); "

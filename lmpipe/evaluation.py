@@ -48,7 +48,10 @@ def length_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_s
     at max_length, padding=True), so a text's prediction does not depend on where it lands; callers put the
     results back in file order by the indices. Sorting saves the padding a short text gets in a batch with a
     long one (benchmarks/evaluate_speed.py)."""
-    if not texts:
+    if len(texts) <= batch_size:  # one batch pads to its longest text in any order: no length pass
+        if texts:
+            yield np.arange(len(texts)), tokenizer(texts, truncation=True, max_length=max_length, padding=True,
+                                                   return_tensors=return_tensors)
         return
     # 1) token lengths after truncation: one call, no padding
     lengths = np.fromiter((len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]),
