@@ -111,6 +111,14 @@ def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]]
     return lambda texts: (e.ids for e in batch_encode(texts, add_special_tokens=True))
 
 
+def tokenizers_parallelism(user: str | None, parallel: bool) -> str:
+    """The TOKENIZERS_PARALLELISM the tokenize stage runs with: the user's own value when one is set (with
+    `tokenizers`' meaning: "", off, false, f, no, n, 0 are off), else tokenize.parallel's."""
+    if user is not None:
+        return user
+    return "true" if parallel else "false"
+
+
 def pack_blocks(ids: np.ndarray, block_size: int, vocab_size: int) -> np.ndarray:
     """(n_tokens,) -> (n_blocks, block_size); the tail shorter than one block is dropped."""
     n = len(ids) // block_size

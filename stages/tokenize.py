@@ -10,6 +10,7 @@ splits (continued pretraining), and block_size must fit the checkpoint's positio
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,12 @@ from lmpipe.io import atomic_dir, write_json
 from lmpipe.modeling import check_checkpoint, resolve_model_ref
 from lmpipe.stage import run_stage
 from lmpipe.tokenizer import (Throughput, document_separator, encode_stream, load_pretrained_tokenizer, pack_blocks,
-                              train_tokenizer)
+                              tokenizers_parallelism, train_tokenizer)
 from lmpipe.tracking import log_metrics_bounded
+
+# TOKENIZERS_PARALLELISM as the user set it, read before run_stage defaults it to false (for the stages that fork
+# DataLoader workers); unset, tokenize.parallel decides (this stage forks nothing while it tokenizes)
+USER_PARALLELISM = os.environ.get("TOKENIZERS_PARALLELISM")
 
 
 def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenizerBase, int | None]:
@@ -39,6 +44,7 @@ def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenize
 
 def tokenize(params: Params, root: Path, run) -> None:
     cfg = params.tokenize
+    os.environ["TOKENIZERS_PARALLELISM"] = threads = tokenizers_parallelism(USER_PARALLELISM, cfg.parallel)
     pretrained = checkpoint_tokenizer(params, root) if cfg.kind == "pretrained" else None
     clean_dir = root / params.clean.out_dir
     splits = {}
@@ -62,7 +68,7 @@ def tokenize(params: Params, root: Path, run) -> None:
 
     # 2) encode + pack each split
     stats: dict = {"vocab_size": vocab, "kind": cfg.kind, "block_size": cfg.block_size,
-                   "tokenizer_train_seconds": round(train_seconds, 2)}
+                   "tokenizer_train_seconds": round(train_seconds, 2), "tokenizers_parallelism": threads}
     if pretrained is not None:
         stats["tokenizer_from"] = params.pretrain.init
     blocks = {}

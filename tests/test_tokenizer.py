@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lmpipe.tokenizer import encode_stream, pack_blocks, train_tokenizer
+from lmpipe.tokenizer import encode_stream, pack_blocks, tokenizers_parallelism, train_tokenizer
 
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog", "the mat and the log"]
 
@@ -70,18 +70,27 @@ def test_fast_path_ignores_backend_truncation_and_padding():
 
 
 def test_fast_path_is_deterministic_under_parallelism(monkeypatch, tmp_path):
-    """The same blocks, byte for byte (np.save), with the backend's threads on or off."""
-    tok = train_tokenizer(TEXTS, "bpe", vocab_size=300, min_frequency=1, model_max_length=64)
-    tok.model_max_length = int(1e12)
+    """The same BPE tokenizer and the same blocks, byte for byte (np.save), with the backend's threads on or off
+    (tokenize.parallel)."""
     texts = ODD * 50
-    saved = []
+    saved, trained = [], []
     for parallel in ("false", "true"):
         monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallel)
+        tok = train_tokenizer(texts, "bpe", vocab_size=300, min_frequency=1, model_max_length=64)
+        tok.model_max_length = int(1e12)
+        trained.append(tok.backend_tokenizer.to_str())
         path = tmp_path / f"{parallel}.npy"
         np.save(path, pack_blocks(encode_stream(tok, texts, total=len(texts), batch=64), 8, len(tok)))
         saved.append(path.read_bytes())
     np.save(tmp_path / "old.npy", pack_blocks(_old_path(tok, texts), 8, len(tok)))
+    assert trained[0] == trained[1]
     assert saved[0] == saved[1] == (tmp_path / "old.npy").read_bytes()
+
+
+def test_a_set_tokenizers_parallelism_wins_over_tokenize_parallel():
+    assert tokenizers_parallelism(None, True) == "true" and tokenizers_parallelism(None, False) == "false"
+    assert tokenizers_parallelism("0", True) == "0" and tokenizers_parallelism("true", False) == "true"
+    assert tokenizers_parallelism("", True) == ""  # set but empty: tokenizers reads it as off
 
 
 def test_slow_tokenizer_falls_back_to_its_own_call():
