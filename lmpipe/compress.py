@@ -163,14 +163,14 @@ class Classifier:
             from lmpipe.evaluation import predict_proba
 
             return predict_proba(self.model, self.tokenizer, texts, batch_size, self.device, self.max_length)
-        out = []
-        for start in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[start:start + batch_size], truncation=True, max_length=self.max_length,
-                                 padding=True, return_tensors="np")
+        from lmpipe.evaluation import length_batches
+
+        out = np.zeros((len(texts), len(self.id2label)), dtype=np.float32)
+        for idx, enc in length_batches(self.tokenizer, texts, batch_size, self.max_length, return_tensors="np"):
             logits = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
                                                    "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
-            out.append(self.layout.softmax(logits))  # within each task's head, (B, num_labels)
-        return np.concatenate(out) if out else np.zeros((0, len(self.id2label)), dtype=np.float32)
+            out[idx] = self.layout.softmax(logits)  # within each task's head, (B, num_labels)
+        return out
 
     def embed_unsupported(self) -> str | None:
         if self.model is None:

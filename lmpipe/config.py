@@ -165,6 +165,9 @@ class Tokenize(Section):
     """Minimum pair frequency for a merge."""
     block_size: int = Field(ge=2)
     """Tokens per packed training block."""
+    parallel: bool
+    """The tokenizers backend's threads (one per core) for training and encoding; TOKENIZERS_PARALLELISM, when
+    set, wins. Outputs are the same either way."""
     tokenizer_dir: str
     """Output: a transformers fast-tokenizer directory."""
     out_dir: str

@@ -37,15 +37,17 @@ def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
 @torch.inference_mode()
 def encode(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int, device: str,
            pooling: str = "mean", max_length: int = 128) -> np.ndarray:
-    """(N, H) L2-normalised embeddings of `texts` (eval mode: no dropout)."""
+    """(N, H) L2-normalised embeddings of `texts`, rows in their order (eval mode: no dropout; length-sorted
+    batches, lmpipe.evaluation.length_batches)."""
+    from lmpipe.evaluation import length_batches
+
     encoder = encoder_of(model).eval().to(device)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt").to(device)
+    out = np.zeros((len(texts), int(encoder.config.hidden_size)), dtype=np.float32)
+    for idx, enc in length_batches(tokenizer, texts, batch_size, max_length):
+        enc = enc.to(device)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        out.append(torch.nn.functional.normalize(pool(hidden.float(), enc["attention_mask"], pooling), dim=-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, int(encoder.config.hidden_size)), dtype=np.float32)
+        out[idx] = torch.nn.functional.normalize(pool(hidden.float(), enc["attention_mask"], pooling), dim=-1).cpu().numpy()
+    return out
 
 
 def alignment(x: np.ndarray, y: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel, PreTrainedTokenizerBase
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, device: str, mlm: bool,
                tokenizer: PreTrainedTokenizerBase | None = None, mlm_probability: float = 0.15,
                seed: int = 0) -> dict[str, float]:
@@ -40,25 +41,46 @@ def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, devi
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens}
 
 
-@torch.no_grad()
+def length_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int, max_length: int,
+                   return_tensors: str = "pt") -> Iterator[tuple[np.ndarray, Any]]:
+    """`texts` in batches of similar token length, longest first: (indices into texts, the batch's encoding
+    padded to its own longest text). Each batch is encoded exactly as a batch in file order would be (truncated
+    at max_length, padding=True), so a text's prediction does not depend on where it lands; callers put the
+    results back in file order by the indices. Sorting saves the padding a short text gets in a batch with a
+    long one (benchmarks/evaluate_speed.py)."""
+    if len(texts) <= batch_size:  # one batch pads to its longest text in any order: no length pass
+        if texts:
+            yield np.arange(len(texts)), tokenizer(texts, truncation=True, max_length=max_length, padding=True,
+                                                   return_tensors=return_tensors)
+        return
+    # 1) token lengths after truncation: one call, no padding
+    lengths = np.fromiter((len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]),
+                          dtype=np.int64, count=len(texts))
+    # 2) longest first (a device runs out of memory on the first batch, not the last); stable: ties keep file order
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        yield idx, tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True,
+                             return_tensors=return_tensors)
+
+
+@torch.inference_mode()
 def predict_proba(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int,
                   device: str, max_length: int | None = None) -> np.ndarray:
-    """(N, num_labels) class probabilities. Inputs are truncated at the length stored with the model
-    (lmpipe.modeling.stored_max_length), the one it was fine-tuned at, unless max_length is given."""
+    """(N, num_labels) class probabilities, rows in the order of `texts`. Inputs are truncated at the length
+    stored with the model (lmpipe.modeling.stored_max_length), the one it was fine-tuned at, unless max_length
+    is given; they run in length-sorted batches (length_batches)."""
     from lmpipe.modeling import stored_max_length
     from lmpipe.tasks import Layout
 
     max_length = max_length or stored_max_length(tokenizer, model.config)
     layout = Layout.from_config(model.config)  # a multi-task model: a softmax within each task's head
     model.eval().to(device)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt").to(device)
-        logits = model(**enc).logits  # (B, num_labels)
-        out.append(layout.softmax(logits.float().cpu().numpy()) if layout.multi else
-                   torch.softmax(logits.float(), dim=-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.config.num_labels))
+    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    for idx, enc in length_batches(tokenizer, texts, batch_size, max_length):
+        logits = model(**enc.to(device)).logits.float()  # (B, num_labels)
+        out[idx] = layout.softmax(logits.cpu().numpy()) if layout.multi else torch.softmax(logits, dim=-1).cpu().numpy()
+    return out
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_labels: int) -> dict[str, Any]:

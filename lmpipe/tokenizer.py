@@ -7,9 +7,10 @@ fits (else uint32), so training memory-maps them (`np.load(path, mmap_mode="r")`
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -63,13 +64,22 @@ def encode_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], tota
                   batch: int = 1000, desc: str = "encode", separator: int | None = None) -> np.ndarray:
     """All documents encoded (each `<s> ... </s>`, or whatever the tokenizer's own template adds, e.g.
     `[CLS] ... [SEP]`; `separator` is appended to each when the template adds nothing) and concatenated
-    into one 1-D int64 array."""
+    into one 1-D int64 array.
+
+    A fast tokenizer is run through its `tokenizers` backend directly (encode_batch_fast: no offsets), and
+    the ids of a batch go into numpy in one np.fromiter: the same ids transformers' own call gives, without
+    its per-document dicts and lists (benchmarks/tokenize_speed.py). The backend threads as
+    TOKENIZERS_PARALLELISM says; the order of the ids never depends on it."""
+    encode = _backend_encoder(tokenizer)
     chunks: list[np.ndarray] = []
     buf: list[str] = []
-    tail = [] if separator is None else [separator]
+    tail = () if separator is None else (separator,)
 
     def flush() -> None:
-        chunks.extend(np.asarray(ids + tail, dtype=np.int64) for ids in tokenizer(buf)["input_ids"])
+        docs = encode(buf)  # one list of ids per document
+        ids = itertools.chain.from_iterable(itertools.chain(d, tail) for d in docs) if tail else \
+            itertools.chain.from_iterable(docs)
+        chunks.append(np.fromiter(ids, dtype=np.int64))
         bar.update(len(buf))
 
     with tqdm(total=total, desc=desc, unit="doc", mininterval=2) as bar:
@@ -81,6 +91,32 @@ def encode_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], tota
         if buf:
             flush()
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], Iterable[list[int]]]:
+    """texts -> each one's ids with the special tokens of the tokenizer's template, untruncated and unpadded."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (pure Python) tokenizer: its own call
+        return lambda texts: tokenizer(texts)["input_ids"]
+    # 1) the backend set up as transformers' own call sets it for an unpadded, untruncated batch (a checkpoint's
+    #    tokenizer.json may carry a truncation length or padding; its split_special_tokens decides whether
+    #    "<s>" in a text is the special token)
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    # 2) encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which packing never reads
+    batch_encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda texts: (e.ids for e in batch_encode(texts, add_special_tokens=True))
+
+
+def tokenizers_parallelism(user: str | None, parallel: bool) -> str:
+    """The TOKENIZERS_PARALLELISM the tokenize stage runs with: the user's own value when one is set (with
+    `tokenizers`' meaning: "", off, false, f, no, n, 0 are off), else tokenize.parallel's."""
+    if user is not None:
+        return user
+    return "true" if parallel else "false"
 
 
 def pack_blocks(ids: np.ndarray, block_size: int, vocab_size: int) -> np.ndarray:

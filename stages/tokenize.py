@@ -10,6 +10,7 @@ splits (continued pretraining), and block_size must fit the checkpoint's positio
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 # transformers (and torch under it) are imported in the functions, not here: a params error is then reported
 # in about a second instead of after ~6 s of imports
 
+# TOKENIZERS_PARALLELISM as the user set it, read before run_stage defaults it to false (for the stages that fork
+# DataLoader workers); unset, tokenize.parallel decides (this stage forks nothing while it tokenizes)
+USER_PARALLELISM = os.environ.get("TOKENIZERS_PARALLELISM")
+
 
 def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenizerBase, int | None]:
     """The pretrain.init checkpoint's tokenizer and the id that separates documents (tokenize.kind:
@@ -45,9 +50,10 @@ def checkpoint_tokenizer(params: Params, root: Path) -> tuple[PreTrainedTokenize
 
 
 def tokenize(params: Params, root: Path, run) -> None:
-    from lmpipe.tokenizer import Throughput, encode_stream, pack_blocks, train_tokenizer
+    from lmpipe.tokenizer import Throughput, encode_stream, pack_blocks, tokenizers_parallelism, train_tokenizer
 
     cfg = params.tokenize
+    os.environ["TOKENIZERS_PARALLELISM"] = threads = tokenizers_parallelism(USER_PARALLELISM, cfg.parallel)
     pretrained = checkpoint_tokenizer(params, root) if cfg.kind == "pretrained" else None
     clean_dir = root / params.clean.out_dir
     splits = {}
@@ -68,7 +74,7 @@ def tokenize(params: Params, root: Path, run) -> None:
 
     # 2) encode + pack each split
     stats: dict = {"vocab_size": vocab, "kind": cfg.kind, "block_size": cfg.block_size,
-                   "tokenizer_train_seconds": round(train_seconds, 2)}
+                   "tokenizer_train_seconds": round(train_seconds, 2), "tokenizers_parallelism": threads}
     if pretrained is not None:
         stats["tokenizer_from"] = params.pretrain.init
     blocks = {}

@@ -136,22 +136,22 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     def run(queries: list[tuple[str, str | None, str]]) -> list[Any]:
         """One batch on the inference thread, on whichever model is current now. Queries are (text, task, kind):
         predictions of every task come from one call (the encoder is shared), embeddings from another; each
-        call sorts by length (characters, a proxy for tokens) so each forward pass of forward_batch_size texts
-        pads little; answers in the queries' order."""
+        call runs its texts in length-sorted forward passes of forward_batch_size texts (token lengths:
+        lmpipe.evaluation.length_batches), so each pads little; answers in the queries' order."""
         current = holder.current
         out: list[Any] = [None] * len(queries)
         for kind in ("predict", "embed"):
-            idx = sorted((i for i, q in enumerate(queries) if q[2] == kind), key=lambda i: len(queries[i][0]))
+            idx = [i for i, q in enumerate(queries) if q[2] == kind]
             if not idx:
                 continue
             texts = [queries[i][0] for i in idx]
             if kind == "predict":
-                ranked = current.predictor.predict(texts, batch_size=cfg.forward_batch_size,
-                                                   tasks=[queries[i][1] for i in idx])
+                answers = current.predictor.predict(texts, batch_size=cfg.forward_batch_size,
+                                                    tasks=[queries[i][1] for i in idx])
             else:
-                ranked = current.predictor.embed(texts, batch_size=cfg.forward_batch_size)
-            for rank, i in enumerate(idx):
-                out[i] = ranked[rank]
+                answers = current.predictor.embed(texts, batch_size=cfg.forward_batch_size)
+            for i, answer in zip(idx, answers):
+                out[i] = answer
             metrics.forward_passes.inc(-(-len(texts) // cfg.forward_batch_size))
         predicted = [i for i, q in enumerate(queries) if q[2] == "predict"]
         if predicted:
