@@ -107,7 +107,7 @@ def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]]
     if backend.padding is not None:
         backend.no_padding()
     backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    # 2) encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which packing never reads
+    # 2) encode_batch_fast (recent tokenizers releases) skips the character offsets, which packing never reads
     batch_encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return lambda texts: (e.ids for e in batch_encode(texts, add_special_tokens=True))
 
