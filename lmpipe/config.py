@@ -167,7 +167,7 @@ class Tokenize(Section):
     """Tokens per packed training block."""
     parallel: bool
     """The tokenizers backend's threads (one per core) for training and encoding; TOKENIZERS_PARALLELISM, when
-    set, wins. Outputs are the same either way."""
+    set, wins. The ids are the same either way."""
     tokenizer_dir: str
     """Output: a transformers fast-tokenizer directory."""
     out_dir: str

@@ -61,7 +61,7 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, min_frequency:
 
 
 def encode_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], total: int,
-                  batch: int = 1000, desc: str = "encode", separator: int | None = None) -> np.ndarray:
+                  batch: int = 10_000, desc: str = "encode", separator: int | None = None) -> np.ndarray:
     """All documents encoded (each `<s> ... </s>`, or whatever the tokenizer's own template adds, e.g.
     `[CLS] ... [SEP]`; `separator` is appended to each when the template adds nothing) and concatenated
     into one 1-D int64 array.
@@ -69,7 +69,8 @@ def encode_stream(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], tota
     A fast tokenizer is run through its `tokenizers` backend directly (encode_batch_fast: no offsets), and
     the ids of a batch go into numpy in one np.fromiter: the same ids transformers' own call gives, without
     its per-document dicts and lists (benchmarks/tokenize_speed.py). The backend threads as
-    TOKENIZERS_PARALLELISM says; the order of the ids never depends on it."""
+    TOKENIZERS_PARALLELISM says; the order of the ids never depends on it. Batches are large because each
+    call ends on its slowest thread (a long document), once per call; `batch` documents bound the memory."""
     encode = _backend_encoder(tokenizer)
     chunks: list[np.ndarray] = []
     buf: list[str] = []
@@ -106,7 +107,7 @@ def _backend_encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]]
     if backend.padding is not None:
         backend.no_padding()
     backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    # 2) encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which packing never reads
+    # 2) encode_batch_fast (recent tokenizers releases) skips the character offsets, which packing never reads
     batch_encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return lambda texts: (e.ids for e in batch_encode(texts, add_special_tokens=True))
 
