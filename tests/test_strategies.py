@@ -192,6 +192,7 @@ def test_freeze_keeps_embeddings_and_lowest_layers_bit_identical(work):
         assert got[variant]["steps_per_s"] > 0
 
 
+@pytest.mark.slow  # a whole finetune stage with layer-wise LR (about 1 min on CI): keeps make test under 15 min
 def test_llrd_parameter_groups_decay_geometrically(work):
     got = _finetune(work, "finetune.strategy=llrd", "finetune.llrd.decay=0.5", "finetune.learning_rate=0.001")
     record = json.loads(_artifact(work, got["mlflow_run_id"], "finetune_classifier_optimizer.json").read_text())
