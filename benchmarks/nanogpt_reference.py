@@ -2,6 +2,12 @@
 writes them (model.py's GPT, train.py's loop), in one process, so its wall time compares with a stage's.
 
     .venv/bin/python benchmarks/nanogpt_reference.py --compile false [--max-iters 2000] [--out DIR]
+    .venv/bin/python benchmarks/nanogpt_reference.py --text input.txt --eval-final DIR/final.pt
+
+The first trains and writes the final weights to DIR/final.pt after its timing; the second (run untimed) scores
+them the way the lmpipe stage scores its model: the mean loss over every non-overlapping 64-token validation
+block, each position predicting the next token of its block (63 targets a block), so the two val losses
+compare number to number beside nanoGPT's own estimate on 20 random batches.
 
 What nanoGPT runs for the issue's figures:
     python data/shakespeare_char/prepare.py
@@ -106,6 +112,7 @@ def main() -> None:
     ap.add_argument("--compile", choices=["true", "false"], default="false")
     ap.add_argument("--max-iters", type=int, default=2000)
     ap.add_argument("--out", default=None, help="checkpoint folder (default: a temporary one)")
+    ap.add_argument("--eval-final", default=None, help="score a final.pt on every validation block and exit")
     args = ap.parse_args()
     block_size, batch_size, eval_interval, eval_iters, warmup, lr, min_lr = 64, 12, 250, 20, 100, 1e-3, 1e-4
     torch.manual_seed(1337)
@@ -125,6 +132,14 @@ def main() -> None:
         return torch.stack([d[i:i + block_size] for i in ix]), torch.stack([d[i + 1:i + 1 + block_size] for i in ix])
 
     model = GPT(len(chars), block_size, 4, 4, 128)
+    if args.eval_final:
+        model.load_state_dict(torch.load(args.eval_final, weights_only=True))
+        model.eval()
+        val = data["val"][: len(data["val"]) // block_size * block_size].view(-1, block_size)
+        with torch.inference_mode():
+            total = sum(float(model(b[:, :-1].contiguous(), b[:, 1:].contiguous())) * len(b) for b in val.split(256))
+        print(json.dumps({"val_loss_all_blocks": round(total / len(val), 4), "val_blocks": len(val)}))
+        return
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -167,12 +182,14 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)  # nanoGPT's loss.item() at every log_interval=1
+        loss.item()  # nanoGPT reads the loss at every log_interval=1
         step_times.append(time.perf_counter() - t0)
     steady = float(np.median(step_times[len(step_times) // 10:]))
+    seconds = time.perf_counter() - T0
+    torch.save(model.state_dict(), out_dir / "final.pt")  # for --eval-final, after the timing
     print(json.dumps({"compile": args.compile == "true", "val_loss": round(losses["val"], 4),
                       "train_loss": round(losses["train"], 4), "tokens_per_s": round(batch_size * block_size / steady),
-                      "seconds_in_process": round(time.perf_counter() - T0, 2), "threads": torch.get_num_threads(),
+                      "seconds_in_process": round(seconds, 2), "threads": torch.get_num_threads(),
                       "pid": os.getpid()}))
 
 

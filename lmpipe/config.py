@@ -233,6 +233,15 @@ class Pretrain(Section):
     """Micro-batches per optimizer step."""
     weight_decay: float = Field(ge=0)
     """AdamW weight decay."""
+    adam_beta1: float = Field(ge=0, lt=1)
+    """AdamW's first-moment decay."""
+    adam_beta2: float = Field(ge=0, lt=1)
+    """AdamW's second-moment decay (0.95 is the usual choice for LMs; nanoGPT's small char model uses 0.99)."""
+    window_stride: int | Literal["block"]
+    """Training windows: block = the packed blocks as they are, each token seen once per epoch; an int N
+    (1 <= N <= block_size) = windows of block_size tokens starting every N tokens of the concatenated train
+    blocks, overlapping when N < block_size (1 = every start position, as nanoGPT's random windows sample).
+    Validation always uses the packed blocks."""
     max_grad_norm: float = Field(gt=0)
     """Gradient clipping norm."""
     eval_every: int = Field(ge=1)
@@ -558,6 +567,10 @@ class Params(Section):
             issues.append(
                 f"tokenize.block_size: {self.tokenize.block_size} exceeds pretrain.max_position_embeddings "
                 f"({self.pretrain.max_position_embeddings})")
+        stride = self.pretrain.window_stride
+        if stride != "block" and not 1 <= stride <= self.tokenize.block_size:
+            issues.append(f"pretrain.window_stride: {stride} must be block or between 1 and tokenize.block_size "
+                          f"({self.tokenize.block_size})")
         if (self.tokenize.kind == "pretrained") == scratch:
             issues.append(
                 f"tokenize.kind: {self.tokenize.kind} with pretrain.init: {self.pretrain.init}; a checkpoint "

@@ -215,6 +215,7 @@ def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pre
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
         warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio}, eval_strategy="steps", eval_steps=cfg.eval_every,
         save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_last,

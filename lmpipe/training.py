@@ -42,6 +42,35 @@ class BlockDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids} if self.with_labels else {"input_ids": ids}
 
 
+class WindowDataset(torch.utils.data.Dataset):
+    """Windows of `block` tokens starting every `stride` tokens of the train blocks read as one stream (the
+    blocks are consecutive slices of the packed corpus); stride < block overlaps them. The index is the start
+    position, so the sampler's shuffle, its seed and a resume's data position work as for the blocks."""
+
+    def __init__(self, blocks: np.ndarray, stride: int, with_labels: bool, limit: int | None = None) -> None:
+        self.stream, self.block, self.stride = blocks.reshape(-1), blocks.shape[1], stride
+        self.n = (len(self.stream) - self.block) // stride + 1
+        self.n = self.n if limit is None else min(self.n, limit)
+        self.with_labels = with_labels
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        start = i * self.stride
+        ids = torch.from_numpy(np.asarray(self.stream[start:start + self.block], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids} if self.with_labels else {"input_ids": ids}
+
+
+def train_windows(blocks: np.ndarray, stride: int | str, with_labels: bool, per_step: int, full_batches: bool):
+    """The training set `pretrain.window_stride` names; compiled runs keep whole global batches only."""
+    n = len(blocks) if stride == "block" else (blocks.size - blocks.shape[1]) // int(stride) + 1
+    limit = _full_batches(n, per_step) if full_batches else None
+    if stride == "block":
+        return BlockDataset(blocks, with_labels=with_labels, limit=limit)
+    return WindowDataset(blocks, int(stride), with_labels=with_labels, limit=limit)
+
+
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls on this CPU (avx512_bf16 or AMX), as oneDNN reports them."""
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -71,7 +100,68 @@ def compile_cache() -> Path:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
+    # a graph that enters autocast (Trainer's bf16 wraps the compiled forward in it) is refused by AOTAutograd's
+    # cache, which then re-traces and re-partitions the joint graph in every process (seconds); the two
+    # functions take their device and dtype as graph constants, which are in the key, so they are safe to cache
+    # (torch's own switch for this; keyed by the torch version)
+    torch._inductor.config.unsafe_marked_cacheable_functions = {
+        **torch._inductor.config.unsafe_marked_cacheable_functions,
+        **{f"torch.amp.autocast_mode.{f}": torch.__version__ for f in ("_enter_autocast", "_exit_autocast")}}
+    _skip_known_vec_isa_checks(folder)
     return folder
+
+
+def _claimed_vec_isas() -> list[str] | None:
+    """The vector ISAs inductor would use on this x86 CPU, by its flags; None off x86 or when unknown."""
+    import platform
+
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return None
+        flags = cpu_vec_isa.x86_isa_checker()
+        return [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
+    except Exception:  # a torch without these internals: keep inductor's checks
+        return None
+
+
+def _vec_isa_record(folder: Path) -> Path | None:
+    """Inductor checks each vector ISA the CPU claims by compiling a test library and loading it in a child
+    Python, in every process (about a second on 2 cores). This file records that every check passed on this
+    machine with this compiler and torch (its name hashes the claimed ISAs, the compiler binary and the torch
+    version); when present, the checks are skipped (inductor's own vec_isa_ok)."""
+    import hashlib
+
+    claimed = _claimed_vec_isas()
+    if claimed is None:
+        return None
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    compiler = os.path.realpath(shutil.which(get_cpp_compiler()) or get_cpp_compiler())
+    st = os.stat(compiler)
+    key = json.dumps([torch.__version__, claimed, compiler, st.st_size, st.st_mtime_ns])
+    return folder / f"vec-isa-checked-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _skip_known_vec_isa_checks(folder: Path) -> None:
+    """The first compiled process on a machine runs inductor's checks now and writes the record when every
+    claimed ISA passed; from then on every process (this one included) sets vec_isa_ok, so all of them compile
+    with the same inductor settings and share cache entries."""
+    import torch._inductor.config
+
+    record = _vec_isa_record(folder)
+    if record is None:
+        return
+    if not record.is_file():
+        from torch._inductor import cpu_vec_isa
+
+        claimed = _claimed_vec_isas()
+        if [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] != claimed:
+            return  # a claimed ISA failed its check here: inductor keeps checking, and picks among those that pass
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"torch": torch.__version__, "isa": claimed}) + "\n")
+    torch._inductor.config.cpp.vec_isa_ok = True
 
 
 def compile_cache_counts() -> dict[str, int]:
@@ -79,7 +169,10 @@ def compile_cache_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {"compile_graphs_cached": int(counters["inductor"]["fxgraph_cache_hit"]),
-            "compile_graphs_compiled": int(counters["inductor"]["fxgraph_cache_miss"])}
+            "compile_graphs_compiled": int(counters["inductor"]["fxgraph_cache_miss"]),
+            # AOTAutograd's cache: a hit also skips tracing and partitioning the joint forward/backward graph
+            "compile_autograd_cached": int(counters["aot_autograd"]["autograd_cache_hit"]),
+            "compile_autograd_bypassed": int(counters["aot_autograd"]["autograd_cache_bypass"])}
 
 
 def precision_flags(precision: str, device: str, compiled: bool = False) -> dict[str, bool]:
@@ -257,8 +350,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     # cost a recompile). Training leaves out fewer than one global batch of blocks (what drop_last
     # does) and the final evaluation covers the full batches of the validation split.
     per_step = cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1"))
-    train_ds = BlockDataset(train_blocks, with_labels=clm,
-                            limit=_full_batches(len(train_blocks), per_step) if cfg.compile else None)
+    train_ds = train_windows(train_blocks, cfg.window_stride, clm, per_step, full_batches=cfg.compile)
     val_small = BlockDataset(val_blocks, with_labels=clm, limit=cfg.eval_batches * cfg.batch_size)
     val_full = BlockDataset(val_blocks, with_labels=clm,
                             limit=_full_batches(len(val_blocks), cfg.batch_size) if cfg.compile else None)
@@ -272,7 +364,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        adam_beta1=0.9, adam_beta2=0.95, warmup_steps=cfg.warmup_steps,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
         eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
         save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed,
@@ -301,7 +393,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                * logger.tokens_per_step / max(seconds, 1e-9),
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
                "parameters": int(sum(p.numel() for p in model.parameters())),
-               "val_blocks": len(val_full), "final_eval_seconds": final_eval_seconds,
+               "train_examples": len(train_ds), "val_blocks": len(val_full), "final_eval_seconds": final_eval_seconds,
                # the training loop's wall time spent in periodic evaluation, checkpoint saves, MLflow logging
                **{f"loop_share_{k}": v / max(seconds, 1e-9) for k, v in loop.items()}}
     print("pretrain: loop " + ", ".join(f"{k} {v:.1f} s ({v / max(seconds, 1e-9):.1%})" for k, v in loop.items())
@@ -309,7 +401,8 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     if cache is not None:
         metrics.update(compile_cache_counts())
         print(f"pretrain: torch.compile cache {cache}: {metrics['compile_graphs_cached']} graphs loaded, "
-              f"{metrics['compile_graphs_compiled']} compiled", flush=True)
+              f"{metrics['compile_graphs_compiled']} compiled; autograd graphs {metrics['compile_autograd_cached']} "
+              f"loaded, {metrics['compile_autograd_bypassed']} not cacheable", flush=True)
     curve = history_curve(trainer.state.log_history)
     return PretrainResult(trainer.model, metrics, curve, str(resume) if resume else None, timer)
 

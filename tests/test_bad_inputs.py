@@ -210,6 +210,9 @@ CASES = {
                        "params.yaml: pretrain.learning_rate: Input should be a valid number"),
     "out-of-range": Case(CLEAN, params(pretrain__batch_size=0), 2,
                          "params.yaml: pretrain.batch_size: Input should be greater than or equal to 1 (got 0)"),
+    "window-stride-past-block": Case(CLEAN, params(pretrain__window_stride=17), 2,
+                                     "params.yaml: pretrain.window_stride: 17 must be block or between 1 and "
+                                     "tokenize.block_size (16)"),
     "vocab-too-small": Case(TOKENIZE, params(tokenize__vocab_size=4), 2,
                             "params.yaml: tokenize.vocab_size: 4 must exceed the 5 special tokens"),
     "params-file-missing": Case((*CLEAN, "--params", "nope.yaml"), nothing, 2, "nope.yaml: params file not found"),

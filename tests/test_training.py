@@ -150,6 +150,42 @@ def test_training_stages_log_loss_curves_and_datasets_to_mlflow(workdir):
     assert inputs == {("labeled_train", "training"), ("labeled_validation", "validation")}
 
 
+def test_overlapping_windows_and_adam_betas_reach_the_trainer_through_the_stage(workdir):
+    """pretrain.window_stride 1 trains on a window at every start position of the packed train stream, and
+    adam_beta1/adam_beta2 are what the checkpointed optimizer holds."""
+    import json
+
+    import yaml
+
+    from conftest import run_module
+    from lmpipe.tokenizer import load_blocks
+
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["pretrain"].update(window_stride=1, adam_beta1=0.8, adam_beta2=0.99, max_steps=10, eval_every=10,
+                           checkpoint_every=10)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in ("clean", "tokenize", "pretrain"):
+        res = run_module(f"stages.{stage}", workdir)
+        assert res.returncode == 0, f"{stage}: {res.stderr[-3000:]}"
+    blocks = load_blocks(workdir / raw["tokenize"]["out_dir"] / "train.npy")
+    metrics = json.loads((workdir / raw["pretrain"]["metrics"]).read_text())
+    assert metrics["train_examples"] == blocks.size - blocks.shape[1] + 1 > len(blocks)
+    ckpt = latest_checkpoint(next((workdir / raw["pretrain"]["checkpoint_dir"]).iterdir()))
+    groups = torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"]
+    assert {tuple(g["betas"]) for g in groups} == {(0.8, 0.99)}
+
+
+def test_window_dataset_items_are_the_stream_at_their_start():
+    from lmpipe.training import train_windows
+
+    blocks = np.arange(40, dtype=np.uint16).reshape(5, 8)
+    ds = train_windows(blocks, 3, with_labels=True, per_step=4, full_batches=False)
+    assert len(ds) == (40 - 8) // 3 + 1 == 11
+    assert ds[4]["input_ids"].tolist() == list(range(12, 20)) and ds[10]["input_ids"].tolist() == list(range(30, 38))
+    assert len(train_windows(blocks, 3, True, per_step=4, full_batches=True)) == 8  # whole batches of 4 only
+    assert len(train_windows(blocks, "block", True, per_step=4, full_batches=False)) == 5
+
+
 def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_path, monkeypatch):
     """pretrain.compile: Trainer's torch.compile path (eager attention, bf16 where the CPU has it)."""
     import mlflow
