@@ -234,7 +234,8 @@ class MetricLog:
     send is written to `pending_file` (next to the checkpoints) and ServiceError is raised. A later
     MetricLog on the same run and file logs those points first. Points are sent at most every `send_every`
     seconds (one batch, one store transaction), so a fast loop logging every few steps pays one call a
-    second rather than one per logging step; the UI lags the loop by at most that much."""
+    second rather than one per logging step; the UI lags the loop by at most that much. Trainer flushes them
+    before each checkpoint (`flush_metrics`), so what a resume restarts from was logged."""
 
     def __init__(self, run_id: str, pending_file: Path | None = None, retry_every: float = 5.0,
                  send_every: float = 1.0) -> None:
@@ -340,6 +341,15 @@ def metric_log(run_id: str, pending_file: Path | None, grace_s: float) -> Iterat
         _active.finish(grace_s)
     finally:
         _active = None
+
+
+def flush_metrics() -> None:
+    """One attempt to send the points MetricLog holds back (its once-a-second batching); a down server keeps
+    them buffered, as MetricLog.log does."""
+    if _active is not None and _active.pending and _active.down_since is None and _active._send():
+        import time
+
+        _active._next_try = time.monotonic() + _active.send_every
 
 
 def settle(grace_s: float) -> None:

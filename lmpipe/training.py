@@ -24,7 +24,7 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
 from lmpipe.checkpoints import checkpoint_write_error, resume_point
 from lmpipe.config import Finetune, Pretrain
 from lmpipe.errors import ConfigError, LmpipeError
-from lmpipe.tracking import log_metrics_bounded
+from lmpipe.tracking import flush_metrics, log_metrics_bounded
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -207,6 +207,9 @@ class GuardedTrainer(Trainer):
             self.phase_seconds["evaluate"] += time.perf_counter() - t
 
     def _save_checkpoint(self, model, trial):
+        # a checkpoint is where a killed run resumes: the metric points logged up to it are sent before it is
+        # written (one attempt; while the server is down they stay buffered), so a resume leaves no gap
+        flush_metrics()
         t = time.perf_counter()
         try:
             super()._save_checkpoint(model, trial)

@@ -85,6 +85,14 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
     assert len(runs) == 1, "the resumed attempts must reattach to the first MLflow run"
     assert runs[0].info.status == "FINISHED" and runs[0].info.run_id == got["mlflow_run_id"]
     assert runs[0].data.tags["pretrain.resumed_from"].endswith(f"checkpoint-{second}")
+    # the loss curve has every logged step of an uninterrupted run: what was logged before each checkpoint was
+    # sent when it was saved, so the resumed attempts leave no gap
+    import mlflow
+
+    ref_uri = f"sqlite:///{ref / 'mlflow.db'}"
+    ref_run = next(r for r in mlflow_runs(ref_uri) if r.data.tags.get("lmpipe.stage") == "pretrain")
+    steps = {m.step for m in mlflow.MlflowClient().get_metric_history(got["mlflow_run_id"], "train_loss")}
+    assert steps == {m.step for m in mlflow.MlflowClient(ref_uri).get_metric_history(ref_run.info.run_id, "train_loss")}
 
 
 @pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
