@@ -138,7 +138,10 @@ def _vec_isa_record(folder: Path) -> Path | None:
         return None
     from torch._inductor.cpp_builder import get_cpp_compiler
 
-    compiler = os.path.realpath(shutil.which(get_cpp_compiler()) or get_cpp_compiler())
+    compiler = shutil.which(get_cpp_compiler())
+    if compiler is None:  # no C++ compiler (a CUDA-only host): nothing to record
+        return None
+    compiler = os.path.realpath(compiler)
     st = os.stat(compiler)
     key = json.dumps([torch.__version__, claimed, compiler, st.st_size, st.st_mtime_ns])
     return folder / f"vec-isa-checked-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -159,8 +162,11 @@ def _skip_known_vec_isa_checks(folder: Path) -> None:
         claimed = _claimed_vec_isas()
         if [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] != claimed:
             return  # a claimed ISA failed its check here: inductor keeps checking, and picks among those that pass
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"torch": torch.__version__, "isa": claimed}) + "\n")
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"torch": torch.__version__, "isa": claimed}) + "\n")
+        except OSError:  # a read-only cache folder: inductor keeps checking in every process
+            return
     torch._inductor.config.cpp.vec_isa_ok = True
 
 
