@@ -258,8 +258,14 @@ class MetricLog:
         now_ms = int(time.time() * 1000)
         self.pending += [(k, v, now_ms, int(step or 0)) for k, v in metrics.items()]  # finite floats
         if time.monotonic() >= self._next_try:
-            if self._send():
-                self._next_try = time.monotonic() + self.send_every
+            self.flush()
+
+    def flush(self) -> None:
+        """One attempt to send the pending points now; the next batch waits send_every seconds."""
+        import time
+
+        if self.pending and self._send():
+            self._next_try = time.monotonic() + self.send_every
 
     def _send(self) -> bool:
         import time
@@ -346,10 +352,8 @@ def metric_log(run_id: str, pending_file: Path | None, grace_s: float) -> Iterat
 def flush_metrics() -> None:
     """One attempt to send the points MetricLog holds back (its once-a-second batching); a down server keeps
     them buffered, as MetricLog.log does."""
-    if _active is not None and _active.pending and _active.down_since is None and _active._send():
-        import time
-
-        _active._next_try = time.monotonic() + _active.send_every
+    if _active is not None and _active.down_since is None:
+        _active.flush()
 
 
 def settle(grace_s: float) -> None:

@@ -47,10 +47,9 @@ class WindowDataset(torch.utils.data.Dataset):
     blocks are consecutive slices of the packed corpus); stride < block overlaps them. The index is the start
     position, so the sampler's shuffle, its seed and a resume's data position work as for the blocks."""
 
-    def __init__(self, blocks: np.ndarray, stride: int, with_labels: bool, limit: int | None = None) -> None:
+    def __init__(self, blocks: np.ndarray, stride: int, with_labels: bool) -> None:
         self.stream, self.block, self.stride = blocks.reshape(-1), blocks.shape[1], stride
         self.n = (len(self.stream) - self.block) // stride + 1
-        self.n = self.n if limit is None else min(self.n, limit)
         self.with_labels = with_labels
 
     def __len__(self) -> int:
@@ -64,11 +63,8 @@ class WindowDataset(torch.utils.data.Dataset):
 
 def train_windows(blocks: np.ndarray, stride: int | str, with_labels: bool, per_step: int, full_batches: bool):
     """The training set `pretrain.window_stride` names; compiled runs keep whole global batches only."""
-    n = len(blocks) if stride == "block" else (blocks.size - blocks.shape[1]) // int(stride) + 1
-    limit = _full_batches(n, per_step) if full_batches else None
-    if stride == "block":
-        return BlockDataset(blocks, with_labels=with_labels, limit=limit)
-    return WindowDataset(blocks, int(stride), with_labels=with_labels, limit=limit)
+    ds = BlockDataset(blocks, with_labels) if stride == "block" else WindowDataset(blocks, int(stride), with_labels)
+    return torch.utils.data.Subset(ds, range(_full_batches(len(ds), per_step))) if full_batches else ds
 
 
 def cpu_has_bf16() -> bool:
@@ -126,16 +122,13 @@ def _claimed_vec_isas() -> list[str] | None:
         return None
 
 
-def _vec_isa_record(folder: Path) -> Path | None:
+def _vec_isa_record(folder: Path, claimed: list[str]) -> Path | None:
     """Inductor checks each vector ISA the CPU claims by compiling a test library and loading it in a child
     Python, in every process (about a second on 2 cores). This file records that every check passed on this
     machine with this compiler and torch (its name hashes the claimed ISAs, the compiler binary and the torch
     version); when present, the checks are skipped (inductor's own vec_isa_ok)."""
     import hashlib
 
-    claimed = _claimed_vec_isas()
-    if claimed is None:
-        return None
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     compiler = shutil.which(get_cpp_compiler())
@@ -153,13 +146,13 @@ def _skip_known_vec_isa_checks(folder: Path) -> None:
     with the same inductor settings and share cache entries."""
     import torch._inductor.config
 
-    record = _vec_isa_record(folder)
+    claimed = _claimed_vec_isas()
+    record = None if claimed is None else _vec_isa_record(folder, claimed)
     if record is None:
         return
     if not record.is_file():
         from torch._inductor import cpu_vec_isa
 
-        claimed = _claimed_vec_isas()
         if [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] != claimed:
             return  # a claimed ISA failed its check here: inductor keeps checking, and picks among those that pass
         try:
