@@ -91,7 +91,9 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
 
     ref_uri = f"sqlite:///{ref / 'mlflow.db'}"
     ref_run = next(r for r in mlflow_runs(ref_uri) if r.data.tags.get("lmpipe.stage") == "pretrain")
-    steps = {m.step for m in mlflow.MlflowClient().get_metric_history(got["mlflow_run_id"], "train_loss")}
+    # explicit store URIs: an earlier test in this process may have set mlflow's global tracking URI
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    steps = {m.step for m in client.get_metric_history(got["mlflow_run_id"], "train_loss")}
     assert steps == {m.step for m in mlflow.MlflowClient(ref_uri).get_metric_history(ref_run.info.run_id, "train_loss")}
 
 
