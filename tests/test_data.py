@@ -15,6 +15,32 @@ def test_normalize_nfkc_controls_whitespace():
     assert data.normalize("ﬁne\u00a0 film\x07\t\n ok\u200b ") == "fine film ok"
 
 
+def _normalize_per_char(text: str, keep_newlines: bool) -> str:
+    """normalize's definition written out one character at a time (what it was before the regex)."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if ch in "\t\r\v\f" or (ch == "\n" and not keep_newlines) else ch for ch in text
+                   if ch in "\t\n\r\v\f" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co"))
+    if keep_newlines:
+        return "\n".join(" ".join(line.split()).strip() if line.strip() else "" for line in text.split("\n")).strip("\n")
+    return " ".join(text.split())
+
+
+def test_normalize_matches_its_definition_on_every_code_point(monkeypatch):
+    """Every Unicode code point, in runs of 256 between words, both modes: the regex path drops exactly the
+    characters of categories Cc/Cf/Cs/Co (tabs and newlines aside) that unicodedata names."""
+    import sys
+
+    for start in range(0, sys.maxunicode + 1, 256):
+        text = "a \n" + "".join(chr(c) for c in range(start, min(start + 256, sys.maxunicode + 1))) + "\tb \n\n c"
+        for keep in (False, True):
+            assert data.normalize(text, keep) == _normalize_per_char(text, keep), (hex(start), keep)
+    # the ranges are Unicode 14.0's; another unicodedata version computes its own, equal here
+    monkeypatch.setattr(data.unicodedata, "unidata_version", "other")
+    assert data.dropped_ranges() == data._DROPPED_14
+
+
 def test_clean_documents_counts_every_rule():
     docs = ["", "   ", "short", "a long enough document", "a  long enough document", "x" * 50]
     kept, stats = data.clean_documents(docs, min_chars=10, max_chars=40)
