@@ -26,6 +26,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+def pytest_runtest_setup(item):
+    """CI runs the slow set only while it fits its time limit: .ci/run sets LMPIPE_SLOW_DEADLINE (epoch seconds,
+    its limit less the longest slow test), and a slow test that would start after it is skipped, saying so."""
+    deadline = os.environ.get("LMPIPE_SLOW_DEADLINE")
+    if deadline and item.get_closest_marker("slow") is not None:
+        import time
+
+        if time.time() > float(deadline):
+            pytest.skip("CI time limit: no time left to start this slow test (LMPIPE_SLOW_DEADLINE passed)")
+
+
 POS = ["a moving and beautiful film", "the acting is superb and warm", "funny , smart and touching",
        "a delight from start to finish", "wonderful performances all around", "an absolute joy to watch"]
 NEG = ["a dull and lifeless mess", "the plot is boring and stupid", "tedious , flat and far too long",
