@@ -26,6 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+
 def pytest_runtest_setup(item):
     """CI runs the slow set only while it fits its time limit: .ci/run sets LMPIPE_SLOW_DEADLINE (epoch seconds,
     its limit less the longest slow test), and a slow test that would start after it is skipped, saying so."""

@@ -23,7 +23,7 @@ def _normalize_per_char(text: str, keep_newlines: bool) -> str:
     text = "".join(" " if ch in "\t\r\v\f" or (ch == "\n" and not keep_newlines) else ch for ch in text
                    if ch in "\t\n\r\v\f" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co"))
     if keep_newlines:
-        return "\n".join(" ".join(line.split()).strip() if line.strip() else "" for line in text.split("\n")).strip("\n")
+        return "\n".join(" ".join(line.split()) for line in text.split("\n")).strip("\n")
     return " ".join(text.split())
 
 
