@@ -91,8 +91,15 @@ def compile_cache() -> Path:
     import torch._functorch.config
     import torch._inductor.config
 
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmpipe" / "torch-compile"
-    folder = Path(os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or base).expanduser()
+    # importing transformers' Trainer already runs inductor's cache_dir(), which *sets* TORCHINDUCTOR_CACHE_DIR
+    # to torch's own temp-folder default: that value is torch's choice, not the user's, and is ignored here
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if inductor and os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+        inductor = None
+    folder = Path(os.environ.get(COMPILE_CACHE_ENV) or inductor or base).expanduser()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
