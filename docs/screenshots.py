@@ -2,8 +2,8 @@
 
     .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR] [--only compare|sweep]
 
-Builds the same temporary repos as tests/test_mlflow_ui.py, then in headless Chromium (Debian's chromium +
-chromium-driver, apt-installed when missing and root):
+Builds the same temporary repos as tests/test_mlflow_ui.py, with the same helpers (tests/helpers.py), then in
+headless Chromium (Debian's chromium + chromium-driver, apt-installed when missing and root):
 
 1. (compare) tiny data, `dvc repro`, commit, then `dvc exp run -S pretrain.learning_rate=0.01`; `mlflow ui`
    over the repo's mlflow.db: the test's own steps (tick the two `pipeline` runs, Compare, check param and
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import pytest  # noqa: E402  (ensure_chromium skips through pytest)
 
-import test_mlflow_ui as ui  # noqa: E402
-from conftest import sh  # noqa: E402
+import helpers as ui  # noqa: E402  (tests/helpers.py)
+from helpers import sh  # noqa: E402
 
 CDN = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/(vega(?:-lite|-embed)?)@([0-9.]+)"></script>')
 
@@ -69,8 +69,9 @@ def plots_diff_screenshot(driver, html: Path, shot: Path) -> None:
 
     driver.get(html.as_uri())
     n_vega = len(re.findall(r"vegaEmbed\(", html.read_text()))
-    ui._wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".vega-embed svg, .vega-embed canvas")) >= n_vega,
-                           f"the {n_vega} vega plots did not render")
+    ui.browser_wait(driver).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, ".vega-embed svg, .vega-embed canvas")) >= n_vega,
+        f"the {n_vega} vega plots did not render")
     time.sleep(0.5)
     driver.save_screenshot(str(shot))
 

@@ -21,8 +21,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import (ROOT, Server, clean_env, free_port, make_repo, run_module, tiny_classifier, tiny_params,
-                      write_tiny_data)
+from helpers import (ROOT, Server, clean_env, free_port, make_repo, run_module, tiny_classifier, tiny_params,
+                     write_tiny_data)
 from lmpipe.config import set_dotted
 from lmpipe.io import file_md5
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_module
+from helpers import ROOT, run_module
 from lmpipe.config import ConfigError, load_params, validate
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from conftest import run_module
+from helpers import run_module
 from lmpipe import data
 
 

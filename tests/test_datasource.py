@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, clean_env
+from helpers import ROOT, clean_env
 from lmpipe import datasource
 from lmpipe.errors import ConfigError
 

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import copy_for_reference, mlflow_runs, prepare_workdir, run_module
+from helpers import copy_for_reference, mlflow_runs, prepare_workdir, run_module
 
 
 def _curve(path: Path) -> dict[int, float]:

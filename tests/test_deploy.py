@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_repo, run_module, sh, tiny_params
+from helpers import make_repo, run_module, sh, tiny_params
 
 LMPIPE = str(Path(sys.executable).parent / "lmpipe")
 ALL = ["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
@@ -92,7 +92,7 @@ def test_bad_serve_variant_is_one_line(tmp_path):
 def three_deploys(tmp_path_factory):
     """A workdir whose finetune -> evaluate -> deploy ran three times with more and more fine-tuning steps:
     three versions, each better than the last, each promoted to champion."""
-    from conftest import write_tiny_data
+    from helpers import write_tiny_data
 
     base = tmp_path_factory.mktemp("rollback")
     data = write_tiny_data(base / "data")
@@ -169,7 +169,7 @@ def test_mlflow_models_serve_answers_for_the_champion(three_deploys):
     import mlflow
     import requests
 
-    from conftest import NEG, POS, free_port
+    from helpers import NEG, POS, free_port
 
     wd, env = three_deploys
     port = free_port()
@@ -213,7 +213,7 @@ def test_a_server_on_the_champion_follows_a_rollback(three_deploys):
     import mlflow
     import requests
 
-    from conftest import NEG, POS, Server
+    from helpers import NEG, POS, Server
 
     wd, env = three_deploys
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])

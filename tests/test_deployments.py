@@ -17,7 +17,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, SHARED_DATA, STAGES, clean_env, free_port, make_repo, sh
+from helpers import ROOT, SHARED_DATA, STAGES, clean_env, free_port, make_repo, sh
 
 RUN_TIMEOUT = 720  # seconds for the smoke pipeline through the worker (2 shared CPU cores)
 SWEEP = {"profile": "smoke", "fixed": {"finetune.max_steps": 4, "finetune.eval_every": 2},

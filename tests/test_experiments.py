@@ -13,23 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, STAGES, clean_env, make_repo, sh, tiny_params
+from helpers import ROOT, STAGES, clean_env, exp_metrics, make_repo, sh, tiny_params
 
 UPSTREAM = ("clean", "tokenize", "pretrain")
 
 
 def _ran(output: str) -> list[str]:
     return [s for s in STAGES if f"Running stage '{s}'" in output]
-
-
-def _exp_metrics(repo, name: str) -> dict:
-    """The metrics `dvc exp show --json` reports for the experiment `name`."""
-    for rev in json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout):
-        for exp in rev.get("experiments") or []:
-            for run in exp.get("revs") or []:
-                if run.get("name") == name:
-                    return run["data"]["metrics"]
-    raise AssertionError(f"experiment {name} not in dvc exp show")
 
 
 @pytest.mark.slow  # the flow test runs the same experiment mechanism in the default set
@@ -56,7 +46,7 @@ def test_experiments_reuse_cached_stages_and_carry_metrics(tmp_path, tiny_data):
 
     # dvc exp show carries each experiment's metrics; the workspace's are versioned in git
     for name in ("ft-short", "ft-queued"):
-        metrics = _exp_metrics(repo, name)
+        metrics = exp_metrics(repo, name)
         ev = metrics["metrics/eval.json"]["data"]
         assert 0 <= ev["classifier"]["accuracy"] <= 1 and ev["lm"]["perplexity"] > 1
         assert "benefit" in ev and "metrics/pretrain.json" in metrics

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, mlflow_runs, prepare_workdir, run_module
+from helpers import free_port, mlflow_runs, prepare_workdir, run_module
 
 BIN = Path(sys.executable).parent
 
@@ -203,7 +203,7 @@ def _still_running(marker: str) -> list[str]:
 @pytest.mark.slow  # the flow up to pretrain, SIGTERM, then the resume: about two minutes
 def test_sigterm_to_a_running_flow_stops_it_within_15_s_with_its_checkpoint_and_a_crashed_run(tmp_path: Path,
                                                                                                  tiny_data: Path):
-    from conftest import clean_env, make_repo, tiny_params
+    from helpers import clean_env, make_repo, tiny_params
 
     from lmpipe.checkpoints import latest_checkpoint
 
@@ -268,7 +268,7 @@ def test_a_truncated_file_in_the_dvc_cache_or_the_workspace_is_detected_and_repr
                                                                                                    tiny_data: Path):
     import hashlib
 
-    from conftest import make_repo, sh, tiny_params
+    from helpers import make_repo, sh, tiny_params
 
     repo = make_repo(tmp_path / "repo", tiny_params(), tiny_data)
     sh(repo, sys.executable, "-m", "dvc", "repro", "pretrain")
@@ -333,7 +333,7 @@ class PrefectServer:
 @pytest.mark.slow  # a real Prefect server killed and restarted under a running flow: about three minutes
 def test_a_prefect_server_restarted_during_a_flow_run_leaves_one_completed_run_and_no_stage_twice(tmp_path: Path,
                                                                                                  tiny_data: Path):
-    from conftest import clean_env, make_repo, stage_runs, tiny_params
+    from helpers import clean_env, make_repo, stage_runs, tiny_params
 
     raw = tiny_params()
     raw["pretrain"].update(max_steps=600, checkpoint_every=100, eval_every=1000, log_every=50)
@@ -389,9 +389,7 @@ def _cache_intact(repo: Path) -> list[str]:
 
 @pytest.mark.slow  # two whole tiny pipelines at once through DVC's queue: about four minutes
 def test_two_experiments_at_once_through_dvc_queue_finish_with_their_own_metrics(tmp_path: Path, tiny_data: Path):
-    from conftest import make_repo, sh, tiny_params
-
-    from test_experiments import _exp_metrics
+    from helpers import exp_metrics, make_repo, sh, tiny_params
 
     import mlflow
 
@@ -412,12 +410,12 @@ def test_two_experiments_at_once_through_dvc_queue_finish_with_their_own_metrics
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     losses = {}
     for name, lr in names.items():
-        pretrain = _exp_metrics(repo, name)["metrics/pretrain.json"]["data"]
+        pretrain = exp_metrics(repo, name)["metrics/pretrain.json"]["data"]
         run = client.get_run(pretrain["mlflow_run_id"])
         assert float(run.data.params["pretrain.learning_rate"]) == lr and run.info.status == "FINISHED"
         assert run.data.metrics["final.val_loss"] == pytest.approx(pretrain["val_loss"])
         losses[name] = pretrain["val_loss"]
-        assert _exp_metrics(repo, name)["metrics/eval.json"]["data"]["lm"]["perplexity"] > 1
+        assert exp_metrics(repo, name)["metrics/eval.json"]["data"]["lm"]["perplexity"] > 1
     assert losses["lr-low"] != losses["lr-high"]
     assert _cache_intact(repo) == []
     pretrains = [r for r in client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])

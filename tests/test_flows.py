@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import STAGES, make_repo, mlflow_runs, sh, tiny_params
+from helpers import STAGES, make_repo, mlflow_runs, sh, tiny_params
 
 
 def _runs(repo: Path):

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import NEG, POS, ROOT, SHARED_DATA, Server, free_port, run_module, tiny_classifier
+from helpers import NEG, POS, ROOT, SHARED_DATA, Server, free_port, run_module, tiny_classifier
 from lmpipe import monitoring
 
 TOKEN = "drift-token"

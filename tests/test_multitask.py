@@ -12,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import Server, run_module, tiny_params, tiny_tasks_params, write_tiny_data, write_tiny_tasks
+from helpers import Server, run_module, tiny_params, tiny_tasks_params, write_tiny_data, write_tiny_tasks
 
 
 def _work(tmp_path: Path, monkeypatch, **finetune) -> Path:

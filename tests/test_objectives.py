@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import Server, run_module, tiny_params, write_tiny_data
+from helpers import Server, run_module, tiny_params, write_tiny_data
 
 
 def _work(tmp_path: Path, monkeypatch, **pretrain) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import SHARED_DATA, STAGES, clean_env, free_port, make_repo, mlflow_runs, sh, stage_runs, tiny_params
+from helpers import SHARED_DATA, STAGES, clean_env, free_port, make_repo, mlflow_runs, sh, stage_runs, tiny_params
 
 def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     repo = make_repo(tmp_path / "repo", tiny_params())

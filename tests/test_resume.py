@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,42 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_for_reference, mlflow_runs, prepare_workdir, run_module
-
-
-def _steps(folder: Path, variant: str | None = None) -> list[int]:
-    """Steps of the complete checkpoints under folder (of one finetune variant only, when given)."""
-    from lmpipe.checkpoints import checkpoint_complete
-
-    try:
-        found = list(folder.rglob("checkpoint-*"))
-    except FileNotFoundError:  # Trainer rotated a checkpoint away while we walked: look again later
-        return []
-    return sorted(int(p.name.split("-")[1]) for p in found
-                  if checkpoint_complete(p) and (variant is None or p.parent.name == variant))
-
-
-def _start(stage: str, workdir: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _kill_after(stage: str, workdir: Path, ckpt_root: Path, past: int, timeout: float = 300,
-                variant: str | None = None) -> int:
-    """Start the stage, SIGKILL it once a checkpoint beyond `past` (of `variant`) is complete; returns that step."""
-    proc = _start(stage, workdir)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done = [s for s in _steps(ckpt_root, variant) if s > past]
-        if done:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return done[-1]
-        assert proc.poll() is None, f"{stage} finished before it could be killed"
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("no checkpoint appeared")
+from helpers import checkpoint_steps, copy_for_reference, kill_after, mlflow_runs, prepare_workdir, run_module
 
 
 @pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
@@ -62,8 +26,8 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
     expected = json.loads((ref / "metrics" / "pretrain.json").read_text())
 
     ckpts = workdir / "checkpoints" / "pretrain"
-    first = _kill_after("pretrain", workdir, ckpts, past=0)
-    second = _kill_after("pretrain", workdir, ckpts, past=first)
+    first = kill_after("pretrain", workdir, ckpts, past=0)
+    second = kill_after("pretrain", workdir, ckpts, past=first)
     assert 0 < first < second < 400
     # a checkpoint cut short by a kill (state file truncated) must never be loaded
     fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
@@ -109,8 +73,8 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     expected = json.loads((ref / "metrics" / "finetune.json").read_text())["classifier"]
 
     ckpts = workdir / "checkpoints" / "finetune"
-    first = _kill_after("finetune", workdir, ckpts, past=0)
-    second = _kill_after("finetune", workdir, ckpts, past=first)
+    first = kill_after("finetune", workdir, ckpts, past=0)
+    second = kill_after("finetune", workdir, ckpts, past=first)
     assert 0 < first < second
     res = run_module("stages.finetune", workdir)
     assert res.returncode == 0, res.stderr
@@ -135,7 +99,7 @@ def test_finetune_killed_during_the_scratch_twin_keeps_the_finished_classifier(w
 
     # SIGKILL while the scratch twin trains: the classifier is finished by then
     ckpts = workdir / "checkpoints" / "finetune"
-    _kill_after("finetune", workdir, ckpts, past=0, variant="scratch")
+    kill_after("finetune", workdir, ckpts, past=0, variant="scratch")
     killed_ms = time.time() * 1000
     fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
     assert (fp_dir / "finished" / "classifier" / "model.safetensors").is_file()
@@ -187,14 +151,14 @@ def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):
     prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                       log_every=20))
     ckpts = workdir / "checkpoints" / "pretrain"
-    step = _kill_after("pretrain", workdir, ckpts, past=0)
+    step = kill_after("pretrain", workdir, ckpts, past=0)
 
     res = run_module("stages.pretrain", workdir, "--set", "pretrain.learning_rate=0.001")
     assert res.returncode == 2, res.stderr
     line = [ln for ln in res.stderr.splitlines() if "error:" in ln][-1]
     assert line.startswith("pretrain: error: ") and "another configuration" in line, line
     assert "pretrain.learning_rate 0.002 -> 0.001" in line, line
-    assert step in _steps(ckpts), "the refused run must leave the unfinished checkpoint alone"
+    assert step in checkpoint_steps(ckpts), "the refused run must leave the unfinished checkpoint alone"
 
     # cadence settings are not part of the configuration: the same run resumes with them changed
     res = run_module("stages.pretrain", workdir, "--set", "pretrain.eval_every=100")
@@ -223,10 +187,10 @@ def test_full_disk_fails_the_checkpoint_in_one_line_and_keeps_the_previous(workd
             proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain"], cwd=workdir, env=env,
                                     stdout=subprocess.DEVNULL, stderr=err)
             deadline = time.time() + 300
-            while not _steps(disk) and time.time() < deadline:
+            while not checkpoint_steps(disk) and time.time() < deadline:
                 assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
                 time.sleep(0.02)
-            first = _steps(disk)[0]
+            first = checkpoint_steps(disk)[0]
             # the disk fills up before the next checkpoint
             with open(disk / "filler", "wb") as f:
                 try:
@@ -243,7 +207,7 @@ def test_full_disk_fails_the_checkpoint_in_one_line_and_keeps_the_previous(workd
             stderr[-3000:]
         assert f"checkpoint-{first} is intact" in line, line
         assert "Traceback" not in stderr
-        assert _steps(disk) == [first]
+        assert checkpoint_steps(disk) == [first]
         assert [p.name for p in disk.rglob("checkpoint-*")] == [f"checkpoint-{first}"], "no partial checkpoint left"
 
         # with space again, the re-run resumes from the kept checkpoint and finishes

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, clean_env
+from helpers import ROOT, clean_env
 
 FREE_PORTS = ["--set", "services.postgres_port=0", "--set", "services.mlflow_port=0",
               "--set", "services.prefect_port=0"]
@@ -183,7 +183,7 @@ def test_two_hosts_share_services_and_a_dvc_remote(tmp_path: Path, tiny_data: Pa
     worker on B runs a deployment run created on A."""
     import mlflow
 
-    from conftest import STAGES, make_repo, sh, tiny_params
+    from helpers import STAGES, make_repo, sh, tiny_params
 
     env = exported(lmpipe_services("up", state_dir, *FREE_PORTS).stdout)
     uri, api = env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"]

@@ -14,7 +14,7 @@ import pytest
 import requests
 import torch
 
-from conftest import NEG, POS, free_port, run_module, section
+from helpers import NEG, POS, free_port, run_module, section
 
 
 def _serve(model_dir: Path, workdir: Path, port: int) -> subprocess.Popen:

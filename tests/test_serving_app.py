@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import NEG, POS, ROOT, Server, run_module, tiny_classifier
+from helpers import NEG, POS, ROOT, Server, run_module, tiny_classifier
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

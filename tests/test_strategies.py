@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_for_reference, run_module, tiny_params, write_tiny_data
+from helpers import copy_for_reference, run_module, tiny_params, write_tiny_data
 
 # -- a tiny pretrained model per architecture, made once per module; each test works on a copy --------------
 
@@ -407,7 +407,7 @@ def test_distill_without_a_teacher_is_refused_by_validation():
 
 @pytest.mark.slow  # minutes on 2 cores; CI runs the slow set
 def test_lora_survives_sigkill_and_resumes_to_the_same_metrics(work, tmp_path):
-    from test_resume import _kill_after
+    from helpers import kill_after
 
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["finetune"].update(strategy="lora", max_steps=60, eval_every=10, batch_size=4)
@@ -417,7 +417,7 @@ def test_lora_survives_sigkill_and_resumes_to_the_same_metrics(work, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     expected = json.loads((ref / "metrics" / "finetune.json").read_text())["classifier"]
 
-    step = _kill_after("finetune", work, work / "checkpoints" / "finetune", past=0)
+    step = kill_after("finetune", work, work / "checkpoints" / "finetune", past=0)
     assert 0 < step < 60
     res = run_module("stages.finetune", work)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -425,7 +425,7 @@ def test_lora_survives_sigkill_and_resumes_to_the_same_metrics(work, tmp_path):
     assert got["steps"] == 60
     assert abs(got["val_loss"] - expected["val_loss"]) < 1e-4 and got["val_accuracy"] == expected["val_accuracy"]
     assert _weights(work / "models" / "finetune").keys() == _weights(ref / "models" / "finetune").keys()
-    from conftest import mlflow_runs
+    from helpers import mlflow_runs
 
     runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "finetune"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import clean_env, make_repo, mlflow_runs, sh, tiny_params
+from helpers import clean_env, make_repo, mlflow_runs, sh, tiny_params
 
 LMPIPE = str(Path(sys.executable).parent / "lmpipe")
 

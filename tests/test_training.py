@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import section
 from lmpipe.checkpoints import latest_checkpoint
-from conftest import section
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import perplexity, predict_proba
 from lmpipe.modeling import build_lm, build_lm_config, check_vocab, load_classifier
@@ -102,7 +102,7 @@ def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
 
     import yaml
 
-    from conftest import run_module
+    from helpers import run_module
 
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     raw["tokenize"]["kind"] = "wordpiece"
@@ -131,7 +131,7 @@ def test_training_stages_log_loss_curves_and_datasets_to_mlflow(workdir):
     """pretrain and finetune runs carry their loss curves as PNG artifacts; finetune its data splits as datasets."""
     import os
 
-    from conftest import mlflow_runs, run_module
+    from helpers import mlflow_runs, run_module
 
     for stage in ("clean", "tokenize", "pretrain", "finetune"):
         res = run_module(f"stages.{stage}", workdir)
@@ -156,7 +156,7 @@ def test_overlapping_windows_reach_the_trainer_through_the_stage(workdir):
 
     import yaml
 
-    from conftest import run_module
+    from helpers import run_module
     from lmpipe.tokenizer import load_blocks
 
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
@@ -238,7 +238,7 @@ def test_a_second_compiled_run_loads_its_graphs_from_the_cache_and_a_new_shape_c
     import platform
     import shutil
 
-    from conftest import prepare_workdir, run_module
+    from helpers import prepare_workdir, run_module
 
     prepare_workdir(workdir, lambda r: r["pretrain"].update(compile=True, arch="gpt2"))
     env = {"LMPIPE_COMPILE_CACHE": str(tmp_path / "compile-cache")}
