@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -62,13 +63,15 @@ def _stop(signum, frame) -> None:
 
 
 def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: bool = False,
-              uses_torch: bool = True) -> int:
+              uses_torch: bool = True, processes: Callable[[Params], int] | None = None) -> int:
     """Parse `--params/--set`, validate, open the stage's MLflow run, call body(params, root, run).
 
     resumable: the stage checkpoints (lmpipe.checkpoints); its run id is kept next to the checkpoints
     so that a re-run after a crash reattaches to the same MLflow run. uses_torch: False for a stage that
     never touches torch (clean), which then neither imports nor seeds it (with its deterministic mode that
-    costs ~3.5 s a run, measured)."""
+    costs ~3.5 s a run, measured). processes: how many training processes the params ask for; above one the
+    stage is started again under torchrun (DDP, no home-made process management; Trainer picks gloo on CPU,
+    nccl on GPU), each process with this argv, and this one waits for them."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"lmpipe {name} stage")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -80,6 +83,18 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
         overrides = dict(parse_override(s) for s in args.set)
         params = load_params(args.params, overrides=overrides)
         root = repo_root()
+        nproc = processes(params) if processes is not None and "LOCAL_RANK" not in os.environ else 1
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", f"stages.{name}", *(sys.argv[1:] if argv is None else argv)]
+            print("+", " ".join(cmd), flush=True)
+            launcher = subprocess.Popen(cmd)
+            try:
+                return launcher.wait()
+            except KeyboardInterrupt:  # SIGTERM/Ctrl-C: torchrun passes SIGTERM on to every rank
+                launcher.terminate()
+                launcher.wait()
+                raise
         if int(os.environ.get("RANK", "0")) != 0:
             # torchrun worker ranks > 0 take part in training only: no MLflow run, no outputs
             seed_everything(params.common.seed, uses_torch)

@@ -1,172 +1,22 @@
-"""Pretrain a small language model from scratch on the packed token blocks, or continue a checkpoint's.
+"""Pretrain the language model (from scratch, or continue a checkpoint's pretraining).
 
-    python -m stages.pretrain         # what `dvc repro pretrain` runs
+    python -m stages.pretrain    # what `dvc repro pretrain` runs; --params FILE, --set KEY=VALUE for a run by hand
 
-Builds a transformers config (Llama by default, GPT-2 or BERT selectable) from `pretrain`, or, with
-pretrain.init: <checkpoint> (`package:<name>` or a local HF dir), loads that checkpoint with its MLM or CLM
-head (continued, domain-adaptive pretraining on the blocks its own tokenizer packed), trains with Trainer,
-checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (lmpipe/checkpoints.py: a re-run after a crash
-resumes there and reattaches to the same MLflow run; a different configuration is
-refused while that unfinished run's checkpoint is there), saves the final model (safetensors) + tokenizer
-to pretrain.out_dir and logs the loss curve (pretrain.plot, and as a PNG) to MLflow.
+Reads `common` + `pretrain`; writes pretrain.out_dir (model + tokenizer), pretrain.plot, pretrain.metrics.
+pretrain.nproc_per_node > 1 runs the recipe under torchrun (DDP).
+What it does, step by step: lmpipe/recipes/pretrain.py.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-import mlflow
-from transformers import AutoConfig
-
-from lmpipe import checkpoints, objectives, tracking
-from lmpipe.config import Params, device
-from lmpipe.errors import ConfigError, DataError
-from lmpipe.evaluation import curve_figure
-from lmpipe.io import atomic_dir, read_parquet, write_json
-from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab,
-                             load_continued_lm, load_tokenizer, max_positions, resolve_model_ref, save_lm)
+from lmpipe.recipes.pretrain import pretrain, processes
 from lmpipe.stage import run_stage
-from lmpipe.tokenizer import load_blocks
-from lmpipe.tracking import log_metrics_bounded
-from lmpipe.training import pretrain as train_lm, write_curve
-
-SENTENCE_OBJECTIVES = ("simcse", "mlm_nsp")
-
-
-def pretrain(params: Params, root: Path, run) -> None:
-    cfg = params.pretrain
-    tok_dir, blocks_dir = root / params.tokenize.tokenizer_dir, root / params.tokenize.out_dir
-    tokenizer = load_tokenizer(tok_dir)
-    blocks = {}
-    for split in ("train", "validation"):
-        path = blocks_dir / f"{split}.npy"
-        if not path.is_file():
-            raise DataError(f"{path}: missing; run the tokenize stage first (dvc repro tokenize)")
-        blocks[split] = load_blocks(path)
-
-    # 1) model from a transformers config, or the init checkpoint; refuse shapes the model cannot take
-    block = blocks["train"].shape[1]
-    sentence_level = cfg.objective in SENTENCE_OBJECTIVES  # simcse, mlm_nsp: sentences, not packed blocks
-    continued = None
-    if sentence_level:
-        init_dir = None if cfg.init == "scratch" else resolve_model_ref(cfg.init, root, "pretrain.init")
-        if init_dir is not None:
-            check_checkpoint(AutoConfig.from_pretrained(init_dir), cfg.init, cfg.objective, block)
-        model, config = objectives.build_model(cfg, tokenizer, init_dir, attention_implementation(cfg))
-        if block > max_positions(config):
-            raise ConfigError(f"tokenize.block_size: {block} exceeds the model's {max_positions(config)} positions")
-        check_vocab(config, tokenizer, "pretrain")
-        docs = {split: _corpus(root / params.clean.out_dir, split) for split in ("train", "validation")}
-    elif cfg.init == "scratch":
-        config = build_lm_config(cfg, tokenizer)
-        if block > max_positions(config):
-            raise ConfigError(f"tokenize.block_size: {block} exceeds pretrain.max_position_embeddings ({max_positions(config)})")
-        check_vocab(config, tokenizer, "pretrain")
-        model, init_dir, continued = build_lm(config, cfg.objective, attention_implementation(cfg)), None, None
-    else:
-        init_dir = resolve_model_ref(cfg.init, root, "pretrain.init")
-        config = AutoConfig.from_pretrained(init_dir)
-        check_checkpoint(config, cfg.init, cfg.objective, block)
-        check_vocab(config, tokenizer, "pretrain")
-        continued = load_continued_lm(init_dir, cfg.objective, attention_implementation(cfg))
-        model = continued.model
-        if continued.new_weights:
-            print(f"pretrain: {cfg.init} has no weights for {', '.join(continued.new_weights)}; "
-                  f"transformers initialised them (the {cfg.objective} head is trained from here)")
-
-    # 2) checkpoints live under a fingerprint of everything that makes them resumable; an unfinished
-    #    run of another configuration is refused, never loaded or deleted
-    is_main = run is not None  # torchrun ranks > 0 get no run and write nothing
-    if is_main:
-        ckpt_dir = checkpoints.claim("pretrain", params, root)
-    else:
-        ckpt_dir = checkpoints.checkpoint_dir("pretrain", params, root)
-    fp = ckpt_dir.name
-    if is_main:
-        mlflow.set_tags({"pretrain.fingerprint": fp, "pretrain.parameters": sum(p.numel() for p in model.parameters()),
-                         "pretrain.world_size": os.environ.get("WORLD_SIZE", "1")})
-        if continued is not None:
-            mlflow.set_tags({"pretrain.init": cfg.init, "pretrain.init_model_type": config.model_type,
-                             "pretrain.init_new_weights": ",".join(continued.new_weights)[:5000] or "none",
-                             "pretrain.init_carried_weights": ",".join(continued.unused_weights)[:5000] or "none"})
-
-    # 3) train
-    dev = device(params.common)
-    if sentence_level:
-        result = objectives.train(model, tokenizer, docs["train"], docs["validation"], cfg, block, dev,
-                                  params.common.seed, ckpt_dir)
-    else:
-        result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
-    if not is_main:
-        return
-    tracking.settle(params.common.tracking_grace_s)  # every training metric sent before any output is written
-    if result.resumed_from:
-        mlflow.set_tag("pretrain.resumed_from", result.resumed_from)
-
-    # 4) outputs: model + tokenizer (self-contained HF dir), curve, metrics
-    with atomic_dir(root / cfg.out_dir) as out:
-        save_lm(result.model, out, init_dir, continued.unused_weights if continued else ())
-        tokenizer.save_pretrained(str(out))
-    write_curve(root / cfg.plot, result.curve)
-    metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()},
-               "device": dev, "mlflow_run_id": run.info.run_id}
-    write_json(root / cfg.metrics, metrics)
-    log_metrics_bounded({f"final.{k}": v for k, v in result.metrics.items()})
-    mlflow.log_artifact(str(root / cfg.plot))
-    mlflow.log_figure(curve_figure(result.curve, "pretrain"), "pretrain_loss.png")
-    checkpoints.release(ckpt_dir)
-    m = result.metrics
-    line = f"pretrain: {cfg.objective}: {m['steps']} steps, val loss {m['val_loss']:.4f}"
-    if "val_perplexity" in m:
-        line += f" (ppl {m['val_perplexity']:.1f})"
-    if "val_nsp_accuracy" in m:
-        line += f", NSP accuracy {m['val_nsp_accuracy']:.4f}"
-    rate = f"{m['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in m else f"{m['examples_per_s']:.1f} examples/s"
-    print(f"{line}, {rate} on {dev}")
-
-
-def _corpus(clean_dir: Path, split: str) -> list[str]:
-    """The clean corpus documents of one split (the sentence-level objectives split them into sentences)."""
-    return read_parquet(clean_dir / f"corpus_{split}.parquet", "clean")["text"].tolist()
-
-
-def _torchrun_nproc(argv: list[str]) -> int:
-    """How many processes pretrain.nproc_per_node asks for (1 when already under torchrun)."""
-    if "LOCAL_RANK" in os.environ:
-        return 1
-    import argparse
-
-    from lmpipe.config import load_params, parse_override
-    from lmpipe.errors import LmpipeError
-
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", action="append", default=[])
-    args, _ = ap.parse_known_args(argv)
-    try:
-        n = load_params(args.params, overrides=dict(parse_override(s) for s in args.set)).pretrain.nproc_per_node
-    except LmpipeError:
-        return 1  # run_stage reports the problem
-    if n == "auto":
-        import torch
-
-        n = torch.cuda.device_count() or os.cpu_count() or 1
-    return int(n)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    nproc = _torchrun_nproc(argv)
-    if nproc > 1:
-        # DDP through torchrun (no home-made process management); Trainer picks gloo on CPU, nccl on GPU
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "stages.pretrain", *argv]
-        print("+", " ".join(cmd), flush=True)
-        return subprocess.call(cmd)
-    return run_stage("pretrain", pretrain, argv, resumable=True)
+    return run_stage("pretrain", pretrain, argv, resumable=True, processes=processes)
 
 
 if __name__ == "__main__":

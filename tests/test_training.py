@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -262,3 +264,19 @@ def test_a_second_compiled_run_loads_its_graphs_from_the_cache_and_a_new_shape_c
     assert second["val_loss"] == pytest.approx(first["val_loss"], abs=1e-4)  # the cached kernels compute the same
     wider = run("--set", "pretrain.hidden_size=32", "--set", "pretrain.intermediate_size=64")
     assert wider["compile_graphs_compiled"] > 0  # another shape: compiled, not loaded from the 16-wide entries
+
+
+def test_compile_cache_is_lmpipes_folder_unless_the_user_names_one(tmp_path):
+    """Importing Trainer makes inductor set TORCHINDUCTOR_CACHE_DIR to torch's temp-folder default; the stage's
+    cache must still be ~/.cache/lmpipe/torch-compile (XDG_CACHE_HOME here), and a folder the user set wins."""
+    import subprocess
+    import sys
+
+    script = ("from lmpipe.training import compile_cache; print(compile_cache())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "LMPIPE_COMPILE_CACHE")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str((tmp_path / "xdg" / "lmpipe" / "torch-compile").resolve())
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str((tmp_path / "mine").resolve())

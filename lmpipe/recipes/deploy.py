@@ -1,0 +1,176 @@
+"""Deploy: quality gate, compressed variants measured and gated, MLflow model registry, champion alias.
+
+    python -m stages.deploy           # the DVC stage `deploy` (stages/deploy.py) runs this recipe
+
+1) gate: classifier.accuracy in evaluate.metrics must reach deploy.min_accuracy, else nothing is registered;
+2) variants (deploy.variants, lmpipe/compress.py): each is built from the fine-tuned model, scored on the
+   same test split as evaluate (accuracy, macro-F1) and timed on the same inputs (batch 1 and 32), its size
+   measured; a variant that loses more than deploy.max_accuracy_drop against fp32 is refused (recorded in
+   metrics/deploy.json and on the MLflow run, not an error);
+3) every variant that passed is registered under deploy.model_name with its figures as version tags; the
+   alias (champion) moves to the deploy.serve_variant version when it beats the holder (fp32 when that
+   variant was refused); the served variant is exported to deploy.out_dir/model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from lmpipe import compress, tasks
+from lmpipe.config import Params
+from lmpipe.errors import DataError
+from lmpipe.io import atomic_dir, read_json, write_json
+from lmpipe.lineage import PARENT_TAG, log_lock
+from lmpipe.monitoring import REFERENCE_FILE
+from lmpipe.registry import log_variant, promote
+
+
+def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.DataFrame],
+                     reference: Path | None = None) -> list[dict]:
+    """Build, score, time and gate every variant of deploy.variants; rows in that order, fp32 first. `tests`:
+    the test split of each task of the model (a multi-task model's accuracy is the mean over its tasks, each
+    task's own in the row's `tasks`). Each variant directory gets evaluate's drift reference (`reference`) as
+    drift_reference.json."""
+    cfg = params.deploy
+    timing = next(iter(tests.values()))["text"].tolist()[:32]
+    rows: list[dict] = []
+    fp32_acc = None
+    for variant in ["fp32", *[v for v in cfg.variants if v != "fp32"]]:
+        row: dict = {"variant": variant}
+        why = compress.supports(src, variant)
+        if why:
+            rows.append({**row, "status": "unsupported", "reason": why})
+            print(f"deploy: variant {variant}: not built ({why})")
+            continue
+        dest = work / variant
+        compress.build(variant, src, dest, cfg.sparsity)
+        clf = compress.load(dest)
+        m = tasks.score({t: clf.predict_proba(df["text"].tolist(), params.evaluate.batch_size) for t, df in tests.items()},
+                        {t: df["label"].to_numpy() for t, df in tests.items()}, clf.layout)
+        if len(tests) > 1:
+            row["tasks"] = {t: round(tm["accuracy"], 6) for t, tm in m["tasks"].items()}
+        row.update(accuracy=m["accuracy"], f1_macro=m["f1_macro"], dir=str(dest),
+                   latency_b1_ms=round(compress.latency_ms(clf, timing, 1, cfg.latency_repeats), 3),
+                   latency_b32_ms=round(compress.latency_ms(clf, timing, 32, cfg.latency_repeats), 3),
+                   size_mb=round(compress.size_mb(dest), 3))
+        del clf
+        if reference is not None:  # the server's drift monitor reads it from the model directory (not in size_mb)
+            shutil.copy2(reference, dest / REFERENCE_FILE)
+        if variant == "fp32":
+            fp32_acc = m["accuracy"]
+        row["accuracy_drop"] = round(fp32_acc - m["accuracy"], 6)
+        if variant != "fp32" and row["accuracy_drop"] > cfg.max_accuracy_drop:
+            row.update(status="refused", reason=f"accuracy drop {row['accuracy_drop']:.4f} > deploy.max_accuracy_drop "
+                                                  f"{cfg.max_accuracy_drop}")
+        else:
+            row["status"] = "passed"
+        rows.append(row)
+        print(f"deploy: variant {variant}: accuracy {m['accuracy']:.4f} (drop {row['accuracy_drop']:+.4f}), "
+              f"{row['latency_b1_ms']:.1f} ms @1, {row['latency_b32_ms']:.1f} ms @32, {row['size_mb']:.1f} MiB: "
+              f"{row['status']}" + (f" ({row['reason']})" if row["status"] != "passed" else ""))
+    fp32 = rows[0]
+    for row in rows[1:]:
+        if row.get("latency_b1_ms"):
+            row["speedup_b1"] = round(fp32["latency_b1_ms"] / row["latency_b1_ms"], 3)
+            row["speedup_b32"] = round(fp32["latency_b32_ms"] / row["latency_b32_ms"], 3)
+            row["size_ratio"] = round(row["size_mb"] / fp32["size_mb"], 3)
+    if "fp32" not in cfg.variants:
+        rows[0].update(status="reference", reason="not in deploy.variants: measured as the reference, not registered")
+    return rows
+
+
+def deploy(params: Params, root: Path, run) -> None:
+    cfg = params.deploy
+    eval_path = root / params.evaluate.metrics
+    if not eval_path.is_file():
+        raise DataError(f"{eval_path}: missing; run the evaluate stage first (dvc repro evaluate)")
+    ev = read_json(eval_path)
+    acc, f1 = float(ev["classifier"]["accuracy"]), float(ev["classifier"]["f1_macro"])
+    model_dir = root / params.finetune.out_dir
+    result = {"accuracy": acc, "min_accuracy": cfg.min_accuracy, "gate_passed": acc >= cfg.min_accuracy,
+              "mlflow_run_id": run.info.run_id}
+    mlflow.log_metrics({"accuracy": acc, "f1_macro": f1})
+    _join_pipeline_run(run, ev.get("pipeline_run_id"), root)
+
+    with atomic_dir(root / cfg.out_dir) as out, tempfile.TemporaryDirectory(prefix="lmpipe-variants-") as work:
+        if not result["gate_passed"]:
+            (out / "GATE_FAILED").write_text(f"accuracy {acc:.4f} < deploy.min_accuracy {cfg.min_accuracy}\n")
+            mlflow.set_tag("deploy.gate", "failed")
+            print(f"deploy: gate failed: accuracy {acc:.4f} < deploy.min_accuracy {cfg.min_accuracy}; not registered")
+        elif not cfg.publish:
+            result["registered"] = False
+            (out / "NOT_REGISTERED").write_text("deploy.publish is false (e.g. a sweep trial)\n")
+            mlflow.set_tags({"deploy.gate": "passed", "deploy.registered": "false"})
+            print(f"deploy: gate passed (accuracy {acc:.4f}); deploy.publish is false: nothing registered")
+        else:
+            clean_dir = root / params.clean.out_dir
+            tests = {t: tasks.load_split(clean_dir, t, params.clean, "test")
+                     for t in tasks.selected(params.finetune, params.clean)}
+            reference = root / params.evaluate.reference_profile
+            if not reference.is_file():
+                raise DataError(f"{reference}: missing; run the evaluate stage first (dvc repro evaluate)")
+            rows = measure_variants(params, model_dir, Path(work), tests, reference)
+            served = _served(cfg, rows)
+            shutil.copytree(next(r for r in rows if r["variant"] == served)["dir"], out / "model")  # export first
+            result.update(_register(params, rows, served, run))
+            result["variants"] = {r.pop("variant"): {k: v for k, v in r.items() if k != "dir"} for r in rows}
+            (out / "deploy.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(root / cfg.metrics, result)
+
+
+def _served(cfg, rows: list[dict]) -> str:
+    """deploy.serve_variant when it passed the gate, else fp32, else the first variant that passed."""
+    passed = [r["variant"] for r in rows if r["status"] == "passed"]
+    if not passed:
+        raise DataError("deploy: no variant of deploy.variants passed the gate (" + "; ".join(
+            f"{r['variant']}: {r['status']}" + (f" ({r['reason']})" if "reason" in r else "") for r in rows) + ")")
+    return next(v for v in (cfg.serve_variant, "fp32", *passed) if v in passed)
+
+
+def _register(params: Params, rows: list[dict], served: str, run) -> dict:
+    """Register the variants that passed, log their figures, move the alias to the served one when it wins."""
+    cfg = params.deploy
+    client = mlflow.MlflowClient()
+    versions = {}
+    for r in rows:
+        figures = {k: r[k] for k in ("accuracy", "f1_macro", "accuracy_drop", "latency_b1_ms", "latency_b32_ms",
+                                     "size_mb") if k in r}
+        mlflow.log_metrics({f"variant.{r['variant']}.{k}": v for k, v in figures.items()})
+        mlflow.set_tag(f"deploy.variant.{r['variant']}", r["status"] + (f": {r['reason']}" if "reason" in r else ""))
+        if r["status"] == "passed":
+            versions[r["variant"]] = log_variant(Path(r["dir"]), cfg.model_name, r["variant"], figures, run)
+            r["version"] = versions[r["variant"]]
+    result = {"registered_model": cfg.model_name, "served_variant": served, "version": versions[served],
+              "versions": versions, "model_uri": f"models:/{cfg.model_name}/{versions[served]}"}
+    if served != cfg.serve_variant:
+        result["serve_variant_refused"] = cfg.serve_variant
+        print(f"deploy: deploy.serve_variant {cfg.serve_variant} was not registered (see its row); serving {served}")
+    served_row = next(r for r in rows if r["variant"] == served)
+    result.update(promote(client, cfg.model_name, cfg.alias, versions[served], served_row["accuracy"]))
+    mlflow.set_tags({"deploy.gate": "passed", "deploy.version": versions[served], "deploy.served_variant": served,
+                     "deploy.promoted": str(result["promoted"])})
+    old_version, old_acc = result["previous_champion"], result["previous_champion_accuracy"]
+    verdict = (f"{cfg.alias} -> v{versions[served]}" if result["promoted"]
+               else f"{cfg.alias} stays v{old_version} ({old_acc:.4f})")
+    print(f"deploy: registered {cfg.model_name} " + ", ".join(f"{v} v{n}" for v, n in versions.items())
+          + f"; serving {served} (accuracy {served_row['accuracy']:.4f}); {verdict}")
+    return result
+
+
+def _join_pipeline_run(run, evaluate_pipeline_run: str | None, root: Path) -> None:
+    """Nest under the execution's pipeline run (the flow's, or the one evaluate opened) and record this run there."""
+    client = mlflow.MlflowClient()
+    parent = run.data.tags.get(PARENT_TAG) or evaluate_pipeline_run
+    if not parent:
+        return
+    if PARENT_TAG not in run.data.tags:
+        client.set_tag(run.info.run_id, PARENT_TAG, parent)
+    client.set_tag(parent, "stage.deploy.run_id", run.info.run_id)
+    client.set_tag(parent, "stage.deploy", "ran")
+    log_lock(client, parent, root)  # now with evaluate's entry

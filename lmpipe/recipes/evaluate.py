@@ -1,0 +1,222 @@
+"""Evaluate: LM perplexity, classifier vs from-scratch baseline on the held-out test split.
+
+    python -m stages.evaluate         # the DVC stage `evaluate` (stages/evaluate.py) runs this recipe
+
+Writes evaluate.metrics (lm.*, classifier.*, scratch_baseline.*, benefit.*, and with continued pretraining
+original_baseline.* and benefit_continued.*), the confusion matrix
+as a DVC plot (CSV of actual/predicted) and a PNG, the drift reference of the classifier's test predictions
+(evaluate.reference_profile, lmpipe/monitoring.py), and logs one `pipeline` summary run to MLflow
+carrying every param and the final metrics, so pipeline executions compare side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from lmpipe import tasks
+from lmpipe.config import Params, device, flatten
+from lmpipe.errors import DataError
+from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
+from lmpipe.io import atomic_path, read_parquet, write_json
+from lmpipe.modeling import from_pretrained, load_finetuned, load_tokenizer
+from lmpipe.monitoring import length_counter, reference_profile, vocabulary
+from lmpipe.tokenizer import load_blocks
+from lmpipe.lineage import INHERITED_TAGS, log_summary, start_pipeline_run
+from lmpipe.tracking import PARENT_ENV, log_metrics_bounded
+
+
+def _need(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
+    return path
+
+
+def evaluate(params: Params, root: Path, run) -> None:
+    cfg, dev = params.evaluate, device(params.common)
+    clean_dir = root / params.clean.out_dir
+    task_names = tasks.selected(params.finetune, params.clean)
+    tests = {t: tasks.load_split(clean_dir, t, params.clean, "test") for t in task_names}
+    default = task_names[0]  # the confusion plot, the drift reference, /predict without a task
+    test, names = tests[default], tasks.label_names(clean_dir, default, params.clean)
+    labels = test["label"].to_numpy()
+
+    # 1) language model perplexity on the held-out validation blocks; a contrastive encoder has no LM head:
+    #    its embeddings are measured instead, before and after the objective
+    lm_dir = _need(root / params.pretrain.out_dir, "pretrain")
+    objective = params.pretrain.objective
+    lm_metrics, embedding_metrics = None, None
+    if objective == "simcse":
+        embedding_metrics = _embedding_report(params, root, lm_dir, dev)
+    else:
+        auto = AutoModelForMaskedLM if objective in ("mlm", "mlm_nsp") else AutoModelForCausalLM
+        lm = from_pretrained(auto, lm_dir)
+        lm_tok = load_tokenizer(lm_dir)
+        val_blocks = load_blocks(_need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
+        lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, objective in ("mlm", "mlm_nsp"), lm_tok,
+                                params.pretrain.mlm_probability, params.common.seed)
+        del lm
+
+    # 2) classifiers on the test split of every task they have: the selected model and the baselines
+    def score(path: Path, which: list[str]) -> tuple[dict, dict]:
+        model = load_finetuned(path)  # a plain classifier, or base + prefix/prompt adapter
+        tokenizer = load_tokenizer(path)
+        probs = {t: predict_proba(model, tokenizer, tests[t]["text"].tolist(), cfg.batch_size, dev)
+                 for t in which}  # truncates at the length stored with the model
+        layout = tasks.Layout.from_config(model.config)
+        return tasks.score(probs, {t: tests[t]["label"].to_numpy() for t in which}, layout), \
+            {"probs": probs[which[0]], "tokenizer": tokenizer, "layout": layout}
+
+    results = {}
+    for key, folder in (("classifier", params.finetune.out_dir), ("scratch_baseline", params.finetune.scratch_dir),
+                        ("original_baseline", params.finetune.original_dir)):
+        path = _need(root / folder, "finetune")
+        if not (path / "config.json").is_file():
+            continue  # that baseline is off (finetune.scratch_baseline / original_baseline: false)
+        results[key], seen = score(path, task_names)
+        if key == "classifier":
+            main = seen
+    singles = {}
+    if params.finetune.single_task_baselines:
+        for t in task_names:
+            singles[t] = score(_need(root / params.finetune.single_task_dir / t, "finetune"), [t])[0]
+    probs_main, tok_main, layout = main["probs"], main["tokenizer"], main["layout"]
+    preds_main, _ = layout.predict(probs_main, default if layout.multi else None)
+    default_names = list(layout.labels[layout.index(default)]) if layout.multi else list(layout.labels[0])
+
+    metrics: dict = {"test_examples": int(len(test))}
+    if lm_metrics is not None:
+        metrics["lm"] = {"perplexity": lm_metrics["perplexity"], "loss": lm_metrics["loss"], "tokens": lm_metrics["tokens"]}
+    if embedding_metrics is not None:
+        metrics["embeddings"] = embedding_metrics
+    for key, m in results.items():
+        metrics[key] = {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+        if len(task_names) > 1:
+            metrics[key]["tasks"] = m["tasks"]
+    if len(task_names) > 1:
+        metrics["test_examples_by_task"] = {t: int(len(df)) for t, df in tests.items()}
+    # what pretraining bought (vs random init) and what continuing a checkpoint's pretraining bought (vs the
+    # original checkpoint), each fine-tuned with the same budget
+    for baseline, benefit in (("scratch_baseline", "benefit"), ("original_baseline", "benefit_continued")):
+        if baseline in results:
+            metrics[benefit] = {k: results["classifier"][k] - results[baseline][k] for k in ("accuracy", "f1_macro")}
+    # measured transfer: each task's multi-task score against its single-task model with the same steps
+    if singles:
+        metrics["single_task_baseline"] = {t: {"accuracy": m["accuracy"], "f1_macro": m["f1_macro"]}
+                                           for t, m in singles.items()}
+        metrics["transfer"] = {t: {"multi": results["classifier"]["tasks"][t]["accuracy"],
+                                   "single": singles[t]["accuracy"],
+                                   "difference": results["classifier"]["tasks"][t]["accuracy"] - singles[t]["accuracy"]}
+                               for t in task_names}
+    confusion = results["classifier"]["tasks"][default]["confusion_matrix"]
+    metrics["classifier"]["confusion_matrix"] = confusion
+    id2label = dict(enumerate(default_names))
+
+    # 3) outputs: confusion rows for the DVC plot, PNG, metrics json (with this run's id)
+    with atomic_path(root / cfg.confusion) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        w.writerows((names[a], names[p]) for a, p in zip(labels, preds_main))
+    default_acc = results["classifier"]["tasks"][default]["accuracy"]
+    plot_confusion(confusion, names, root / cfg.confusion_png,
+                   f"classifier on test (accuracy {default_acc:.3f})" if len(task_names) == 1 else
+                   f"classifier on {default} test (accuracy {default_acc:.3f})")
+    # 4) the drift reference the server compares live traffic with: the classifier's test predictions, the
+    # training split's words (what deploy ships in the model directory as drift_reference.json)
+    train_texts = tasks.load_split(clean_dir, default, params.clean, "train")["text"]
+    texts = test["text"].tolist()
+    confidence = layout.predict(probs_main, default if layout.multi else None)[1]
+    profile = reference_profile(texts, [id2label[int(p)] for p in preds_main], confidence.tolist(),
+                                length_counter(tok_main)(texts), vocabulary(train_texts),
+                                label_names=default_names)
+    write_json(root / cfg.reference_profile, profile)
+    # 5) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
+    client = mlflow.MlflowClient()
+    summary_id = os.environ.get(PARENT_ENV) or start_pipeline_run(
+        client, run.info.experiment_id, {k: v for k, v in run.data.tags.items() if k in INHERITED_TAGS})
+    metrics["mlflow_run_id"] = run.info.run_id
+    metrics["pipeline_run_id"] = summary_id
+    write_json(root / cfg.metrics, metrics)
+
+    flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log_metrics_bounded(flat)
+    mlflow.log_artifact(str(root / cfg.confusion_png))
+    mlflow.log_artifact(str(root / cfg.confusion))
+    mlflow.log_artifact(str(root / cfg.reference_profile))
+    mlflow.log_dict({"confusion_matrix": confusion, "labels": names}, "confusion_matrix.json")
+    for t in task_names[1:]:  # the other tasks' confusion matrices, as artifacts
+        tm = results["classifier"]["tasks"][t]
+        mlflow.log_dict({"confusion_matrix": tm["confusion_matrix"], "labels": list(layout.labels[layout.index(t)])},
+                        f"confusion_matrix_{t}.json")
+    for t, df in tests.items():
+        where = tasks.task_dir(Path(params.clean.out_dir), t, params.clean) / "labeled_test.parquet"
+        mlflow.log_input(mlflow.data.from_pandas(df, source=str(where), targets="label",
+                                                 name="labeled_test" if len(tests) == 1 else f"labeled_test_{t}"),
+                         context="test")
+    log_summary(client, summary_id, params, root, metrics)
+    if not os.environ.get(PARENT_ENV):
+        client.set_terminated(summary_id)  # deploy reopens nothing: it only adds tags
+    if lm_metrics is not None:
+        line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; "
+    else:
+        e = embedding_metrics
+        line = (f"evaluate: simcse embeddings: SST-2 linear probe {e['before']['linear_probe_accuracy']:.4f} -> "
+                f"{e['after']['linear_probe_accuracy']:.4f}, k-NN {e['before']['knn_accuracy']:.4f} -> "
+                f"{e['after']['knn_accuracy']:.4f}, uniformity {e['before']['uniformity']:.3f} -> "
+                f"{e['after']['uniformity']:.3f}, alignment {e['before']['alignment']:.3f} -> {e['after']['alignment']:.3f}; ")
+    line += f"classifier accuracy {metrics['classifier']['accuracy']:.4f}"
+    if len(task_names) > 1:
+        line += " (mean of " + ", ".join(f"{t} {m['accuracy']:.4f}" for t, m in results["classifier"]["tasks"].items()) + ")"
+    for t, tr in metrics.get("transfer", {}).items():
+        line += f"; transfer {t} {tr['difference']:+.4f}"
+    if "scratch_baseline" in metrics:
+        line += f" vs scratch {metrics['scratch_baseline']['accuracy']:.4f}"
+    if "original_baseline" in metrics:
+        line += f" vs original checkpoint {metrics['original_baseline']['accuracy']:.4f}"
+    print(line)
+
+
+PROBE_TRAIN = 2000
+"""Training examples of the frozen-encoder probes (a seeded sample of clean.labeled's train split)."""
+HELD_OUT = 500
+"""Held-out corpus sentences for alignment and uniformity."""
+
+
+def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -> dict:
+    """A contrastive (simcse) encoder against the encoder it started from (the pretrain.init checkpoint, or the
+    same architecture's seeded random init): alignment and uniformity on held-out corpus sentences (the positive
+    pair of a sentence: itself with a tenth of its words deleted), and frozen linear-probe / k-NN accuracy on
+    clean.labeled (SST-2 by default; its test split)."""
+    import torch
+    from transformers import AutoModel
+
+    from lmpipe import embeddings, objectives
+    from lmpipe.config import Augment
+    from lmpipe.modeling import resolve_model_ref, stored_max_length
+    from lmpipe.regularization import augment
+
+    seed, clean_dir = params.common.seed, root / params.clean.out_dir
+    after = AutoModel.from_pretrained(encoder_dir)
+    tokenizer = load_tokenizer(encoder_dir)
+    if params.pretrain.init == "scratch":
+        torch.manual_seed(seed)
+        before = AutoModel.from_config(after.config)
+    else:
+        before = AutoModel.from_pretrained(resolve_model_ref(params.pretrain.init, root, "pretrain.init"))
+    docs = read_parquet(clean_dir / "corpus_validation.parquet", "clean")["text"].tolist()
+    held = objectives.sentence_sample(docs, HELD_OUT, seed)
+    perturbed = augment(pd.DataFrame({"text": held, "label": 0}), Augment(copies=1, probability=0.1, ops=["delete"]),
+                        seed)["text"].tolist()[len(held):]
+    train = read_parquet(clean_dir / "labeled_train.parquet", "clean")
+    train = train.sample(n=min(PROBE_TRAIN, len(train)), random_state=seed)
+    test = read_parquet(clean_dir / "labeled_test.parquet", "clean")
+    pooling = getattr(after.config, embeddings.POOLING_KEY, params.pretrain.pooling)
+    return embeddings.report(before, after, tokenizer, held, perturbed,
+                             (train["text"].tolist(), train["label"].to_numpy()),
+                             (test["text"].tolist(), test["label"].to_numpy()), pooling, params.evaluate.batch_size,
+                             dev, seed, stored_max_length(tokenizer, after.config))
