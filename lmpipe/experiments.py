@@ -30,6 +30,7 @@ import yaml
 from lmpipe import datasource
 from lmpipe.config import Params, load_raw, merge, validate
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.params_file import update_params_file
 
 DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PATH a worker has
 
@@ -76,7 +77,9 @@ def create(root: Path, name: str) -> Path:
 
 
 def write_params(wt: Path, raw: dict) -> None:
-    (wt / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    """The worktree's params.yaml changed to read as `raw`, its comments and key order kept (never re-dumped:
+    `dvc exp apply` of the experiment brings this file into the user's checkout)."""
+    update_params_file(wt / "params.yaml", raw)
 
 
 def env(root: Path, **extra: str) -> dict[str, str]:

@@ -482,9 +482,10 @@ def _log_plots(client, run_id: str, study) -> None:
 
 def apply(root: Path, exp_name: str) -> None:
     """`dvc exp apply` the experiment into the workspace and print the params diff against HEAD."""
-    from lmpipe.experiments import DVC
-
     import yaml
+
+    from lmpipe.experiments import DVC
+    from lmpipe.params_file import update_params_file
 
     res = subprocess.run([*DVC, "exp", "apply", exp_name], cwd=root, capture_output=True, text=True)
     if res.returncode != 0:
@@ -495,6 +496,6 @@ def apply(root: Path, exp_name: str) -> None:
     publish = (yaml.safe_load(head) or {}).get("deploy", {}).get("publish", True)
     if raw.get("deploy", {}).get("publish") != publish:
         raw["deploy"]["publish"] = publish
-        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        update_params_file(root / "params.yaml", raw)  # that one value; the file's comments stay
     diff = subprocess.run(["git", "diff", "--", "params.yaml"], cwd=root, capture_output=True, text=True).stdout
     print(f"applied {exp_name}; params.yaml now differs from HEAD by:\n{diff or '(nothing)'}", flush=True)

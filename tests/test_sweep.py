@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import clean_env, make_repo, mlflow_runs, sh, tiny_params
+from helpers import ROOT, clean_env, make_repo, mlflow_runs, sh, tiny_params
+from lmpipe.params_file import update_params_file
 
 LMPIPE = str(Path(sys.executable).parent / "lmpipe")
 
@@ -33,6 +34,11 @@ def _sweep(repo: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedP
                           timeout=timeout)
 
 
+def _comments(repo: Path) -> list[str]:
+    """params.yaml's comments in order, full-line and end-of-line ones."""
+    return [ln[ln.index("#"):] for ln in (repo / "params.yaml").read_text().splitlines() if "#" in ln]
+
+
 def _exp_metrics(repo: Path) -> dict[str, dict]:
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     return {r["name"]: r["data"] for rev in shown for e in rev.get("experiments") or [] for r in e.get("revs") or []
@@ -47,6 +53,12 @@ GRID = {"space": {"finetune.learning_rate": {"type": "categorical", "choices": [
 @pytest.mark.slow  # four DVC experiments through the sweep CLI: the default suite's longest test (about 2 min on CI)
 def test_grid_sweep_runs_each_point_as_a_dvc_experiment_under_one_mlflow_run(tmp_path, tiny_data):
     repo = _sweep_repo(tmp_path, tiny_data, GRID)
+    # params.yaml as users keep it: the project's own, with its comments, at the tiny values
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    update_params_file(repo / "params.yaml", tiny_params())
+    sh(repo, "git", "commit", "-qam", "params.yaml with its comments")
+    comments = _comments(repo)
+    assert len(comments) > 50
     res = _sweep(repo, "sweeps/tiny.yaml")
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -89,6 +101,9 @@ def test_grid_sweep_runs_each_point_as_a_dvc_experiment_under_one_mlflow_run(tmp
     applied = yaml.safe_load((repo / "params.yaml").read_text())["finetune"]
     assert (applied["learning_rate"], applied["strategy"]) == \
         tuple(trials[best]["params"]["params.yaml"]["data"]["finetune"][k] for k in ("learning_rate", "strategy"))
+    # the trial's params.yaml (written by experiments.write_params) and the deploy.publish flip kept every comment
+    assert _comments(repo) == comments
+    assert yaml.safe_load((repo / "params.yaml").read_text())["deploy"]["publish"] is True
 
 
 @pytest.fixture(scope="module")
