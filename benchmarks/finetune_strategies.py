@@ -89,8 +89,9 @@ def score_on_dev(model_dir: Path, work: Path) -> dict[str, float]:
     """Accuracy and macro-F1 on the pipeline's test split (SST-2 dev), as evaluate computes them."""
     import pandas as pd
 
-    from lmpipe.evaluation import classification_metrics, predict_proba
+    from lmpipe.evaluation import predict_proba
     from lmpipe.modeling import load_finetuned, load_tokenizer
+    from lmpipe.tasks import classification_metrics
 
     test = pd.read_parquet(work / "data" / "clean" / "labeled_test.parquet")
     probs = predict_proba(load_finetuned(model_dir), load_tokenizer(model_dir), test["text"].tolist(), 64, "cpu")

@@ -70,7 +70,7 @@ def build_model(dest: Path) -> Path:
             print(f"built: {stage} {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         import mlflow
 
-        from lmpipe.serving import ClassifierPyfunc
+        from lmpipe.package import ClassifierPyfunc
 
         shutil.rmtree(dest, ignore_errors=True)
         mlflow.pyfunc.save_model(str(dest), python_model=ClassifierPyfunc(),

@@ -7,7 +7,7 @@ Each writer is its own process, like a DVC stage: it opens an MLflow run and log
 `--metrics` metrics each (one log_batch per step, as a training loop logs loss, learning rate, grad norm every
 log_every steps), then ends the run. All writers of a round start together (a barrier after their imports).
 Side (i) is lmpipe's default store, `sqlite:///<tmp>/mlflow.db` opened by every writer directly; side (ii) is
-an MLflow server on PostgreSQL, started by lmpipe.services in a temporary state dir (stopped at the end) unless
+an MLflow server on PostgreSQL, started by lmpipe.team.services in a temporary state dir (stopped at the end) unless
 --server-uri names a running one. A failed call (e.g. `database is locked`) is counted and the writer goes on.
 Prints, per number of writers, metric points/s (all writers together, wall clock of the round) and failures
 for each side, then one JSON line.
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-uri", default=None, help="a running MLflow server (default: start lmpipe services)")
     args = parser.parse_args(argv)
 
-    from lmpipe import services
+    from lmpipe.team import services
     from lmpipe.config import load_params
 
     tmp = Path(tempfile.mkdtemp(prefix="tracking-load-"))

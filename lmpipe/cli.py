@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                      "reload_interval_s": args.reload_interval}
             cfg = _serve_flags(params.serve, flags)
             _tracking(root)
-            from lmpipe.serving import serve
+            from lmpipe.serving.app import serve
 
             serve(uri, args.host, args.port, cfg, token_file=args.token_file,
                   allow_unauthenticated=args.allow_unauthenticated)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(datasource.data_dir(root))
             return 0
         if args.cmd == "services":
-            from lmpipe import services
+            from lmpipe.team import services
 
             cfg = load_params(args.params, dict(parse_override(s) for s in args.set)).services
             lay = services.layout(root, cfg, args.state_dir)

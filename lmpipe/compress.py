@@ -23,11 +23,19 @@ import json
 import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.utils.prune as prune
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from lmpipe.embeddings import encode
+from lmpipe.evaluation import length_batches, predict_proba
+from lmpipe.modeling import ADAPTER_CONFIG, load_finetuned, load_tokenizer, stored_max_length
 from lmpipe.tasks import Layout
 
 VARIANTS = ("fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned")
@@ -44,8 +52,6 @@ def _copy_without_weights(src: Path, dest: Path) -> None:
 
 def supports(src: Path, variant: str) -> str | None:
     """Why `variant` cannot be built from the fine-tuned directory `src`, or None."""
-    from lmpipe.modeling import ADAPTER_CONFIG
-
     if variant != "fp32" and (src / ADAPTER_CONFIG).is_file():
         return "prefix/prompt adapters (virtual tokens) are not exported; only fp32 is served for them"
     return None
@@ -53,15 +59,9 @@ def supports(src: Path, variant: str) -> str | None:
 
 def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
     """Write the variant of the fine-tuned classifier in `src` to `dest` (a new directory)."""
-    import torch
-
-    from lmpipe.modeling import load_finetuned
-
     if variant == "fp32":
         shutil.copytree(src, dest)
     elif variant == "pruned":
-        import torch.nn.utils.prune as prune
-
         model = load_finetuned(src).eval()
         head = _head_names(model)
         for name, module in model.named_modules():
@@ -78,6 +78,8 @@ def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
         _copy_without_weights(src, dest)
         _export_onnx(load_finetuned(src).eval(), dest / "model.onnx")
         if variant == "onnx_int8":
+            # here, not at the top: the quantiser (it imports onnx) costs 1.0-1.2 s (measured on 2 cores after
+            # torch), and only this one variant's build needs it, never a load
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(str(dest / "model.onnx"), str(dest / "model.int8.onnx"), weight_type=QuantType.QInt8)
@@ -94,21 +96,15 @@ def _head_names(model) -> set[str]:
 
 
 def _quantize(model):
-    import torch
-
     return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def _export_onnx(model, path: Path) -> None:
-    import torch
-
     model.config.use_cache = False  # a KV cache object is no ONNX input/output
     ids = torch.ones((2, 8), dtype=torch.long)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's tracer warnings on transformers' masks
         torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
@@ -124,10 +120,6 @@ class Classifier:
     """Any variant directory: texts -> (N, num_labels) probabilities; `.id2label`, `.variant`."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
-        from transformers import AutoConfig
-
-        from lmpipe.modeling import load_tokenizer, stored_max_length
-
         self.dir = Path(model_dir)
         self.variant = variant_of(self.dir)
         self.config = AutoConfig.from_pretrained(self.dir)
@@ -138,33 +130,20 @@ class Classifier:
         self.device = device if self.variant in ("fp32", "pruned") else "cpu"  # int8 and ONNX Runtime: CPU
         self.model = self.session = None
         if self.variant in ("onnx", "onnx_int8"):
-            import onnxruntime as ort
-
             onnx = self.dir / ("model.int8.onnx" if self.variant == "onnx_int8" else "model.onnx")
             opts = ort.SessionOptions()
-            import torch
-
             opts.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch variants
             self.session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
         elif self.variant == "int8_dynamic":
-            import torch
-            from transformers import AutoModelForSequenceClassification
-
             model = _quantize(AutoModelForSequenceClassification.from_config(self.config).eval())
             model.load_state_dict(torch.load(self.dir / "model_int8.pt", weights_only=True))
             self.model = model.eval()
         else:
-            from lmpipe.modeling import load_finetuned
-
             self.model = load_finetuned(self.dir).eval().to(self.device)
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         if self.model is not None:
-            from lmpipe.evaluation import predict_proba
-
             return predict_proba(self.model, self.tokenizer, texts, batch_size, self.device, self.max_length)
-        from lmpipe.evaluation import length_batches
-
         out = np.zeros((len(texts), len(self.id2label)), dtype=np.float32)
         for idx, enc in length_batches(self.tokenizer, texts, batch_size, self.max_length, return_tensors="np"):
             logits = self.session.run(["logits"], {"input_ids": enc["input_ids"].astype(np.int64),
@@ -180,8 +159,6 @@ class Classifier:
 
     def embed(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
         """L2-normalised mean-pooled embeddings of the classifier's encoder (lmpipe/embeddings.py)."""
-        from lmpipe.embeddings import encode
-
         return encode(self.model, self.tokenizer, texts, batch_size, self.device, "mean", self.max_length).tolist()
 
     def tasks(self) -> dict[str, list[str]]:

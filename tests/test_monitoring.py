@@ -75,7 +75,7 @@ def _wait(srv: Server, done, what: str) -> dict:
 
 @pytest.fixture(scope="module")
 def drift_server(tmp_path_factory):
-    from lmpipe.serving import HFClassifier
+    from lmpipe.package import HFClassifier
 
     tmp = tmp_path_factory.mktemp("drift")
     model_dir = tiny_classifier(tmp / "clf")

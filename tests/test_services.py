@@ -45,7 +45,7 @@ def alive(pid: int) -> bool:
 
 
 def group_alive(pgid: int) -> list[int]:
-    from lmpipe.services import _group_members
+    from lmpipe.team.services import _group_members
 
     return _group_members(pgid)
 
@@ -63,7 +63,7 @@ def state_dir():
 
 
 def pids(state: Path) -> dict[str, int | None]:
-    from lmpipe.services import Layout, running
+    from lmpipe.team.services import Layout, running
 
     return running(Layout(state))
 
@@ -94,7 +94,7 @@ def test_services_up_status_down(state_dir: Path):
     import mlflow
     import psycopg2
 
-    from lmpipe.services import Layout, db_url
+    from lmpipe.team.services import Layout, db_url
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp_id = client.create_experiment("services-test")

@@ -28,7 +28,7 @@ def test_long_text_gets_the_same_answer_from_evaluate_pyfunc_and_http(workdir: P
 
     from lmpipe.evaluation import predict_proba
     from lmpipe.modeling import load_tokenizer
-    from lmpipe.serving import ClassifierPyfunc
+    from lmpipe.package import ClassifierPyfunc
 
     for stage in ("clean", "tokenize", "pretrain", "finetune"):
         res = run_module(f"stages.{stage}", workdir, "--set", "finetune.scratch_baseline=false")

@@ -69,7 +69,7 @@ def _predict(srv: Server, texts, headers=AUTH, **kw) -> requests.Response:
 
 
 def test_concurrent_requests_share_forward_passes(server: Server, model_dir: Path):
-    from lmpipe.serving import HFClassifier
+    from lmpipe.package import HFClassifier
 
     texts = (POS + NEG) * 2  # 24 requests of one text each, sent at once
     expected = HFClassifier(model_dir).predict(texts)
@@ -174,7 +174,7 @@ def test_timeouts_answer_503_and_504_then_the_server_recovers(model_dir: Path, w
 def _register(model_dir: Path, name: str) -> str:
     import mlflow
 
-    from lmpipe.serving import ClassifierPyfunc
+    from lmpipe.package import ClassifierPyfunc
 
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=ClassifierPyfunc(), registered_model_name=name,
@@ -231,6 +231,32 @@ def test_hot_reload_follows_the_alias_without_dropping_requests(tmp_path: Path, 
         text = _metrics(srv)
         assert metric(text, "lmpipe_model_reloads_total") >= 2
         assert f'version="{v1}"' in next(line for line in text.splitlines() if line.startswith("lmpipe_model_info{"))
+
+
+def test_a_model_logged_before_the_model_package_moved_still_loads(tmp_path: Path, model_dir: Path):
+    """MLflow pickles the pyfunc's class by reference: versions logged before lmpipe/package.py name
+    lmpipe.serving.ClassifierPyfunc, new ones lmpipe.package.ClassifierPyfunc; both load and serve."""
+    import mlflow
+    import pandas as pd
+
+    from lmpipe.package import ClassifierPyfunc, HFClassifier, PyfuncPredictor, load_predictor
+
+    texts = POS[:2] + NEG[:2]
+    expected = HFClassifier(model_dir).predict(texts)
+    new, old = tmp_path / "new", tmp_path / "old"
+    mlflow.pyfunc.save_model(str(new), python_model=ClassifierPyfunc(), artifacts={"model_dir": str(model_dir)},
+                             pip_requirements=["mlflow"])
+    raw = (new / "python_model.pkl").read_bytes()
+    assert b"lmpipe.package" in raw and b"ClassifierPyfunc" in raw  # by reference: module and name, no code
+    # the old name has the same length, so the pickle stays valid byte for byte
+    mlflow.pyfunc.save_model(str(old), python_model=ClassifierPyfunc(), artifacts={"model_dir": str(model_dir)},
+                             pip_requirements=["mlflow"])
+    (old / "python_model.pkl").write_bytes(raw.replace(b"lmpipe.package", b"lmpipe.serving"))
+    for path in (new, old):
+        got = mlflow.pyfunc.load_model(str(path)).predict(pd.DataFrame({"text": texts})).to_dict("records")
+        assert [g["label"] for g in got] == [e["label"] for e in expected], path.name
+        served = load_predictor(str(path))  # what `lmpipe serve` loads: the classifier, unwrapped
+        assert not isinstance(served, PyfuncPredictor) and served.predict(texts) == expected, path.name
 
 
 @pytest.mark.parametrize("args,env,expected", [

@@ -251,7 +251,7 @@ def test_prefix_and_prompt_keep_the_adapter_and_every_loader_applies_it(work, st
 
     from lmpipe.evaluation import predict_proba
     from lmpipe.modeling import accept_past_key_values, load_finetuned, load_tokenizer
-    from lmpipe.serving import HFClassifier
+    from lmpipe.package import HFClassifier
 
     got = _finetune(work, f"finetune.strategy={strategy}", f"finetune.{strategy}.num_virtual_tokens=8")
     config_cls = PrefixTuningConfig if strategy == "prefix" else PromptTuningConfig

@@ -23,17 +23,21 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
+import mlflow
+import torch
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lmpipe.config import Serve
+from lmpipe.config import Serve, load_params, repo_root
 from lmpipe.errors import LmpipeError
 from lmpipe.serving import auth, reload
 from lmpipe.serving.batching import Batcher, Refused
@@ -114,8 +118,6 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     """The app around `model` (a reload.Served, or any predictor with .predict(texts, batch_size)); `cfg`
     defaults to params.yaml's serve section, `token` None = open (auth.py)."""
     if cfg is None:
-        from lmpipe.config import load_params, repo_root
-
         cfg = load_params(repo_root() / "params.yaml").serve
     served = model if isinstance(model, reload.Served) else reload.Served(model, model_uri or "", model_uri or "",
                                                                             "local", "fp32")
@@ -173,8 +175,6 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if cfg.threads:
-            import torch
-
             torch.set_num_threads(cfg.threads)  # process-wide; the inference thread is the only torch user
         await batcher.start()
         holder.start()
@@ -283,14 +283,7 @@ def _logging() -> None:
 def serve(model_uri: str, host: str | None = None, port: int | None = None, cfg: Serve | None = None,
           token_file: str | None = None, allow_unauthenticated: bool = False) -> None:
     """Check token and bind first (one-line errors, before the model loads), load, run uvicorn."""
-    import socket
-
-    import mlflow
-    import uvicorn
-
     if cfg is None:
-        from lmpipe.config import load_params, repo_root
-
         cfg = load_params(repo_root() / "params.yaml").serve
     host = host or cfg.host
     port = cfg.port if port is None else port
@@ -306,8 +299,6 @@ def serve(model_uri: str, host: str | None = None, port: int | None = None, cfg:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the drift thread tokenizes beside inference
     _logging()
     if cfg.threads:  # before the first load: an ONNX Runtime session takes its thread count when it is built
-        import torch
-
         torch.set_num_threads(cfg.threads)
     client = mlflow.MlflowClient()
     try:

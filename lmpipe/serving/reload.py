@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.serving import PyfuncPredictor, load_predictor
+from lmpipe.package import PyfuncPredictor, load_predictor
 
 log = logging.getLogger("lmpipe.serving")
 ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")

@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import psycopg2
+import requests
+
 from lmpipe.config import Services
 from lmpipe.errors import ServiceError
 
@@ -305,8 +308,6 @@ def db_url(lay: Layout, port: int, db: str, driver: str = "postgresql") -> str:
 
 
 def create_databases(lay: Layout, port: int) -> None:
-    import psycopg2
-
     try:
         conn = psycopg2.connect(db_url(lay, port, "postgres"), connect_timeout=10)
     except psycopg2.Error as e:
@@ -359,8 +360,6 @@ def url(name: str, host: str, port: int) -> str:
 
 def wait_healthy(name: str, pid: int, check: str, lay: Layout, timeout: float) -> None:
     """Poll the health endpoint until it answers 200; one line naming the log when the server exits or is late."""
-    import requests
-
     deadline = time.monotonic() + timeout
     while True:
         try:
