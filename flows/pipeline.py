@@ -38,10 +38,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
+from lmpipe.names import DVC  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PATH a worker has
 
 
 class StageFailed(RuntimeError):
@@ -249,7 +248,7 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     from prefect.runtime import deployment, flow_run
 
     from lmpipe import experiments
-    from lmpipe.lineage import KIND, KIND_TAG, PIPELINE_RUN, log_lock, log_summary
+    from lmpipe.lineage import PipelineRun
     from lmpipe.tracking import PARENT_ENV, TAGS_ENV, git_info, setup
 
     root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
@@ -277,40 +276,48 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     try:
         if is_exp:
             experiments.write_params(wt, raw)
-        setup(root, params.common.experiment)
-        with mlflow.start_run(run_name=PIPELINE_RUN, tags={KIND_TAG: KIND, **tags}) as parent:
-            env = experiments.env(root, **{PARENT_ENV: parent.info.run_id, TAGS_ENV: json.dumps(tags)})
+        client = mlflow.MlflowClient()
+        parent = PipelineRun.open(client, setup(root, params.common.experiment), tags)
+        status = "FAILED"
+        try:
+            env = experiments.env(root, **{PARENT_ENV: parent.run_id, TAGS_ENV: json.dumps(tags)})
             env = {k: env[k] for k in (PARENT_ENV, TAGS_ENV, "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PATH")}
             wanted = stages or stage_names(wt)
             for i, stage in enumerate([s for s in stage_names(wt) if s in wanted]):
                 res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
                                                               upstream=is_exp and i == 0 and bool(stages))
                 results.append(res)
-                mlflow.set_tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
+                parent.tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
                 if res["mlflow_run_id"]:
-                    mlflow.set_tag(f"stage.{stage}.run_id", res["mlflow_run_id"])
+                    parent.tag(f"stage.{stage}.run_id", res["mlflow_run_id"])
             metrics = {}
             eval_path = wt / params.evaluate.metrics
             if eval_path.is_file() and any(r["stage"] == "evaluate" for r in results):
                 metrics = json.loads(eval_path.read_text())
                 if not next(r for r in results if r["stage"] == "evaluate")["ran"]:
                     # DVC served evaluate from its cache: this execution's pipeline run still gets the figures
-                    log_summary(mlflow.MlflowClient(), parent.info.run_id, params, wt, metrics)
+                    parent.summarize(params, wt, metrics)
                 for key in ("mlflow_run_id", "pipeline_run_id"):
                     metrics.pop(key, None)
                 metrics.get("classifier", {}).pop("confusion_matrix", None)
-            log_lock(mlflow.MlflowClient(), parent.info.run_id, wt)
+            parent.log_lock(wt)
             if is_exp and not stages:
                 experiments.save(wt, exp_name, {**os.environ, **env})
             elif is_exp:
                 # DVC cannot save an experiment whose later stages have no outputs yet: keep the worktree
                 keep_worktree = True
                 get_run_logger().warning(f"partial pipeline: experiment not saved; results stay in {wt}")
-                mlflow.set_tag("lmpipe.worktree", str(wt))
+                parent.tag("lmpipe.worktree", str(wt))
             create_markdown_artifact(key="lmpipe-pipeline-report",
-                                     markdown=report_markdown(results, metrics, parent.info.run_id, exp_name),
+                                     markdown=report_markdown(results, metrics, parent.run_id, exp_name),
                                      description="metrics, ran vs cached stages, MLflow run ids")
-            return {"stages": results, "metrics": metrics, "parent_run_id": parent.info.run_id, "exp_name": exp_name}
+            status = "FINISHED"
+            return {"stages": results, "metrics": metrics, "parent_run_id": parent.run_id, "exp_name": exp_name}
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            parent.end(status)
     except BaseException as e:
         if is_exp and not isinstance(e, Exception):  # stopped by a signal: the stage's checkpoints stay with it
             keep_worktree = True

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Any, Callable
 from lmpipe.config import Params, flatten
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_failure, write_json
+from lmpipe.names import checkpoint_step, model_uri, parse_model_uri
 
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 RESUME_KEY_FILE = "lmpipe_resume_key.json"
 RUN_ID_FILE = "mlflow_run_id"
 FINISHED = "finished"
@@ -111,15 +110,15 @@ def _registry_version(uri: str, root: Path) -> str:
     from lmpipe.errors import DataError
     from lmpipe.tracking import tracking_uri
 
-    name, _, alias = uri.removeprefix("models:/").partition("@")
-    if not alias:
+    ref = parse_model_uri(uri)
+    if ref is None or ref.alias is None:
         return uri
     try:
-        version = mlflow.MlflowClient(tracking_uri(root)).get_model_version_by_alias(name, alias).version
+        version = mlflow.MlflowClient(tracking_uri(root)).get_model_version_by_alias(ref.name, ref.alias).version
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"finetune.distill.teacher: cannot load {uri} ({first[:200]})") from None
-    return f"models:/{name}/{version}"
+    return model_uri(ref.name, version=version)
 
 
 _KEYS: dict[str, Callable[[Params, Path], dict[str, Any]]] = {"pretrain": _pretrain_key, "finetune": _finetune_key}
@@ -146,7 +145,7 @@ def _holds_progress(folder: Path) -> bool:
     """A complete checkpoint (in the folder or a variant subfolder) or a finished variant: work to resume."""
     if finished_variants(folder):
         return True
-    subdirs = [p for p in folder.iterdir() if p.is_dir() and p.name != FINISHED and not CKPT_RE.match(p.name)]
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and p.name != FINISHED and checkpoint_step(p) is None]
     return any(latest_checkpoint(d) is not None for d in (folder, *subdirs))
 
 
@@ -192,12 +191,12 @@ def release(folder: Path) -> None:
 def checkpoint_complete(path: Path) -> bool:
     """Trainer writes trainer_state.json last: a checkpoint is complete when it parses and names its step.
     A checkpoint cut short by a kill (no or truncated state file) is never loaded."""
-    m = CKPT_RE.match(path.name)
+    step = checkpoint_step(path)
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(m) and state.get("global_step") == int(m.group(1)) and any(path.glob("*.safetensors"))
+    return step is not None and state.get("global_step") == step and any(path.glob("*.safetensors"))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -206,9 +205,9 @@ def latest_checkpoint(folder: Path) -> Path | None:
         return None
     found = []
     for p in folder.iterdir():
-        if CKPT_RE.match(p.name) and p.is_dir():
+        if checkpoint_step(p) is not None and p.is_dir():
             if checkpoint_complete(p):
-                found.append((int(CKPT_RE.match(p.name).group(1)), p))
+                found.append((checkpoint_step(p), p))
             else:
                 shutil.rmtree(p, ignore_errors=True)
     return max(found)[1] if found else None
@@ -219,7 +218,7 @@ def resume_point(folder: Path, who: str, max_steps: int) -> Path | None:
     of 120)`, so a resumed run is never mistaken for a fresh one."""
     found = latest_checkpoint(folder)
     if found is not None:
-        step = int(CKPT_RE.match(found.name).group(1))
+        step = checkpoint_step(found)
         print(f"{who}: resuming from {found.name} (step {step} of {max_steps})", flush=True)
     return found
 

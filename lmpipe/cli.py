@@ -5,6 +5,7 @@
     lmpipe smoke [--profile profiles/smoke.yaml] [--set KEY=VALUE ...]   # whole pipeline as a DVC experiment
     lmpipe rollback [--to VERSION] [--reason TEXT]                      # champion back to the previous holder
     lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
+    lmpipe compare [EXP ...] [--json]                                   # experiments: differing params, headline metrics
     lmpipe data link [PATH]                                             # where this checkout's input data is
     lmpipe exp-run profiles/minilm-sst2.yaml [--queue] [-S KEY=VALUE]  # dvc exp run with a profile's keys
     lmpipe sweep sweeps/finetune-lr-strategy.yaml [--apply-best]        # Optuna study, trials = DVC experiments
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     p_lin = sub.add_parser("lineage", help="what produced a model version or MLflow run")
     p_lin.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
     p_lin.add_argument("--json", action="store_true", help="print the record as JSON")
+    p_cmp = sub.add_parser("compare", help="experiments side by side: the params that differ, the headline metrics",
+                           description="One row per DVC experiment (the workspace, HEAD and HEAD's experiments, or "
+                                       "the ones named), the params.yaml keys whose values differ between the rows "
+                                       "and the headline metrics (accuracy, f1_macro, perplexity, benefit_accuracy, ...).")
+    p_cmp.add_argument("experiments", nargs="*", metavar="EXP", help="experiment names or revs (default: all)")
+    p_cmp.add_argument("--json", action="store_true", help="print the table as JSON")
     p_data = sub.add_parser("data", help="the input data folder of this checkout")
     data_sub = p_data.add_subparsers(dest="data_cmd", required=True)
     p_link = data_sub.add_parser("link", help="point the lmpipe-data DVC remote at PATH (.dvc/config.local)")
@@ -164,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
 
             info = lineage(_tracking(root), args.ref)
             print(json.dumps(info, indent=2) if args.json else format_lineage(info))
+            return 0
+        if args.cmd == "compare":
+            from lmpipe.compare import collect, format_table
+
+            tab = collect(root, args.experiments or None)
+            print(json.dumps(tab, indent=2, default=str) if args.json else format_table(tab))
             return 0
         if args.cmd == "data":
             from lmpipe import datasource

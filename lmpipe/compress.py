@@ -35,10 +35,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lmpipe.embeddings import encode
 from lmpipe.evaluation import length_batches, predict_proba
+from lmpipe.names import VARIANTS
 from lmpipe.modeling import ADAPTER_CONFIG, load_finetuned, load_tokenizer, stored_max_length
 from lmpipe.tasks import Layout
 
-VARIANTS = ("fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned")
 VARIANT_FILE = "lmpipe_variant.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_int8.pt", "model.onnx", "model.int8.onnx")
 

@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmpipe.errors import ConfigError
+from lmpipe.names import Objective, Strategy, Variant
 
-STAGES = ("clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 
 
@@ -196,7 +196,7 @@ class Pretrain(Section):
     The checkpoint's config.json is then the architecture: arch and the shape keys (hidden_size, num_layers,
     num_heads, intermediate_size, max_position_embeddings, dropout) are not used; objective must be one the
     checkpoint has (mlm for encoders, clm for decoders), and tokenize.kind must be pretrained."""
-    objective: Literal["clm", "mlm", "simcse", "mlm_nsp"]
+    objective: Objective
     """clm = causal LM (next token); mlm = masked LM (BERT style); simcse = unsupervised contrastive sentence
     embeddings on an encoder (lmpipe/objectives.py); mlm_nsp = BERT's masked LM + next-sentence prediction."""
     simcse_temperature: float = Field(gt=0)
@@ -368,7 +368,7 @@ class Finetune(Section):
     original_baseline: bool
     """With continued pretraining (pretrain.init a checkpoint, finetune.init pretrained): also fine-tune the
     original checkpoint with the same budget, so evaluate compares continued vs original vs scratch."""
-    strategy: Literal["full", "freeze", "llrd", "lora", "prefix", "prompt", "distill"]
+    strategy: Strategy
     """What trains (lmpipe/strategies.py): all weights, a frozen bottom, layer-wise LRs, a PEFT adapter, or a
     student distilled from a teacher. Only the strategy's own block below is read."""
     freeze: Freeze
@@ -462,10 +462,10 @@ class Deploy(Section):
     publish: bool
     """Build, measure and register the variants and move the alias; false (what sweep trials run): the
     gate outcome is recorded, nothing is registered, the alias stays."""
-    variants: list[Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]] = Field(min_length=1)
+    variants: list[Variant] = Field(min_length=1)
     """Variants built, scored on the test split, timed and registered when they pass the drop gate
     (lmpipe/compress.py); fp32 is always measured as the reference."""
-    serve_variant: Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
+    serve_variant: Variant
     """The variant the alias points at (fp32 when it was refused by the gate)."""
     max_accuracy_drop: float = Field(ge=0, le=1)
     """A variant losing more test accuracy than this against fp32 is refused (recorded, not an error)."""

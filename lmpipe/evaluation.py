@@ -3,7 +3,6 @@ serving share), confusion-matrix and training-curve figures. The metrics of a ta
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,10 @@ import numpy as np
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmpipe import names
 from lmpipe.io import atomic_path
 from lmpipe.modeling import stored_max_length
 from lmpipe.tasks import Layout
-# classification metrics live in lmpipe.tasks (below this module); the name stays importable from here until
-# lmpipe/training.py imports it from there
-from lmpipe.tasks import classification_metrics  # noqa: F401
 
 
 @torch.inference_mode()
@@ -46,7 +43,7 @@ def perplexity(model: PreTrainedModel, blocks: np.ndarray, batch_size: int, devi
         total_loss += float(out.loss) * n
         total_tokens += n
     loss = total_loss / max(total_tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": total_tokens}
+    return {"loss": loss, "perplexity": names.perplexity(loss), "tokens": total_tokens}
 
 
 def length_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int, max_length: int,

@@ -30,9 +30,9 @@ import yaml
 from lmpipe import datasource
 from lmpipe.config import Params, load_raw, merge, validate
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.names import DVC
 from lmpipe.params_file import update_params_file
 
-DVC = [sys.executable, "-m", "dvc"]  # the dvc of this interpreter, whatever PATH a worker has
 
 
 def _last_line(text: str, fallback: str) -> str:
@@ -128,7 +128,7 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
     run id); a failed or pruned run saves no experiment."""
     import mlflow
 
-    from lmpipe.lineage import start_pipeline_run
+    from lmpipe.lineage import PipelineRun
     from lmpipe.tracking import PARENT_ENV, git_info, setup
 
     raw, params = prepare(root, overrides, profile)  # validate before anything runs
@@ -138,7 +138,7 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
     try:
         wt = create(root, name)
         write_params(wt, raw)
-        parent = start_pipeline_run(client, exp_id, {"dvc.exp_name": name, **git_info(root), **(tags or {})})
+        parent = PipelineRun.open(client, exp_id, {"dvc.exp_name": name, **git_info(root), **(tags or {})}).run_id
         run_env = env(root, **{PARENT_ENV: parent}, **(extra_env or {}))
         print(f"+ dvc repro  (experiment {name} in {wt})", flush=True)
         t0 = time.perf_counter()

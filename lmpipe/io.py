@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lmpipe.errors import LmpipeError
+from lmpipe.names import missing
 
 
 def _umask_mode(base: int) -> int:
@@ -151,7 +152,7 @@ def read_parquet(path: str | Path, producer: str):
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: missing; run the {producer} stage first (dvc repro {producer})")
+        raise missing(path, producer)
     try:
         return pd.read_parquet(path)
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError

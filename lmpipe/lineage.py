@@ -15,32 +15,22 @@ run belongs to the execution that produced it).
 from __future__ import annotations
 
 import json
-import re
+import os
 from pathlib import Path
 from typing import Any
 
-from lmpipe.config import STAGES, Params, flatten
+from lmpipe.config import Params, flatten
 from lmpipe.errors import LmpipeError
+from lmpipe.names import HEADLINE, STAGES, parse_model_uri
+from lmpipe.tracking import PARENT_ENV
 
 PIPELINE_RUN = "pipeline"
 KIND_TAG, KIND = "lmpipe.kind", "summary"
 PARENT_TAG = "mlflow.parentRunId"
-# plain names for the figures people compare; they lead the compare view (sorted before dotted names)
-HEADLINE = {"accuracy": ("classifier", "accuracy"), "f1_macro": ("classifier", "f1_macro"),
-            "perplexity": ("lm", "perplexity"), "benefit_accuracy": ("benefit", "accuracy"),
-            "benefit_f1_macro": ("benefit", "f1_macro"), "scratch_accuracy": ("scratch_baseline", "accuracy"),
-            "original_accuracy": ("original_baseline", "accuracy"),
-            "benefit_continued_accuracy": ("benefit_continued", "accuracy")}
 # tags a stage run passes on to the pipeline run it opens or joins
 INHERITED_TAGS = ("prefect.flow_run_id", "prefect.flow_run_name", "prefect.deployment", "dvc.exp_name",
                   "git.commit", "git.dirty")
 DATA_TAG = "dvc.dep.lmpipe-data"
-
-
-def start_pipeline_run(client, experiment_id: str, tags: dict[str, str]) -> str:
-    """Open the run one pipeline execution's stage runs nest under; returns its id."""
-    run = client.create_run(experiment_id, run_name=PIPELINE_RUN, tags={KIND_TAG: KIND, **tags})
-    return run.info.run_id
 
 
 def stage_run_ids(params: Params, root: Path) -> dict[str, str]:
@@ -80,7 +70,68 @@ def _log_datasets(client, run_id: str, params: Params, root: Path) -> None:
         client.log_inputs(run_id, datasets=inputs)
 
 
-def log_summary(client, summary_id: str, params: Params, root: Path, eval_metrics: dict[str, Any]) -> None:
+class PipelineRun:
+    """The MLflow run one pipeline execution's stage runs nest under: opened by whoever starts the execution
+    (lmpipe's experiments, the Prefect flow; under plain `dvc repro` the evaluate stage), joined by the
+    stages after it (deploy), filled once the figures exist (`summarize`). The one home of that run."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def open(cls, client, experiment_id: str, tags: dict[str, str], start_time: int | None = None) -> PipelineRun:
+        """A new pipeline run; start_time (ms) when the execution began before this call."""
+        run = client.create_run(experiment_id, run_name=PIPELINE_RUN, tags={KIND_TAG: KIND, **tags},
+                                start_time=start_time)
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def for_stage(cls, client, stage_run, params: Params, root: Path) -> tuple[PipelineRun, bool]:
+        """The execution's run for a stage that summarizes it (evaluate): the one named by $LMPIPE_PARENT_RUN_ID
+        (a flow or an experiment opened it), else a new one that starts when this execution's first stage run
+        started (plain `dvc repro`: it then spans the stages up to this one's end; deploy joins it after).
+        Returns (run, whether this stage opened it)."""
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            return cls(client, parent), False
+        starts = [stage_run.info.start_time]
+        for run_id in stage_run_ids(params, root).values():
+            try:
+                run = client.get_run(run_id)
+            except Exception:  # produced against another tracking store
+                continue
+            if PARENT_TAG not in run.data.tags:  # ran in this execution (cached ones have their parent)
+                starts.append(run.info.start_time)
+        tags = {k: v for k, v in stage_run.data.tags.items() if k in INHERITED_TAGS}
+        return cls.open(client, stage_run.info.experiment_id, tags, min(starts)), True
+
+    def join(self, stage: str, stage_run, root: Path) -> None:
+        """A stage after the summary (deploy) nests under this run and is recorded on it, with dvc.lock as now."""
+        if stage_run.data.tags.get(PARENT_TAG) != self.run_id:
+            self.client.set_tag(stage_run.info.run_id, PARENT_TAG, self.run_id)
+        self.client.set_tag(self.run_id, f"stage.{stage}.run_id", stage_run.info.run_id)
+        self.client.set_tag(self.run_id, f"stage.{stage}", "ran")
+        self.log_lock(root)
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Ends the run now (the one who opened it ends it)."""
+        self.client.set_terminated(self.run_id, status)
+
+    def summarize(self, params: Params, root: Path, eval_metrics: dict[str, Any]) -> None:
+        """Fill the run: params, headline metrics, stage runs (adopting this execution's), artifacts."""
+        _log_summary(self.client, self.run_id, params, root, eval_metrics)
+
+    def log_lock(self, root: Path) -> None:
+        """The checkout's dvc.lock (every stage's dependency and output hashes) as an artifact of the run."""
+        lock = root / "dvc.lock"
+        if lock.is_file():
+            self.client.log_text(self.run_id, lock.read_text(), "dvc.lock")
+
+
+def _log_summary(client, summary_id: str, params: Params, root: Path, eval_metrics: dict[str, Any]) -> None:
     """Fill the pipeline run: params, headline metrics, stage runs (adopting this execution's), artifacts."""
     from mlflow.entities import Metric, Param
 
@@ -122,24 +173,17 @@ def log_summary(client, summary_id: str, params: Params, root: Path, eval_metric
         if path.is_file():
             upstream[stage] = json.loads(path.read_text())
     client.log_dict(summary_id, upstream, "upstream_metrics.json")
-    log_lock(client, summary_id, root)
+    PipelineRun(client, summary_id).log_lock(root)
     _log_datasets(client, summary_id, params, root)
-
-
-def log_lock(client, run_id: str, root: Path) -> None:
-    """The checkout's dvc.lock (every stage's dependency and output hashes) as an artifact of the run."""
-    lock = root / "dvc.lock"
-    if lock.is_file():
-        client.log_text(run_id, lock.read_text(), "dvc.lock")
 
 
 # ---- lineage: read an execution back -------------------------------------------------------------------
 
 def _model_version(client, ref: str):
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", ref)
-    if not m:
+    parsed = parse_model_uri(ref)
+    if parsed is None:
         raise LmpipeError(f"{ref}: expected models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
-    name, alias, version = m.groups()
+    name, alias, version = parsed
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as e:

@@ -18,6 +18,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 
 from lmpipe.config import Pretrain
 from lmpipe.errors import ConfigError, DataError
+from lmpipe.names import missing
 
 
 def build_lm_config(cfg: Pretrain, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -260,7 +261,7 @@ def stored_max_length(tokenizer: PreTrainedTokenizerBase, config: PretrainedConf
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     if not path.is_dir():
-        raise DataError(f"{path}: tokenizer directory missing; run the tokenize stage first")
+        raise missing(path, "tokenize", "tokenizer directory missing")
     # local_files_only, always: transformers writes the value into a re-saved tokenizer_config.json, which must
     # not depend on whether HF_HUB_OFFLINE happened to be set (DVC would see a different output)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

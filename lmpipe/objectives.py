@@ -18,7 +18,6 @@ data and the loss differ.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import time
@@ -28,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
 from lmpipe.config import Pretrain
 from lmpipe.embeddings import POOLING_KEY, pool
 from lmpipe.errors import DataError
+from lmpipe.names import checkpoint_step, perplexity
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 MIN_WORDS = 3
@@ -161,7 +161,7 @@ def _trainer_class():
             if self.objective == "mlm_nsp":
                 mlm = mlm_sum / max(mlm_tokens, 1)
                 metrics.update({f"{metric_key_prefix}_mlm_loss": mlm,
-                                f"{metric_key_prefix}_mlm_perplexity": math.exp(min(mlm, 50)),
+                                f"{metric_key_prefix}_mlm_perplexity": perplexity(mlm),
                                 f"{metric_key_prefix}_nsp_accuracy": nsp_right / max(nsp_n, 1)})
             model.train()
             self.log(metrics)
@@ -194,7 +194,7 @@ def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pre
           device: str, seed: int, ckpt_dir: Path):
     """Train `model` with cfg.objective (simcse | mlm_nsp) on the corpus documents; resumes from ckpt_dir."""
     from lmpipe.checkpoints import resume_point
-    from lmpipe.training import MlflowCallback, PretrainResult, StepTimer, check_compile, history_curve, precision_flags
+    from lmpipe.training import MlflowCallback, PretrainResult, StepTimer, history_curve, pretrain_arguments
 
     if cfg.objective == "simcse":
         raw = {"training": corpus_sentences(train_docs), "validation": corpus_sentences(val_docs)}
@@ -210,18 +210,7 @@ def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pre
     else:
         train_ds, val_ds = (encode_pairs(tokenizer, raw[k], block_size) for k in ("training", "validation"))
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=cfg.mlm_probability)
-    check_compile(cfg.compile, device)
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2,
-        warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio}, eval_strategy="steps", eval_steps=cfg.eval_every,
-        save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_last,
-        logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu",
-        dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", disable_tqdm=False,
-        remove_unused_columns=False, torch_compile=cfg.compile, **precision_flags(cfg.precision, device, cfg.compile))
+    args, _ = pretrain_arguments(cfg, ckpt_dir, device, seed, remove_unused_columns=False)
     logger, timer = MlflowCallback(), StepTimer()
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                data_collator=collator, callbacks=[logger, timer], objective=cfg.objective,
@@ -232,7 +221,7 @@ def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pre
     seconds = time.perf_counter() - t0
     final = trainer.evaluate()
     steps = int(trainer.state.global_step)
-    trained = steps - (int(resume.name.split("-")[1]) if resume else 0)
+    trained = steps - (checkpoint_step(resume) if resume else 0)
     metrics = {"train_loss": float(out.training_loss), "val_loss": float(final["eval_loss"]),
                "train_seconds": seconds, "steps": steps, "parameters": int(sum(p.numel() for p in model.parameters())),
                "examples_per_s": trained * cfg.batch_size * cfg.gradient_accumulation_steps / max(seconds, 1e-9),

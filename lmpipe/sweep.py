@@ -484,7 +484,7 @@ def apply(root: Path, exp_name: str) -> None:
     """`dvc exp apply` the experiment into the workspace and print the params diff against HEAD."""
     import yaml
 
-    from lmpipe.experiments import DVC
+    from lmpipe.names import DVC
     from lmpipe.params_file import update_params_file
 
     res = subprocess.run([*DVC, "exp", "apply", exp_name], cwd=root, capture_output=True, text=True)

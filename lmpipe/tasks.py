@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from lmpipe.config import Clean, Finetune
-from lmpipe.errors import DataError
 from lmpipe.io import read_parquet
+from lmpipe.names import need
 
 CONFIG_KEY = "lmpipe_tasks"
 """config.json key of a multi-task model: [{"name": ..., "labels": [...]}, ...] in output order."""
@@ -45,9 +45,7 @@ def load_split(clean_dir: Path, name: str, cfg: Clean, split: str) -> pd.DataFra
 
 
 def label_names(clean_dir: Path, name: str, cfg: Clean) -> list[str]:
-    path = task_dir(clean_dir, name, cfg) / "labels.json"
-    if not path.is_file():
-        raise DataError(f"{path}: missing; run the clean stage first (dvc repro clean)")
+    path = need(task_dir(clean_dir, name, cfg) / "labels.json", "clean")
     return json.loads(path.read_text())["names"]
 
 

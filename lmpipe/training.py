@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import time
@@ -24,6 +23,8 @@ from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPaddi
 from lmpipe.checkpoints import checkpoint_write_error, resume_point
 from lmpipe.config import Finetune, Pretrain
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.names import checkpoint_step, perplexity
+from lmpipe.tasks import classification_metrics
 from lmpipe.tracking import flush_metrics, log_metrics_bounded
 
 
@@ -195,6 +196,28 @@ def precision_flags(precision: str, device: str, compiled: bool = False) -> dict
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def pretrain_arguments(cfg: Pretrain, ckpt_dir: Path, device: str, seed: int,
+                       **extra: Any) -> tuple[TrainingArguments, Path | None]:
+    """The one place the `pretrain` section becomes Trainer's arguments (every pretraining objective): steps,
+    batch, AdamW, warmup + cosine to min_lr_ratio, clipping, eval/checkpoint/log cadence, seeds, precision,
+    torch.compile (refused without a C++ compiler; its on-disk cache set up). `extra`: the objective's own
+    (fsdp, optim, remove_unused_columns). Returns (arguments, the compile cache folder or None)."""
+    check_compile(cfg.compile, device)
+    cache = compile_cache() if cfg.compile else None
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
+        save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed,
+        use_cpu=device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False, torch_compile=cfg.compile, **precision_flags(cfg.precision, device, cfg.compile),
+        **extra)
+    return args, cache
+
+
 class GuardedTrainer(Trainer):
     """Trainer whose checkpoint write fails as one line and leaves no partial checkpoint behind. The
     previous checkpoint stays: Trainer rotates old checkpoints only after a complete save. It also keeps
@@ -267,7 +290,7 @@ class MlflowCallback(TrainerCallback):
             name = {"loss": "train_loss", "learning_rate": "lr"}.get(key, key)
             out[self.prefix + name] = float(value)
             if key == "eval_loss":
-                out[self.prefix + "eval_perplexity"] = math.exp(min(float(value), 50))
+                out[self.prefix + "eval_perplexity"] = perplexity(value)
         if "loss" in logs and self.tokens_per_step:
             now = time.perf_counter()
             if step > self._step:
@@ -367,19 +390,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                                                                 mlm_probability=cfg.mlm_probability)
     block = train_blocks.shape[1]
     # 2) Trainer owns optimizer, schedule, accumulation, clipping, precision, compile and checkpoints
-    check_compile(cfg.compile, device)
-    cache = compile_cache() if cfg.compile else None
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
-        eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
-        save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed,
-        use_cpu=device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
-        disable_tqdm=False, fsdp=cfg.fsdp, optim="adamw_torch_fused", torch_compile=cfg.compile,
-        **precision_flags(cfg.precision, device, cfg.compile))
+    args, cache = pretrain_arguments(cfg, ckpt_dir, device, seed, fsdp=cfg.fsdp, optim="adamw_torch_fused")
     logger = MlflowCallback(tokens_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * block
                             * max(1, args.world_size))
     timer = StepTimer()
@@ -396,9 +407,9 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
     final = trainer.evaluate(eval_dataset=val_full)
     final_eval_seconds = time.perf_counter() - t1
     metrics = {"train_loss": float(out.training_loss), "val_loss": float(final["eval_loss"]),
-               "val_perplexity": math.exp(min(float(final["eval_loss"]), 50)), "train_seconds": seconds,
+               "val_perplexity": perplexity(final["eval_loss"]), "train_seconds": seconds,
                "steps": int(trainer.state.global_step),
-               "tokens_per_s": (trainer.state.global_step - (int(resume.name.split("-")[1]) if resume else 0))
+               "tokens_per_s": (trainer.state.global_step - (checkpoint_step(resume) if resume else 0))
                * logger.tokens_per_step / max(seconds, 1e-9),
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
                "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -417,8 +428,6 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
 
 
 def _compute_metrics(eval_pred) -> dict[str, float]:
-    from lmpipe.evaluation import classification_metrics
-
     logits, labels = eval_pred
     preds = np.asarray(logits).argmax(-1)
     m = classification_metrics(np.asarray(labels), preds, np.asarray(logits).shape[-1])
@@ -686,7 +695,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     history = list(trainer.state.log_history)  # before the best model's own evaluation below
     best = trainer.evaluate()
     steps = int(trainer.state.global_step)
-    trained = steps - (int(resume.name.split("-")[1]) if resume else 0)
+    trained = steps - (checkpoint_step(resume) if resume else 0)
     metrics = {"val_accuracy": best["eval_accuracy"], "val_f1_macro": best["eval_f1_macro"],
                "val_loss": best["eval_loss"], "train_seconds": seconds, "steps": steps,
                # early stopping ended it before its budget

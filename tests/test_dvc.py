@@ -61,3 +61,9 @@ def test_stage_depends_on_all_library_code_it_runs(stage):
     assert not missing, f"dvc.yaml: stage {stage} runs {missing} but does not depend on it"
     stale = sorted(d for d in deps if d.startswith("lmpipe/") and d not in needed)
     assert not stale, f"dvc.yaml: stage {stage} depends on {stale}, which it never runs"
+
+
+def test_the_vocabulary_names_dvc_yamls_stages_in_order():
+    from lmpipe import names
+
+    assert list(names.STAGES) == STAGES

@@ -70,6 +70,9 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     assert len(summaries) == 1
     summary = summaries[0]
     assert summary.info.run_name == "pipeline" and "mlflow.parentRunId" not in summary.data.tags
+    # it spans the execution: from the first stage run's start to the end of evaluate (which opened it)
+    assert summary.info.start_time == min(runs[s][0].info.start_time for s in STAGES) == runs["clean"][0].info.start_time
+    assert summary.info.end_time >= runs["evaluate"][0].info.start_time and summary.info.status == "FINISHED"
     assert all(runs[s][0].data.tags["mlflow.parentRunId"] == summary.info.run_id for s in STAGES)
     assert all(summary.data.tags[f"stage.{s}"] == "ran" for s in STAGES)
     assert summary.data.metrics["accuracy"] == pytest.approx(ev["classifier"]["accuracy"])
@@ -102,6 +105,14 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
                          env=clean_env(), capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("lmpipe: error: models:/lmpipe-sst2@nobody")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+    # lmpipe compare: the workspace (with this run's metrics) against HEAD (none yet); no param differs
+    cmp = json.loads(sh(repo, sys.executable, "-m", "lmpipe.cli", "compare", "--json").stdout)
+    assert cmp["columns"][:4] == ["experiment", "accuracy", "f1_macro", "perplexity"], cmp["columns"]
+    workspace = next(r for r in cmp["rows"] if r[0] == "workspace")
+    assert workspace[1:4] == [pytest.approx(ev["classifier"]["accuracy"]), pytest.approx(ev["classifier"]["f1_macro"]),
+                              pytest.approx(ev["lm"]["perplexity"])]
+    assert [r[0] for r in cmp["rows"]] == ["workspace", head[:7]]
 
     # registry: champion alias points at the registered version
     mv = client.get_model_version_by_alias("lmpipe-sst2", "champion")

@@ -26,9 +26,10 @@ from lmpipe import compress, tasks
 from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, read_json, write_json
-from lmpipe.lineage import PARENT_TAG, log_lock
+from lmpipe.lineage import PARENT_TAG, PipelineRun
 from lmpipe.monitoring import REFERENCE_FILE
 from lmpipe.registry import log_variant, promote
+from lmpipe.names import model_uri, need
 
 
 def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.DataFrame],
@@ -87,16 +88,17 @@ def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.
 
 def deploy(params: Params, root: Path, run) -> None:
     cfg = params.deploy
-    eval_path = root / params.evaluate.metrics
-    if not eval_path.is_file():
-        raise DataError(f"{eval_path}: missing; run the evaluate stage first (dvc repro evaluate)")
-    ev = read_json(eval_path)
+    ev = read_json(need(root / params.evaluate.metrics, "evaluate"))
     acc, f1 = float(ev["classifier"]["accuracy"]), float(ev["classifier"]["f1_macro"])
     model_dir = root / params.finetune.out_dir
     result = {"accuracy": acc, "min_accuracy": cfg.min_accuracy, "gate_passed": acc >= cfg.min_accuracy,
               "mlflow_run_id": run.info.run_id}
     mlflow.log_metrics({"accuracy": acc, "f1_macro": f1})
-    _join_pipeline_run(run, ev.get("pipeline_run_id"), root)
+    # the execution's pipeline run: the flow's / experiment's (this run's parent), or the one evaluate opened
+    parent = run.data.tags.get(PARENT_TAG) or ev.get("pipeline_run_id")
+    pipeline = PipelineRun(mlflow.MlflowClient(), parent) if parent else None
+    if pipeline is not None:
+        pipeline.join("deploy", run, root)
 
     with atomic_dir(root / cfg.out_dir) as out, tempfile.TemporaryDirectory(prefix="lmpipe-variants-") as work:
         if not result["gate_passed"]:
@@ -112,9 +114,7 @@ def deploy(params: Params, root: Path, run) -> None:
             clean_dir = root / params.clean.out_dir
             tests = {t: tasks.load_split(clean_dir, t, params.clean, "test")
                      for t in tasks.selected(params.finetune, params.clean)}
-            reference = root / params.evaluate.reference_profile
-            if not reference.is_file():
-                raise DataError(f"{reference}: missing; run the evaluate stage first (dvc repro evaluate)")
+            reference = need(root / params.evaluate.reference_profile, "evaluate")
             rows = measure_variants(params, model_dir, Path(work), tests, reference)
             served = _served(cfg, rows)
             shutil.copytree(next(r for r in rows if r["variant"] == served)["dir"], out / "model")  # export first
@@ -147,7 +147,7 @@ def _register(params: Params, rows: list[dict], served: str, run) -> dict:
             versions[r["variant"]] = log_variant(Path(r["dir"]), cfg.model_name, r["variant"], figures, run)
             r["version"] = versions[r["variant"]]
     result = {"registered_model": cfg.model_name, "served_variant": served, "version": versions[served],
-              "versions": versions, "model_uri": f"models:/{cfg.model_name}/{versions[served]}"}
+              "versions": versions, "model_uri": model_uri(cfg.model_name, version=versions[served])}
     if served != cfg.serve_variant:
         result["serve_variant_refused"] = cfg.serve_variant
         print(f"deploy: deploy.serve_variant {cfg.serve_variant} was not registered (see its row); serving {served}")
@@ -161,16 +161,3 @@ def _register(params: Params, rows: list[dict], served: str, run) -> dict:
     print(f"deploy: registered {cfg.model_name} " + ", ".join(f"{v} v{n}" for v, n in versions.items())
           + f"; serving {served} (accuracy {served_row['accuracy']:.4f}); {verdict}")
     return result
-
-
-def _join_pipeline_run(run, evaluate_pipeline_run: str | None, root: Path) -> None:
-    """Nest under the execution's pipeline run (the flow's, or the one evaluate opened) and record this run there."""
-    client = mlflow.MlflowClient()
-    parent = run.data.tags.get(PARENT_TAG) or evaluate_pipeline_run
-    if not parent:
-        return
-    if PARENT_TAG not in run.data.tags:
-        client.set_tag(run.info.run_id, PARENT_TAG, parent)
-    client.set_tag(parent, "stage.deploy.run_id", run.info.run_id)
-    client.set_tag(parent, "stage.deploy", "ran")
-    log_lock(client, parent, root)  # now with evaluate's entry

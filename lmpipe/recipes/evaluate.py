@@ -12,7 +12,6 @@ carrying every param and the final metrics, so pipeline executions compare side 
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import mlflow
@@ -21,20 +20,14 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from lmpipe import tasks
 from lmpipe.config import Params, device, flatten
-from lmpipe.errors import DataError
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
 from lmpipe.io import atomic_path, read_parquet, write_json
+from lmpipe.lineage import PipelineRun
 from lmpipe.modeling import from_pretrained, load_finetuned, load_tokenizer
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
+from lmpipe.names import MASKED_OBJECTIVES, need
 from lmpipe.tokenizer import load_blocks
-from lmpipe.lineage import INHERITED_TAGS, log_summary, start_pipeline_run
-from lmpipe.tracking import PARENT_ENV, log_metrics_bounded
-
-
-def _need(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise DataError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
-    return path
+from lmpipe.tracking import log_metrics_bounded
 
 
 def evaluate(params: Params, root: Path, run) -> None:
@@ -48,17 +41,17 @@ def evaluate(params: Params, root: Path, run) -> None:
 
     # 1) language model perplexity on the held-out validation blocks; a contrastive encoder has no LM head:
     #    its embeddings are measured instead, before and after the objective
-    lm_dir = _need(root / params.pretrain.out_dir, "pretrain")
+    lm_dir = need(root / params.pretrain.out_dir, "pretrain")
     objective = params.pretrain.objective
     lm_metrics, embedding_metrics = None, None
     if objective == "simcse":
         embedding_metrics = _embedding_report(params, root, lm_dir, dev)
     else:
-        auto = AutoModelForMaskedLM if objective in ("mlm", "mlm_nsp") else AutoModelForCausalLM
+        auto = AutoModelForMaskedLM if objective in MASKED_OBJECTIVES else AutoModelForCausalLM
         lm = from_pretrained(auto, lm_dir)
         lm_tok = load_tokenizer(lm_dir)
-        val_blocks = load_blocks(_need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
-        lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, objective in ("mlm", "mlm_nsp"), lm_tok,
+        val_blocks = load_blocks(need(root / params.tokenize.out_dir / "validation.npy", "tokenize"))
+        lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, objective in MASKED_OBJECTIVES, lm_tok,
                                 params.pretrain.mlm_probability, params.common.seed)
         del lm
 
@@ -75,7 +68,7 @@ def evaluate(params: Params, root: Path, run) -> None:
     results = {}
     for key, folder in (("classifier", params.finetune.out_dir), ("scratch_baseline", params.finetune.scratch_dir),
                         ("original_baseline", params.finetune.original_dir)):
-        path = _need(root / folder, "finetune")
+        path = need(root / folder, "finetune")
         if not (path / "config.json").is_file():
             continue  # that baseline is off (finetune.scratch_baseline / original_baseline: false)
         results[key], seen = score(path, task_names)
@@ -84,7 +77,7 @@ def evaluate(params: Params, root: Path, run) -> None:
     singles = {}
     if params.finetune.single_task_baselines:
         for t in task_names:
-            singles[t] = score(_need(root / params.finetune.single_task_dir / t, "finetune"), [t])[0]
+            singles[t] = score(need(root / params.finetune.single_task_dir / t, "finetune"), [t])[0]
     probs_main, tok_main, layout = main["probs"], main["tokenizer"], main["layout"]
     preds_main, _ = layout.predict(probs_main, default if layout.multi else None)
     default_names = list(layout.labels[layout.index(default)]) if layout.multi else list(layout.labels[0])
@@ -136,11 +129,9 @@ def evaluate(params: Params, root: Path, run) -> None:
                                 label_names=default_names)
     write_json(root / cfg.reference_profile, profile)
     # 5) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
-    client = mlflow.MlflowClient()
-    summary_id = os.environ.get(PARENT_ENV) or start_pipeline_run(
-        client, run.info.experiment_id, {k: v for k, v in run.data.tags.items() if k in INHERITED_TAGS})
+    pipeline, opened = PipelineRun.for_stage(mlflow.MlflowClient(), run, params, root)
     metrics["mlflow_run_id"] = run.info.run_id
-    metrics["pipeline_run_id"] = summary_id
+    metrics["pipeline_run_id"] = pipeline.run_id
     write_json(root / cfg.metrics, metrics)
 
     flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -158,9 +149,9 @@ def evaluate(params: Params, root: Path, run) -> None:
         mlflow.log_input(mlflow.data.from_pandas(df, source=str(where), targets="label",
                                                  name="labeled_test" if len(tests) == 1 else f"labeled_test_{t}"),
                          context="test")
-    log_summary(client, summary_id, params, root, metrics)
-    if not os.environ.get(PARENT_ENV):
-        client.set_terminated(summary_id)  # deploy reopens nothing: it only adds tags
+    pipeline.summarize(params, root, metrics)
+    if opened:
+        pipeline.end()  # deploy, after it, joins and ends it again
     if lm_metrics is not None:
         line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; "
     else:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from lmpipe import checkpoints, strategies, tasks, tracking
 from lmpipe.config import Params, device
-from lmpipe.errors import ConfigError, DataError
+from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.modeling import (check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init,
@@ -42,6 +42,7 @@ from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import seed_everything
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import encode_labeled, finetune as train_classifier
+from lmpipe.names import missing
 
 
 def _log_variant(name: str, record: dict) -> None:
@@ -68,7 +69,7 @@ def finetune(params: Params, root: Path, run) -> None:
     source = resolve_init(cfg.init, root, params.pretrain.out_dir)
     base = source if source is not None else root / params.pretrain.out_dir  # scratch keeps the architecture
     if not (base / "config.json").is_file():
-        raise DataError(f"{base}: no pretrained model to take the architecture from; run the pretrain stage first")
+        raise missing(base, "pretrain", "no pretrained model to take the architecture from")
     tokenizer = load_tokenizer(base if (base / "tokenizer.json").is_file() else root / params.tokenize.tokenizer_dir)
 
     from transformers import AutoConfig

@@ -21,7 +21,7 @@ from transformers import AutoConfig
 
 from lmpipe import checkpoints, objectives, tracking
 from lmpipe.config import Params, device
-from lmpipe.errors import ConfigError, DataError
+from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, read_parquet, write_json
 from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab,
@@ -29,9 +29,7 @@ from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config
 from lmpipe.tokenizer import load_blocks
 from lmpipe.tracking import log_metrics_bounded
 from lmpipe.training import pretrain as train_lm, write_curve
-
-SENTENCE_OBJECTIVES = ("simcse", "mlm_nsp")
-
+from lmpipe.names import SENTENCE_OBJECTIVES, need
 
 def pretrain(params: Params, root: Path, run) -> None:
     cfg = params.pretrain
@@ -40,9 +38,7 @@ def pretrain(params: Params, root: Path, run) -> None:
     blocks = {}
     for split in ("train", "validation"):
         path = blocks_dir / f"{split}.npy"
-        if not path.is_file():
-            raise DataError(f"{path}: missing; run the tokenize stage first (dvc repro tokenize)")
-        blocks[split] = load_blocks(path)
+        blocks[split] = load_blocks(need(path, "tokenize"))
 
     # 1) model from a transformers config, or the init checkpoint; refuse shapes the model cannot take
     block = blocks["train"].shape[1]

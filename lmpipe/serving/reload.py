@@ -9,17 +9,15 @@ running finishes on the old model and no request is dropped.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpipe.names import model_uri, parse_model_uri
 from lmpipe.package import PyfuncPredictor, load_predictor
 
 log = logging.getLogger("lmpipe.serving")
-ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
-VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 
 
 @dataclass
@@ -45,13 +43,14 @@ def load(uri: str, client=None) -> Served:
     """Load `uri` (an alias is resolved to its version first, and that version loaded: no race with a move)."""
     name, version, tags = Path(uri).name or uri, "local", {}
     target = uri
-    if m := ALIAS_URI.match(uri):
-        mv = client.get_model_version_by_alias(m["name"], m["alias"])
-        name, version, tags = m["name"], str(mv.version), mv.tags
-        target = f"models:/{name}/{version}"
-    elif m := VERSION_URI.match(uri):
-        mv = client.get_model_version(m["name"], m["version"])
-        name, version, tags = m["name"], str(mv.version), mv.tags
+    ref = parse_model_uri(uri)
+    if ref is not None and ref.alias is not None:
+        mv = client.get_model_version_by_alias(ref.name, ref.alias)
+        name, version, tags = ref.name, str(mv.version), mv.tags
+        target = model_uri(name, version=version)
+    elif ref is not None:
+        mv = client.get_model_version(ref.name, ref.version)
+        name, version, tags = ref.name, str(mv.version), mv.tags
     elif uri.startswith(("runs:/", "models:/")):
         name, version = uri, ""
     predictor = load_predictor(target)
@@ -66,7 +65,8 @@ class Holder:
     def __init__(self, served: Served, client, interval_s: float, on_swap) -> None:
         self.current = served
         self.client, self.interval_s, self.on_swap = client, interval_s, on_swap
-        self.alias = ALIAS_URI.match(served.uri)
+        ref = parse_model_uri(served.uri)
+        self.alias = ref if ref is not None and ref.alias is not None else None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._failed: str | None = None  # a version that failed to load: warned once, not retried by the poller
@@ -94,7 +94,7 @@ class Holder:
                     "reason": f"{self.current.uri} is not models:/NAME@alias; nothing to follow"}
         with self._lock:
             old = self.current
-            mv = self.client.get_model_version_by_alias(self.alias["name"], self.alias["alias"])
+            mv = self.client.get_model_version_by_alias(self.alias.name, self.alias.alias)
             if str(mv.version) == old.version:
                 return {"reloaded": False, "version": old.version}
             if not retry_failed and self._failed == str(mv.version):
@@ -110,5 +110,5 @@ class Holder:
                 return {"reloaded": False, "version": old.version, "reason": f"v{mv.version} failed to load"}
             self.on_swap(new)
             self.current = new  # the swap: the next batch runs on the new model
-            log.info("reload: %s@%s v%s -> v%s", old.name, self.alias["alias"], old.version, new.version)
+            log.info("reload: %s@%s v%s -> v%s", old.name, self.alias.alias, old.version, new.version)
             return {"reloaded": True, "version": new.version, "previous": old.version}
