@@ -194,7 +194,8 @@ def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pre
           device: str, seed: int, ckpt_dir: Path):
     """Train `model` with cfg.objective (simcse | mlm_nsp) on the corpus documents; resumes from ckpt_dir."""
     from lmpipe.checkpoints import resume_point
-    from lmpipe.training import MlflowCallback, PretrainResult, StepTimer, history_curve, pretrain_arguments
+    from lmpipe.callbacks import MlflowCallback, StepTimer
+    from lmpipe.training import PretrainResult, history_curve, pretrain_arguments
 
     if cfg.objective == "simcse":
         raw = {"training": corpus_sentences(train_docs), "validation": corpus_sentences(val_docs)}

@@ -100,7 +100,8 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
             seed_everything(params.common.seed, uses_torch)
             body(params, root, None)
             return 0
-        from lmpipe.tracking import PENDING_FILE, check_reachable, metric_log, setup, stage_run, tracking_uri
+        from lmpipe.metric_log import PENDING_FILE, metric_log
+        from lmpipe.tracking import check_reachable, setup, stage_run, tracking_uri
 
         check_reachable(tracking_uri(root))  # a tracking server that is down: refused before any compute
         seed_everything(params.common.seed, uses_torch)

@@ -11,7 +11,7 @@
    `<sweep>-t<NNN>` (stages upstream of the varied keys come from DVC's run cache), and the objective is read
    from the trial's metrics/finetune.json: a validation figure of the selected classifier, never the test split;
 4) pruning: the finetune stage reports its validation metric at every evaluation to the trial
-   (lmpipe.training, via $LMPIPE_TRIAL) and stops when the pruner says so; the trial is marked pruned in Optuna
+   (lmpipe/trial.py, via $LMPIPE_TRIAL) and stops when the pruner says so; the trial is marked pruned in Optuna
    and MLflow and no DVC experiment is saved for it;
 5) crash-safe: a trial left RUNNING by a killed sweep is marked failed and its values are queued again, so
    the same command completes the study with `n_trials` finished (complete or pruned) trials.
@@ -278,7 +278,7 @@ class Study:
 
         from lmpipe import experiments
         from lmpipe.tracking import TAGS_ENV
-        from lmpipe.training import TRIAL_ENV
+        from lmpipe.trial import TRIAL_ENV
 
         sweep, name, client = self.sweep, self.name, self.client
         with self.lock:  # ask: the grid's next point and Optuna's RUNNING trial are created together
@@ -316,7 +316,7 @@ class Study:
         seconds = time.perf_counter() - t0
         state = optuna.trial.TrialState.COMPLETE
         attrs = next(t.user_attrs for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
-        if code != 0 and "pruned_at_step" in attrs:  # the finetune stage stopped it (lmpipe.training.TrialReporter)
+        if code != 0 and "pruned_at_step" in attrs:  # the finetune stage stopped it (lmpipe.trial.TrialReporter)
             state = optuna.trial.TrialState.PRUNED
             self.study.tell(trial, state=state)
         elif code != 0 or "value" not in found:
@@ -403,7 +403,7 @@ def _open(root: Path, path: Path, sweep: SweepFile, name: str, profile: Path | N
     import optuna
 
     from lmpipe.tracking import git_info, setup
-    from lmpipe.training import sweep_pruner
+    from lmpipe.trial import sweep_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sname, storage = study_name(name, path), storage_url(root, name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,15 @@ import torch
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, EarlyStoppingCallback, PreTrainedModel,
                           PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
 
+from lmpipe.callbacks import MlflowCallback, OptimizerRecord, StepTimer
 from lmpipe.checkpoints import checkpoint_write_error, resume_point
+from lmpipe.compile_cache import check_compile, compile_cache, compile_cache_counts
 from lmpipe.config import Finetune, Pretrain
-from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.errors import ConfigError
 from lmpipe.names import checkpoint_step, perplexity
 from lmpipe.tasks import classification_metrics
-from lmpipe.tracking import flush_metrics, log_metrics_bounded
+from lmpipe.metric_log import flush_metrics
+from lmpipe.trial import TRIAL_ENV, TrialReporter
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -71,115 +73,6 @@ def train_windows(blocks: np.ndarray, stride: int | str, with_labels: bool, per_
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls on this CPU (avx512_bf16 or AMX), as oneDNN reports them."""
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def check_compile(compiled: bool, device: str) -> None:
-    """torch.compile's CPU backend (inductor) builds C++ kernels: refuse early, in one line, without a compiler."""
-    if compiled and device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
-        raise ConfigError("pretrain.compile: torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; "
-                          "install one or set pretrain.compile=false")
-
-
-COMPILE_CACHE_ENV = "LMPIPE_COMPILE_CACHE"
-
-
-def compile_cache() -> Path:
-    """torch.compile's on-disk caches (inductor's FX-graph cache and AOTAutograd's cache) in one folder per
-    machine, outside every DVC output, so a second process with the same shapes loads its kernels instead of
-    compiling them: $LMPIPE_COMPILE_CACHE, else $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/lmpipe/torch-compile.
-    PyTorch keys each entry by the graph, its input shapes and dtypes, the torch version and the compile
-    settings: a changed model shape compiles anew and never loads another shape's artifact."""
-    import torch._functorch.config
-    import torch._inductor.config
-
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmpipe" / "torch-compile"
-    # importing transformers' Trainer already runs inductor's cache_dir(), which *sets* TORCHINDUCTOR_CACHE_DIR
-    # to torch's own temp-folder default: that value is torch's choice, not the user's, and is ignored here
-    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if inductor and os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
-        inductor = None
-    folder = Path(os.environ.get(COMPILE_CACHE_ENV) or inductor or base).expanduser()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
-    torch._inductor.config.fx_graph_cache = True
-    torch._functorch.config.enable_autograd_cache = True
-    # a graph that enters autocast (Trainer's bf16 wraps the compiled forward in it) is refused by AOTAutograd's
-    # cache, which then re-traces and re-partitions the joint graph in every process (seconds); the two
-    # functions take their device and dtype as graph constants, which are in the key, so they are safe to cache
-    # (torch's own switch for this; keyed by the torch version)
-    torch._inductor.config.unsafe_marked_cacheable_functions = {
-        **torch._inductor.config.unsafe_marked_cacheable_functions,
-        **{f"torch.amp.autocast_mode.{f}": torch.__version__ for f in ("_enter_autocast", "_exit_autocast")}}
-    _skip_known_vec_isa_checks(folder)
-    return folder
-
-
-def _claimed_vec_isas() -> list[str] | None:
-    """The vector ISAs inductor would use on this x86 CPU, by its flags; None off x86 or when unknown."""
-    import platform
-
-    try:
-        from torch._inductor import cpu_vec_isa
-
-        if platform.machine() not in ("x86_64", "AMD64"):
-            return None
-        flags = cpu_vec_isa.x86_isa_checker()
-        return [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]
-    except Exception:  # a torch without these internals: keep inductor's checks
-        return None
-
-
-def _vec_isa_record(folder: Path, claimed: list[str]) -> Path | None:
-    """Inductor checks each vector ISA the CPU claims by compiling a test library and loading it in a child
-    Python, in every process (about a second on 2 cores). This file records that every check passed on this
-    machine with this compiler and torch (its name hashes the claimed ISAs, the compiler binary and the torch
-    version); when present, the checks are skipped (inductor's own vec_isa_ok)."""
-    import hashlib
-
-    from torch._inductor.cpp_builder import get_cpp_compiler
-
-    compiler = shutil.which(get_cpp_compiler())
-    if compiler is None:  # no C++ compiler (a CUDA-only host): nothing to record
-        return None
-    compiler = os.path.realpath(compiler)
-    st = os.stat(compiler)
-    key = json.dumps([torch.__version__, claimed, compiler, st.st_size, st.st_mtime_ns])
-    return folder / f"vec-isa-checked-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def _skip_known_vec_isa_checks(folder: Path) -> None:
-    """The first compiled process on a machine runs inductor's checks now and writes the record when every
-    claimed ISA passed; from then on every process (this one included) sets vec_isa_ok, so all of them compile
-    with the same inductor settings and share cache entries."""
-    import torch._inductor.config
-
-    claimed = _claimed_vec_isas()
-    record = None if claimed is None else _vec_isa_record(folder, claimed)
-    if record is None:
-        return
-    if not record.is_file():
-        from torch._inductor import cpu_vec_isa
-
-        if [str(i) for i in cpu_vec_isa.valid_vec_isa_list()] != claimed:
-            return  # a claimed ISA failed its check here: inductor keeps checking, and picks among those that pass
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"torch": torch.__version__, "isa": claimed}) + "\n")
-        except OSError:  # a read-only cache folder: inductor keeps checking in every process
-            return
-    torch._inductor.config.cpp.vec_isa_ok = True
-
-
-def compile_cache_counts() -> dict[str, int]:
-    """Compiled graphs this process loaded from the cache vs compiled (torch's own counters)."""
-    from torch._dynamo.utils import counters
-
-    return {"compile_graphs_cached": int(counters["inductor"]["fxgraph_cache_hit"]),
-            "compile_graphs_compiled": int(counters["inductor"]["fxgraph_cache_miss"]),
-            # AOTAutograd's cache: a hit also skips tracing and partitioning the joint forward/backward graph
-            "compile_autograd_cached": int(counters["aot_autograd"]["autograd_cache_hit"]),
-            "compile_autograd_bypassed": int(counters["aot_autograd"]["autograd_cache_bypass"])}
 
 
 def precision_flags(precision: str, device: str, compiled: bool = False) -> dict[str, bool]:
@@ -257,81 +150,6 @@ class GuardedTrainer(Trainer):
         if len(missing) < len(load_result.missing_keys):
             self.model.tie_weights()
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-
-@dataclass
-class MlflowCallback(TrainerCallback):
-    """Logs Trainer's log dicts to the active MLflow run (rate bounded by logging_steps)."""
-
-    prefix: str = ""
-    tokens_per_step: int = 0
-    seconds: float = 0.0
-    """Wall seconds spent in on_log (building the points and handing them to MLflow)."""
-    _t: float = 0.0
-    _step: int = 0
-
-    def on_train_begin(self, args, state, control, **kw):
-        self._t, self._step = time.perf_counter(), state.global_step
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or not logs:
-            return
-        t = time.perf_counter()
-        try:
-            self._log(state.global_step, logs)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-    def _log(self, step: int, logs: dict) -> None:
-        out: dict[str, float] = {}
-        for key, value in logs.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            name = {"loss": "train_loss", "learning_rate": "lr"}.get(key, key)
-            out[self.prefix + name] = float(value)
-            if key == "eval_loss":
-                out[self.prefix + "eval_perplexity"] = perplexity(value)
-        if "loss" in logs and self.tokens_per_step:
-            now = time.perf_counter()
-            if step > self._step:
-                out[self.prefix + "tokens_per_s"] = (step - self._step) * self.tokens_per_step / (now - self._t)
-            self._t, self._step = now, step
-        if out:
-            log_metrics_bounded(out, step=step)  # buffered while the tracking server is unreachable
-
-
-@dataclass
-class StepTimer(TrainerCallback):
-    """Steady-state training throughput: the time between consecutive optimizer steps, leaving out the
-    first `skip` steps of this process (torch.compile warm-up) and every interval that held an evaluation
-    or a checkpoint save. MLflow logging stays in: it is part of what the stage does per step."""
-
-    skip: int = 3
-    durations: list[float] = field(default_factory=list)
-    """Seconds per counted optimizer step."""
-    _last: float | None = None
-    _seen: int = 0
-    _interrupted: bool = False
-
-    def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
-        self._seen += 1
-        if self._last is not None and self._seen > self.skip and not self._interrupted:
-            self.durations.append(now - self._last)
-        self._last, self._interrupted = now, False
-
-    def tokens_per_s(self, tokens_per_step: int, median: bool = False) -> float:
-        """Mean rate over the counted steps, or the rate at the median step time (robust to a noisy host)."""
-        if not self.durations:
-            return 0.0
-        per_step = float(np.median(self.durations)) if median else sum(self.durations) / len(self.durations)
-        return tokens_per_step / per_step
-
-    def on_evaluate(self, args, state, control, **kw):
-        self._interrupted = True
-
-    def on_save(self, args, state, control, **kw):
-        self._interrupted = True
 
 
 def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
@@ -557,22 +375,6 @@ class FinetuneTrainer(GuardedTrainer):
 
 
 @dataclass
-class OptimizerRecord(TrainerCallback):
-    """What the optimizer really holds at the start of training: each parameter group's learning rate,
-    weight decay and parameter names, and the parameters that train nowhere (frozen)."""
-
-    groups: list[dict[str, Any]] = field(default_factory=list)
-    frozen: list[str] = field(default_factory=list)
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.groups = [{"lr": float(g.get("initial_lr", g["lr"])), "weight_decay": float(g["weight_decay"]),
-                        "numel": int(sum(p.numel() for p in g["params"])),
-                        "params": [names.get(id(p), "?") for p in g["params"]]} for g in optimizer.param_groups]
-        self.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-
-
-@dataclass
 class FinetuneResult:
     model: PreTrainedModel
     """The best checkpoint's model (by validation accuracy)."""
@@ -585,52 +387,6 @@ class FinetuneResult:
     """The checkpoint the returned model was loaded from."""
     optimizer: dict[str, Any] = field(default_factory=dict)
     """OptimizerRecord of this process's training: {"groups": [...], "frozen": [...]}."""
-
-
-TRIAL_ENV = "LMPIPE_TRIAL"
-"""Set by lmpipe/sweep.py for a trial's stages: JSON {storage, study, trial_id, objective, pruner}."""
-OBJECTIVE_KEYS = {"val_accuracy": "eval_accuracy", "val_f1_macro": "eval_f1_macro", "val_loss": "eval_loss"}
-"""A sweep objective (metrics/finetune.json) -> the name Trainer gives it at each evaluation."""
-
-
-def sweep_pruner(kind: str):
-    """The Optuna pruner a sweep file names (none | median | hyperband); pruners live in no storage, so the
-    sweep and the stage that reports build the same one."""
-    import optuna
-
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    return optuna.pruners.NopPruner()
-
-
-class TrialPruned(LmpipeError):
-    """The sweep's pruner stopped this trial (lmpipe/sweep.py marks it pruned and saves no experiment)."""
-
-    exit_code = 3
-
-
-@dataclass
-class TrialReporter(TrainerCallback):
-    """A sweep trial: report the objective at every evaluation to the trial in the Optuna storage, and stop
-    (TrialPruned) when the pruner says so."""
-
-    spec: dict[str, Any]
-
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=self.spec["study"], storage=self.spec["storage"],
-                                  pruner=sweep_pruner(self.spec["pruner"]))
-        trial = optuna.trial.Trial(study, self.spec["trial_id"])
-        value = float(metrics[OBJECTIVE_KEYS[self.spec["objective"]]])
-        trial.report(value, state.global_step)
-        if trial.should_prune():
-            trial.set_user_attr("pruned_at_step", state.global_step)
-            raise TrialPruned(f"sweep trial pruned by the {self.spec['pruner']} pruner at step {state.global_step} "
-                              f"({self.spec['objective']} {value:.4f})")
 
 
 def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | None:

@@ -225,7 +225,7 @@ def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_pat
 
 
 def test_compile_without_a_cpp_compiler_is_refused(monkeypatch, tmp_path):
-    from lmpipe.training import check_compile
+    from lmpipe.compile_cache import check_compile
 
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
@@ -272,7 +272,7 @@ def test_compile_cache_is_lmpipes_folder_unless_the_user_names_one(tmp_path):
     import subprocess
     import sys
 
-    script = ("from lmpipe.training import compile_cache; print(compile_cache())")
+    script = ("from lmpipe.compile_cache import compile_cache; print(compile_cache())")
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "LMPIPE_COMPILE_CACHE")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

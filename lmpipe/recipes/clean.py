@@ -19,7 +19,7 @@ from lmpipe.datasource import data_dir
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.tasks import task_dir
-from lmpipe.tracking import log_metrics_bounded
+from lmpipe.metric_log import log_metrics_bounded
 
 
 def clean(params: Params, root: Path, run) -> None:

@@ -27,7 +27,7 @@ from lmpipe.modeling import from_pretrained, load_finetuned, load_tokenizer
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.names import MASKED_OBJECTIVES, need
 from lmpipe.tokenizer import load_blocks
-from lmpipe.tracking import log_metrics_bounded
+from lmpipe.metric_log import log_metrics_bounded
 
 
 def evaluate(params: Params, root: Path, run) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import checkpoints, strategies, tasks, tracking
+from lmpipe import checkpoints, metric_log, strategies, tasks
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
@@ -40,7 +40,7 @@ from lmpipe.modeling import (check_vocab, load_classifier, load_tokenizer, max_p
                              resolve_model_ref)
 from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import seed_everything
-from lmpipe.tracking import log_metrics_bounded
+from lmpipe.metric_log import log_metrics_bounded
 from lmpipe.training import encode_labeled, finetune as train_classifier
 from lmpipe.names import missing
 
@@ -162,7 +162,7 @@ def finetune(params: Params, root: Path, run) -> None:
             if done.record["mlflow_run_id"] != run.info.run_id:  # that attempt logged to another run
                 _log_variant(name, done.record)
                 _log_adapter(name, done.path)
-        tracking.settle(params.common.tracking_grace_s)  # its metrics sent before its output is written
+        metric_log.settle(params.common.tracking_grace_s)  # its metrics sent before its output is written
         checkpoints.copy_finished(done, root / out_dir)
         metrics = {**done.record["metrics"], **done.record.get("training", {})}
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}

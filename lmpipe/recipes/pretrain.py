@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 from transformers import AutoConfig
 
-from lmpipe import checkpoints, objectives, tracking
+from lmpipe import checkpoints, metric_log, objectives
 from lmpipe.config import Params, device
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
@@ -27,7 +27,7 @@ from lmpipe.io import atomic_dir, read_parquet, write_json
 from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab,
                              load_continued_lm, load_tokenizer, max_positions, resolve_model_ref, save_lm)
 from lmpipe.tokenizer import load_blocks
-from lmpipe.tracking import log_metrics_bounded
+from lmpipe.metric_log import log_metrics_bounded
 from lmpipe.training import pretrain as train_lm, write_curve
 from lmpipe.names import SENTENCE_OBJECTIVES, need
 
@@ -95,7 +95,7 @@ def pretrain(params: Params, root: Path, run) -> None:
         result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
     if not is_main:
         return
-    tracking.settle(params.common.tracking_grace_s)  # every training metric sent before any output is written
+    metric_log.settle(params.common.tracking_grace_s)  # every training metric sent before any output is written
     if result.resumed_from:
         mlflow.set_tag("pretrain.resumed_from", result.resumed_from)
 

@@ -19,7 +19,7 @@ import numpy as np
 from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, read_parquet, write_json
-from lmpipe.tracking import log_metrics_bounded
+from lmpipe.metric_log import log_metrics_bounded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
