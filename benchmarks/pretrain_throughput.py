@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmpipe.config import Pretrain, load_params, parse_override  # noqa: E402
+from lmpipe.config import Pretrain  # noqa: E402
+from lmpipe.params import load_params, parse_override
 from lmpipe.datasource import data_dir  # noqa: E402
 from lmpipe.modeling import attention_implementation, build_lm, build_lm_config  # noqa: E402
 from lmpipe.tokenizer import encode_stream, pack_blocks, train_tokenizer  # noqa: E402

@@ -52,7 +52,7 @@ def build_model(dest: Path) -> Path:
     import yaml
 
     from lmpipe import datasource
-    from lmpipe.config import load_raw, merge
+    from lmpipe.params import load_raw, merge
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lmpipe.team import services
-    from lmpipe.config import load_params
+    from lmpipe.params import load_params
 
     tmp = Path(tempfile.mkdtemp(prefix="tracking-load-"))
     tmp.chmod(0o755)  # the postgres user enters the state dir

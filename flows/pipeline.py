@@ -218,7 +218,7 @@ def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id:
     for r in results:
         lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'cached'} | {r['seconds']} | `{r['mlflow_run_id']}` |")
     if metrics:
-        from lmpipe.config import flatten
+        from lmpipe.params import flatten
 
         lines += ["", "| metric | value |", "|---|---|"]
         for k, v in flatten(metrics).items():
@@ -331,7 +331,7 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmpipe.config import parse_override
+    from lmpipe.params import parse_override
     from lmpipe.errors import LmpipeError
 
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,

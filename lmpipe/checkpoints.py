@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lmpipe.config import Params, flatten
+from lmpipe.config import Params
+from lmpipe.params import flatten
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_failure, write_json
 from lmpipe.names import checkpoint_step, model_uri, parse_model_uri

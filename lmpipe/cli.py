@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from lmpipe.config import load_params, parse_override, repo_root
+from lmpipe.params import load_params, parse_override, repo_root
 from lmpipe.errors import LmpipeError
 
 

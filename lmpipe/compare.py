@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmpipe.config import flatten, load_raw
+from lmpipe.params import flatten, load_raw
 from lmpipe.errors import LmpipeError
 from lmpipe.names import HEADLINE
 

@@ -28,7 +28,8 @@ from typing import Any, Callable
 import yaml
 
 from lmpipe import datasource
-from lmpipe.config import Params, load_raw, merge, validate
+from lmpipe.config import Params
+from lmpipe.params import load_raw, merge, validate
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.names import DVC
 from lmpipe.params_file import update_params_file
@@ -185,7 +186,7 @@ def _hydra_value(value: Any) -> str:
 def dvc_set_params(root: Path, profile: Path) -> list[str]:
     """`-S key=value` arguments for `dvc exp run` that apply `profile` to root's params.yaml (every leaf key;
     lists whole; `++key` adds an optional key params.yaml leaves out)."""
-    from lmpipe.config import flatten
+    from lmpipe.params import flatten
 
     present = flatten(load_raw(root / "params.yaml"))
     return [a for key, value in flatten(load_raw(profile)).items()

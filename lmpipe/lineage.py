@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmpipe.config import Params, flatten
+from lmpipe.config import Params
+from lmpipe.params import flatten
 from lmpipe.errors import LmpipeError
 from lmpipe.names import HEADLINE, STAGES, parse_model_uri
 from lmpipe.tracking import PARENT_ENV

@@ -8,15 +8,17 @@ random-init twin) with a classification head.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
                           AutoModelForSequenceClassification, AutoTokenizer, BertConfig, GPT2Config,
                           LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
 
-from lmpipe.config import Pretrain
+from lmpipe.config import Common, Pretrain
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.names import missing
 
@@ -184,8 +186,6 @@ class ContinuedLM:
 
 def load_continued_lm(path: Path, objective: str, attention: str) -> ContinuedLM:
     """The checkpoint at `path` ready to continue pretraining with `objective`."""
-    import torch
-
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     model, info = from_pretrained(auto, path, attn_implementation=attention, dtype=torch.float32,
                                   output_loading_info=True)
@@ -194,8 +194,6 @@ def load_continued_lm(path: Path, objective: str, attention: str) -> ContinuedLM
 
 def _base_weight_names(config: PretrainedConfig) -> set[str]:
     """Parameter names of the bare base model (AutoModel, pooler included), built on the meta device."""
-    import torch
-
     with torch.device("meta"):
         return set(AutoModel.from_config(config).state_dict())
 
@@ -315,3 +313,15 @@ def load_finetuned(path: Path):
     base = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
     base.load_state_dict(load_file(str(path / "model.safetensors")))
     return PeftModel.from_pretrained(accept_past_key_values(base), str(path)).eval()
+
+
+def device(common: Common) -> str:
+    """auto -> cuda when available; env LMPIPE_DEVICE wins over params."""
+    choice = os.environ.get("LMPIPE_DEVICE") or common.device
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"LMPIPE_DEVICE: expected auto, cpu or cuda (got {choice!r})")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("common.device: cuda requested but torch sees no CUDA device")
+    return choice

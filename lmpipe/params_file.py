@@ -27,7 +27,7 @@ from ruamel.yaml.error import CommentMark, YAMLError as RuamelYAMLError
 from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.tokens import CommentToken
 
-from lmpipe.config import load_raw
+from lmpipe.params import load_raw
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.io import atomic_path
 

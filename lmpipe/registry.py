@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from importlib import metadata
+
 import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -26,7 +28,13 @@ from lmpipe.errors import LmpipeError
 
 HISTORY_TAG = "lmpipe.alias_history.{alias}"
 HISTORY_MAX_CHARS = 5000  # MLflow's registered-model tag values are VARCHAR(5000): the oldest entries go first
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5,<6", "peft>=0.17,<1", "pandas", "mlflow>=3,<4"]
+SERVING_PACKAGES = ("torch", "transformers", "peft", "pandas", "mlflow")
+"""What a registered model needs to load (its pip requirements): pinned to the versions this environment has, which
+pyproject.toml (the one home of the pins) installed."""
+
+
+def pip_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in SERVING_PACKAGES]
 
 
 def champion(client, name: str, alias: str) -> tuple[str | None, float | None]:
@@ -46,7 +54,7 @@ def log_variant(model_dir: Path, name: str, variant: str, tags: dict[str, Any], 
     # 2 cores), which `lmpipe rollback` never needs
     from lmpipe.package import ClassifierPyfunc
 
-    reqs = PIP_REQUIREMENTS + (["onnxruntime>=1.20,<2"] if variant.startswith("onnx") else [])
+    reqs = pip_requirements() + ([f"onnxruntime=={metadata.version('onnxruntime')}"] if variant.startswith("onnx") else [])
     # the signature is given, not inferred: inferring it loads the model into the instance MLflow then
     # pickles (an ONNX Runtime session or a quantised model does not pickle). The input column is unnamed so
     # that both a DataFrame with a `text` column and a plain list of strings pass MLflow's schema check.

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from lmpipe.config import Params, load_params, parse_override, repo_root
+from lmpipe.config import Params
+from lmpipe.params import load_params, parse_override, repo_root
 from lmpipe.errors import LmpipeError
 
 

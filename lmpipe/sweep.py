@@ -129,7 +129,7 @@ def load_sweep(path: Path, root: Path) -> SweepFile:
     """The sweep file, validated, and checked against params.yaml + its profile; ConfigError lists every problem."""
     import yaml
 
-    from lmpipe.config import flatten, load_raw, merge, validate
+    from lmpipe.params import flatten, load_raw, merge, validate
     from lmpipe.experiments import resolve_profile
 
     if not path.is_file():
@@ -379,7 +379,7 @@ def open_study(root: Path, path: Path, tags: dict[str, str] | None = None) -> St
     from filelock import FileLock, Timeout
 
     from lmpipe import experiments
-    from lmpipe.config import load_raw, merge, validate
+    from lmpipe.params import load_raw, merge, validate
 
     name = path.stem
     profile = experiments.resolve_profile(root, sweep.profile)

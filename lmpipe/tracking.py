@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmpipe.config import Params, flatten
+from lmpipe.config import Params
+from lmpipe.params import flatten
 from lmpipe.errors import ServiceError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import yaml
 
 from helpers import (ROOT, Server, clean_env, free_port, make_repo, run_module, tiny_classifier, tiny_params,
                      write_tiny_data)
-from lmpipe.config import set_dotted
+from lmpipe.params import set_dotted
 from lmpipe.io import file_md5
 
 IGNORED = {"mlflow.db", "mlflow.db.lock", "mlartifacts",  # the MLflow store records the failed run: not an output

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers import ROOT, run_module
-from lmpipe.config import ConfigError, load_params, validate
+from lmpipe.errors import ConfigError
+from lmpipe.params import load_params, validate
 
 
 @pytest.mark.parametrize("profile", [None, *sorted((ROOT / "profiles").glob("*.yaml"))])

@@ -112,7 +112,7 @@ def test_profile_as_dvc_exp_run_overrides_gives_the_merged_params(tmp_path, prof
     params the profile means (lists of dicts, quoted strings, floats, booleans)."""
     from dvc.utils.hydra import apply_overrides
 
-    from lmpipe.config import load_raw, merge, validate
+    from lmpipe.params import load_raw, merge, validate
     from lmpipe.experiments import dvc_set_params
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")

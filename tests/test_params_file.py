@@ -13,7 +13,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from helpers import ROOT
-from lmpipe.config import load_raw, merge, validate
+from lmpipe.params import load_raw, merge, validate
 from lmpipe.errors import ConfigError
 from lmpipe.experiments import write_params
 from lmpipe.params_file import update_params_file

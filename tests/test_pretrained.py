@@ -85,7 +85,7 @@ def test_continued_mlm_from_a_local_checkpoint_fine_tunes(workdir: Path, tmp_pat
     run = next(r for r in mlflow_runs(f"sqlite:///{workdir / 'mlflow.db'}") if r.data.tags.get("lmpipe.stage") == "pretrain")
     assert "cls.predictions.transform.dense.weight" in run.data.tags["pretrain.init_new_weights"]
     from lmpipe.checkpoints import resume_key
-    from lmpipe.config import load_params
+    from lmpipe.params import load_params
 
     key = resume_key("pretrain", load_params(workdir / "params.yaml"), workdir)
     assert set(key["init md5"]) == {"config.json", "model.safetensors"}
@@ -190,7 +190,8 @@ def test_finetune_init_package_not_installed_is_one_line(workdir: Path):
 def test_original_baseline_needs_continued_pretraining():
     from helpers import ROOT
 
-    from lmpipe.config import ConfigError, validate
+    from lmpipe.errors import ConfigError
+    from lmpipe.params import validate
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["finetune"]["original_baseline"] = True
@@ -205,7 +206,8 @@ def test_original_baseline_needs_continued_pretraining():
 def test_tokenize_kind_and_pretrain_init_go_together(kind: str, init: str):
     from helpers import ROOT
 
-    from lmpipe.config import ConfigError, validate
+    from lmpipe.errors import ConfigError
+    from lmpipe.params import validate
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["tokenize"]["kind"], raw["pretrain"]["init"] = kind, init

@@ -397,7 +397,8 @@ def test_augmentation_adds_copies_of_the_training_split_only(work):
 
 
 def test_distill_without_a_teacher_is_refused_by_validation():
-    from lmpipe.config import ConfigError, validate
+    from lmpipe.errors import ConfigError
+    from lmpipe.params import validate
 
     raw = tiny_params()
     raw["finetune"]["strategy"] = "distill"

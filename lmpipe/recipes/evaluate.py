@@ -19,11 +19,12 @@ import pandas as pd
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from lmpipe import tasks
-from lmpipe.config import Params, device, flatten
+from lmpipe.config import Params
+from lmpipe.params import flatten
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
 from lmpipe.io import atomic_path, read_parquet, write_json
 from lmpipe.lineage import PipelineRun
-from lmpipe.modeling import from_pretrained, load_finetuned, load_tokenizer
+from lmpipe.modeling import device, from_pretrained, load_finetuned, load_tokenizer
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.names import MASKED_OBJECTIVES, need
 from lmpipe.tokenizer import load_blocks

@@ -32,11 +32,11 @@ import mlflow
 import pandas as pd
 
 from lmpipe import checkpoints, metric_log, strategies, tasks
-from lmpipe.config import Params, device
+from lmpipe.config import Params
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import (check_vocab, load_classifier, load_tokenizer, max_positions, resolve_init,
+from lmpipe.modeling import (check_vocab, device, load_classifier, load_tokenizer, max_positions, resolve_init,
                              resolve_model_ref)
 from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import seed_everything

@@ -20,11 +20,11 @@ import mlflow
 from transformers import AutoConfig
 
 from lmpipe import checkpoints, metric_log, objectives
-from lmpipe.config import Params, device
+from lmpipe.config import Params
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, read_parquet, write_json
-from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab,
+from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab, device,
                              load_continued_lm, load_tokenizer, max_positions, resolve_model_ref, save_lm)
 from lmpipe.tokenizer import load_blocks
 from lmpipe.metric_log import log_metrics_bounded

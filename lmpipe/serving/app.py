@@ -37,7 +37,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lmpipe.config import Serve, load_params, repo_root
+from lmpipe.config import Serve
+from lmpipe.params import load_params, repo_root
 from lmpipe.errors import LmpipeError
 from lmpipe.serving import auth, reload
 from lmpipe.serving.batching import Batcher, Refused
