@@ -39,6 +39,11 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from lmpipe.names import DVC  # noqa: E402
+from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.experiments import prepare, resolve_profile
+from lmpipe.lineage import PipelineRun
+from lmpipe.params import flatten, parse_override
+from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, setup, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +204,6 @@ def _session_ephemeral_api() -> None:
 def check_services(root: Path) -> None:
     """The Prefect API (PREFECT_API_URL, when set) and the MLflow server (an http MLFLOW_TRACKING_URI) answer;
     else ServiceError, one line, before anything starts."""
-    from lmpipe.tracking import check_health, check_reachable, tracking_uri
 
     api = os.environ.get("PREFECT_API_URL")
     if api:
@@ -218,7 +222,6 @@ def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id:
     for r in results:
         lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'cached'} | {r['seconds']} | `{r['mlflow_run_id']}` |")
     if metrics:
-        from lmpipe.params import flatten
 
         lines += ["", "| metric | value |", "|---|---|"]
         for k, v in flatten(metrics).items():
@@ -229,8 +232,6 @@ def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id:
 
 def check_inputs(root: Path, overrides: dict[str, Any], profile: str | None, stages: list[str] | None):
     """Validate params + profile + overrides and the stage names; raises ConfigError."""
-    from lmpipe.errors import ConfigError
-    from lmpipe.experiments import prepare, resolve_profile
 
     _, params = prepare(root, overrides, resolve_profile(root, profile))
     unknown = sorted(set(stages or []) - set(stage_names(root)))
@@ -248,8 +249,6 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     from prefect.runtime import deployment, flow_run
 
     from lmpipe import experiments
-    from lmpipe.lineage import PipelineRun
-    from lmpipe.tracking import PARENT_ENV, TAGS_ENV, git_info, setup
 
     root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
     overrides = dict(overrides or {})
@@ -331,8 +330,6 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmpipe.params import parse_override
-    from lmpipe.errors import LmpipeError
 
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

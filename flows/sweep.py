@@ -24,6 +24,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as flows/p
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from lmpipe.errors import LmpipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,6 @@ def sweep(sweep: str, workspace: str | None = None, parallel: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmpipe.errors import LmpipeError
     from lmpipe.sweep import load_sweep, resolve_sweep
 
     parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__,

@@ -25,9 +25,10 @@ from typing import Any, Callable
 
 from lmpipe.config import Params
 from lmpipe.params import flatten
-from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.errors import ConfigError, DataError, LmpipeError
 from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_failure, write_json
 from lmpipe.names import checkpoint_step, model_uri, parse_model_uri
+from lmpipe.tracking import tracking_uri
 
 RESUME_KEY_FILE = "lmpipe_resume_key.json"
 RUN_ID_FILE = "mlflow_run_id"
@@ -108,8 +109,6 @@ def _registry_version(uri: str, root: Path) -> str:
     models:/NAME/VERSION as it is. An unknown name or alias, or an unreachable store: one line."""
     import mlflow
 
-    from lmpipe.errors import DataError
-    from lmpipe.tracking import tracking_uri
 
     ref = parse_model_uri(uri)
     if ref is None or ref.alias is None:

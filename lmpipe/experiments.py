@@ -29,10 +29,12 @@ import yaml
 
 from lmpipe import datasource
 from lmpipe.config import Params
-from lmpipe.params import load_raw, merge, validate
+from lmpipe.params import flatten, load_raw, merge, validate
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.names import DVC
 from lmpipe.params_file import update_params_file
+from lmpipe.lineage import PipelineRun
+from lmpipe.tracking import PARENT_ENV, git_info, setup, tracking_uri
 
 
 
@@ -85,7 +87,6 @@ def write_params(wt: Path, raw: dict) -> None:
 
 def env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for stages run in a worktree: MLflow runs land in the checkout's store."""
-    from lmpipe.tracking import tracking_uri
 
     return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root),
             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -129,8 +130,6 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
     run id); a failed or pruned run saves no experiment."""
     import mlflow
 
-    from lmpipe.lineage import PipelineRun
-    from lmpipe.tracking import PARENT_ENV, git_info, setup
 
     raw, params = prepare(root, overrides, profile)  # validate before anything runs
     exp_id = setup(root, params.common.experiment)
@@ -186,7 +185,6 @@ def _hydra_value(value: Any) -> str:
 def dvc_set_params(root: Path, profile: Path) -> list[str]:
     """`-S key=value` arguments for `dvc exp run` that apply `profile` to root's params.yaml (every leaf key;
     lists whole; `++key` adds an optional key params.yaml leaves out)."""
-    from lmpipe.params import flatten
 
     present = flatten(load_raw(root / "params.yaml"))
     return [a for key, value in flatten(load_raw(profile)).items()

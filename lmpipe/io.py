@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import DataError, LmpipeError
 from lmpipe.names import missing
 
 
@@ -148,7 +148,6 @@ def read_parquet(path: str | Path, producer: str):
     refused in one line naming it and the stage that makes it."""
     import pandas as pd
 
-    from lmpipe.errors import DataError
 
     path = Path(path)
     if not path.is_file():

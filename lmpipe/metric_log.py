@@ -16,6 +16,7 @@ from typing import Iterator
 
 from lmpipe.errors import ServiceError
 from lmpipe.tracking import reason
+from lmpipe.io import atomic_path
 
 PENDING_FILE = "pending_metrics.jsonl"
 
@@ -117,7 +118,6 @@ class MetricLog:
         """Write the unsent points to pending_file (atomically); says where they went."""
         if self.pending_file is None:
             return "lost (this stage keeps no checkpoints)"
-        from lmpipe.io import atomic_path
 
         with atomic_path(self.pending_file) as tmp:
             tmp.write_text("".join(json.dumps(p) + "\n" for p in self.pending))

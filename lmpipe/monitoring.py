@@ -23,6 +23,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from lmpipe.errors import LmpipeError
 
 FORMAT = "lmpipe-drift-reference/1"
 REFERENCE_FILE = "drift_reference.json"  # its name inside a served model directory
@@ -145,7 +146,6 @@ def fetch_report(url: str, token: str | None = None, timeout: float = 10) -> dic
     import urllib.parse
     import urllib.request
 
-    from lmpipe.errors import LmpipeError
 
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

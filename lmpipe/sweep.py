@@ -37,6 +37,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from lmpipe.config import Section
 from lmpipe.errors import ConfigError, LmpipeError
+from lmpipe.experiments import resolve_profile, resolve_yaml
+from lmpipe.names import DVC
+from lmpipe.params import flatten, load_raw, merge, validate
+from lmpipe.params_file import update_params_file
+from lmpipe.tracking import TAGS_ENV, git_info, setup
 
 STORAGE_ENV = "LMPIPE_SWEEP_STORAGE"
 """An Optuna storage URL for every sweep (default: a SQLite file per sweep under .lmpipe/sweeps/)."""
@@ -120,7 +125,6 @@ class SweepFile(Section):
 
 def resolve_sweep(root: Path, ref: str) -> Path:
     """A sweep name (sweeps/<name>.yaml) or a YAML path."""
-    from lmpipe.experiments import resolve_yaml
 
     return resolve_yaml(root, ref, "sweeps", "sweep")
 
@@ -129,8 +133,6 @@ def load_sweep(path: Path, root: Path) -> SweepFile:
     """The sweep file, validated, and checked against params.yaml + its profile; ConfigError lists every problem."""
     import yaml
 
-    from lmpipe.params import flatten, load_raw, merge, validate
-    from lmpipe.experiments import resolve_profile
 
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
@@ -277,7 +279,6 @@ class Study:
         import optuna
 
         from lmpipe import experiments
-        from lmpipe.tracking import TAGS_ENV
         from lmpipe.trial import TRIAL_ENV
 
         sweep, name, client = self.sweep, self.name, self.client
@@ -379,7 +380,6 @@ def open_study(root: Path, path: Path, tags: dict[str, str] | None = None) -> St
     from filelock import FileLock, Timeout
 
     from lmpipe import experiments
-    from lmpipe.params import load_raw, merge, validate
 
     name = path.stem
     profile = experiments.resolve_profile(root, sweep.profile)
@@ -402,7 +402,6 @@ def _open(root: Path, path: Path, sweep: SweepFile, name: str, profile: Path | N
     import mlflow
     import optuna
 
-    from lmpipe.tracking import git_info, setup
     from lmpipe.trial import sweep_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -484,8 +483,6 @@ def apply(root: Path, exp_name: str) -> None:
     """`dvc exp apply` the experiment into the workspace and print the params diff against HEAD."""
     import yaml
 
-    from lmpipe.names import DVC
-    from lmpipe.params_file import update_params_file
 
     res = subprocess.run([*DVC, "exp", "apply", exp_name], cwd=root, capture_output=True, text=True)
     if res.returncode != 0:

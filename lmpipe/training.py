@@ -28,6 +28,7 @@ from lmpipe.names import checkpoint_step, perplexity
 from lmpipe.tasks import classification_metrics
 from lmpipe.metric_log import flush_metrics
 from lmpipe.trial import TRIAL_ENV, TrialReporter
+from lmpipe.io import atomic_path
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -153,7 +154,6 @@ class GuardedTrainer(Trainer):
 
 
 def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
-    from lmpipe.io import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["step", "split", "loss"])

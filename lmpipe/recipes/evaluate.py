@@ -19,7 +19,7 @@ import pandas as pd
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from lmpipe import tasks
-from lmpipe.config import Params
+from lmpipe.config import Augment, Params
 from lmpipe.params import flatten
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
 from lmpipe.io import atomic_path, read_parquet, write_json
@@ -188,7 +188,6 @@ def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -
     from transformers import AutoModel
 
     from lmpipe import embeddings, objectives
-    from lmpipe.config import Augment
     from lmpipe.modeling import resolve_model_ref, stored_max_length
     from lmpipe.regularization import augment
 
