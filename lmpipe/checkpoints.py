@@ -27,7 +27,7 @@ from lmpipe.config import Params
 from lmpipe.params import flatten
 from lmpipe.errors import ConfigError, DataError, LmpipeError
 from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_failure, write_json
-from lmpipe.names import checkpoint_step, model_uri, parse_model_uri
+from lmpipe.names import STRATEGIES, checkpoint_step, model_uri, parse_model_uri
 from lmpipe.tracking import tracking_uri
 
 RESUME_KEY_FILE = "lmpipe_resume_key.json"
@@ -83,9 +83,9 @@ def _finetune_key(params: Params, root: Path) -> dict[str, Any]:
         settings["adversarial"] = "none"
     if cfg.augment.copies == 0:
         settings["augment"] = "off"
-    for strategy in ("freeze", "llrd", "lora", "prefix", "prompt", "distill"):
+    for strategy in STRATEGIES:  # only the chosen strategy's block (full has none)
         if cfg.strategy != strategy:
-            settings.pop(strategy)
+            settings.pop(strategy, None)
     key = {"finetune": settings,
            "common.seed": params.common.seed, "base config.json md5": file_md5(base / "config.json"),
            "base model.safetensors md5": file_md5(base / "model.safetensors"),

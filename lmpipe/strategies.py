@@ -24,13 +24,10 @@ from transformers import AutoModelForSequenceClassification, PretrainedConfig, P
 
 from lmpipe.config import Finetune
 from lmpipe.errors import ConfigError, DataError
+from lmpipe.names import STRATEGIES
 from lmpipe.modeling import (ADAPTER_CONFIG, accept_past_key_values, load_finetuned, load_tokenizer, max_positions,
                              save_classifier, stored_max_length)
 
-ADAPTERS = ("lora", "prefix", "prompt")
-"""Strategies that train a peft adapter (the base model frozen)."""
-PROMPT_LEARNING = ("prefix", "prompt")
-"""Adapters that add virtual tokens: they cannot be merged into the weights."""
 ADAPTER_SUBDIR = "adapter"
 """LoRA: where the adapter is kept next to the merged model."""
 
@@ -133,73 +130,7 @@ def _adaptable_names(model: torch.nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, kinds)})
 
 
-def check(cfg: Finetune, config: PretrainedConfig) -> None:
-    """The strategy's params against the model they will act on; one line per problem (ConfigError)."""
-    model = _skeleton(config)
-    issues = []
-    if cfg.strategy == "freeze":
-        n = blocks(model)[1]
-        if cfg.freeze.layers > n:
-            issues.append(f"finetune.freeze.layers: {cfg.freeze.layers} exceeds the model's {n} layers")
-    if cfg.strategy == "lora" and isinstance(cfg.lora.target_modules, list):
-        names = [n for n, _ in model.named_modules() if n]
-        unknown = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-        if unknown:
-            issues.append(f"finetune.lora.target_modules: {', '.join(unknown)} not in {type(model).__name__}; "
-                          f"its adaptable modules: {', '.join(_adaptable_names(model))}")
-    if cfg.strategy in PROMPT_LEARNING:
-        virtual = getattr(cfg, cfg.strategy).num_virtual_tokens
-        if virtual + cfg.max_length > max_positions(config):
-            issues.append(f"finetune.{cfg.strategy}.num_virtual_tokens: {virtual} virtual tokens + finetune.max_length "
-                          f"{cfg.max_length} exceed the model's {max_positions(config)} positions")
-    if issues:
-        raise ConfigError("\n".join(issues))
-
-
-def pads_left(strategy: str, config: PretrainedConfig) -> bool:
-    """prompt on a decoder (head `score`, which reads the last non-pad token): the virtual tokens arrive as
-    embeddings, so the model cannot find the padding and reads the last position; left padding makes that the
-    last real token. Saved with the tokenizer, so evaluate and serving pad the same way."""
-    return strategy == "prompt" and hasattr(_skeleton(config), "score")
-
-
 # -- the model Trainer trains -------------------------------------------------------------------------------
-
-def peft_config(cfg: Finetune):
-    """peft's config for an adapter strategy; task SEQ_CLS makes the classifier head trained and saved
-    (modules_to_save)."""
-    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
-
-    if cfg.strategy == "lora":
-        targets = None if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                          lora_dropout=cfg.lora.dropout, target_modules=targets)
-    config_cls = PrefixTuningConfig if cfg.strategy == "prefix" else PromptTuningConfig
-    return config_cls(task_type=TaskType.SEQ_CLS, num_virtual_tokens=getattr(cfg, cfg.strategy).num_virtual_tokens)
-
-
-def prepare(model: torch.nn.Module, cfg: Finetune, teacher: Teacher | None = None) -> Plan:
-    """A freshly loaded classifier -> what Trainer trains under cfg.strategy."""
-    if cfg.strategy == "freeze":
-        return Plan(model, frozen=freeze(model, cfg.freeze.layers))
-    if cfg.strategy == "llrd":
-        return Plan(model, lr_scale=llrd_scales(model, cfg.llrd.decay))
-    if cfg.strategy == "distill":
-        return Plan(model, teacher=teacher)
-    if cfg.strategy in ADAPTERS:
-        from peft import get_peft_model
-
-        if cfg.strategy == "prefix":
-            accept_past_key_values(model)
-        try:
-            peft_model = get_peft_model(model, peft_config(cfg))
-        except ValueError as e:  # e.g. target_modules auto on an architecture peft has no default for
-            raise ConfigError(f"finetune.{cfg.strategy}: peft refuses {type(model).__name__}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-        peft_model.peft_config["default"].base_model_name_or_path = None  # no machine path in the outputs
-        return Plan(peft_model)
-    return Plan(model)
-
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; peft's own count for a peft model (the adapter included in the total)."""
@@ -225,30 +156,186 @@ def _trained_heads(peft_model) -> torch.nn.Module:
     return base
 
 
-def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, out: Path,
-         strategy: str) -> None:
-    """Write the trained classifier to `out` (consumes a peft model: merged or unwrapped in place).
-
-    lora: the merged plain model, the adapter in out/adapter. prefix/prompt: the base model with the trained
-    head plus the adapter files beside it (lmpipe.modeling.load_finetuned applies them). Others: the model."""
-    if strategy == "lora":
-        model.save_pretrained(str(out / ADAPTER_SUBDIR))
-        (out / ADAPTER_SUBDIR / "README.md").unlink(missing_ok=True)  # peft's model card template
-        save_classifier(model.merge_and_unload(), tokenizer, max_length, out)
-    elif strategy in PROMPT_LEARNING:
-        model.save_pretrained(str(out))
-        (out / "README.md").unlink(missing_ok=True)
-        save_classifier(_trained_heads(model), tokenizer, max_length, out)
-    else:
-        save_classifier(model, tokenizer, max_length, out)
-
-
 def adapter_files(model_dir: Path) -> list[Path]:
     """The adapter a saved classifier carries (logged to MLflow), or [] for a plain model."""
     for folder in (model_dir / ADAPTER_SUBDIR, model_dir):
         if (folder / ADAPTER_CONFIG).is_file():
             return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith("adapter_"))
     return []
+
+
+# -- one object per strategy: what it checks, trains, saves ---------------------------------------------------
+
+class Strategy:
+    """finetune.strategy `full`: every weight trains, the classifier is saved as it is. The other strategies
+    override what differs. A new strategy is a subclass here, registered in STRATEGY, plus its name in
+    lmpipe/names.py and its params block in lmpipe/config.py's Finetune (resume keys include that block)."""
+
+    name = "full"
+
+    def issues(self, cfg: Finetune, model: torch.nn.Module, config: PretrainedConfig) -> list[str]:
+        """The strategy's params against the model they will act on (a weightless skeleton), one line each."""
+        return []
+
+    def pads_left(self, model: torch.nn.Module) -> bool:
+        """Whether the tokenizer pads on the left for this strategy on this (skeleton) model."""
+        return False
+
+    def prepare(self, model: torch.nn.Module, cfg: Finetune, teacher: Teacher | None) -> Plan:
+        """A freshly loaded classifier -> what Trainer trains."""
+        return Plan(model)
+
+    def save(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, out: Path) -> None:
+        """Write the trained classifier to `out` as an ordinary classifier."""
+        save_classifier(model, tokenizer, max_length, out)
+
+
+class Freeze(Strategy):
+    """Embeddings and the lowest finetune.freeze.layers blocks stop training."""
+
+    name = "freeze"
+
+    def issues(self, cfg, model, config):
+        n = blocks(model)[1]
+        return [f"finetune.freeze.layers: {cfg.freeze.layers} exceeds the model's {n} layers"] \
+            if cfg.freeze.layers > n else []
+
+    def prepare(self, model, cfg, teacher):
+        return Plan(model, frozen=freeze(model, cfg.freeze.layers))
+
+
+class Llrd(Strategy):
+    """Layer-wise learning-rate decay: each block below the top at finetune.llrd.decay times the one above."""
+
+    name = "llrd"
+
+    def prepare(self, model, cfg, teacher):
+        return Plan(model, lr_scale=llrd_scales(model, cfg.llrd.decay))
+
+
+class Distill(Strategy):
+    """The loss mixes the labels with a teacher classifier's soft labels (finetune.distill)."""
+
+    name = "distill"
+
+    def prepare(self, model, cfg, teacher):
+        return Plan(model, teacher=teacher)
+
+
+class Adapter(Strategy):
+    """A peft adapter trains, the base model frozen; task SEQ_CLS makes the classifier head trained and saved
+    (modules_to_save)."""
+
+    def peft_config(self, cfg: Finetune):
+        raise NotImplementedError
+
+    def prepare(self, model, cfg, teacher):
+        from peft import get_peft_model
+
+        try:
+            peft_model = get_peft_model(model, self.peft_config(cfg))
+        except ValueError as e:  # e.g. target_modules auto on an architecture peft has no default for
+            raise ConfigError(f"finetune.{self.name}: peft refuses {type(model).__name__}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+        peft_model.peft_config["default"].base_model_name_or_path = None  # no machine path in the outputs
+        return Plan(peft_model)
+
+
+class Lora(Adapter):
+    """LoRA: saved merged into a plain model, the adapter in out/adapter."""
+
+    name = "lora"
+
+    def issues(self, cfg, model, config):
+        if not isinstance(cfg.lora.target_modules, list):
+            return []
+        names = [n for n, _ in model.named_modules() if n]
+        unknown = [t for t in cfg.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        return [f"finetune.lora.target_modules: {', '.join(unknown)} not in {type(model).__name__}; "
+                f"its adaptable modules: {', '.join(_adaptable_names(model))}"] if unknown else []
+
+    def peft_config(self, cfg):
+        from peft import LoraConfig, TaskType
+
+        targets = None if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
+        return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                          lora_dropout=cfg.lora.dropout, target_modules=targets)
+
+    def save(self, model, tokenizer, max_length, out):
+        model.save_pretrained(str(out / ADAPTER_SUBDIR))
+        (out / ADAPTER_SUBDIR / "README.md").unlink(missing_ok=True)  # peft's model card template
+        save_classifier(model.merge_and_unload(), tokenizer, max_length, out)
+
+
+class PromptLearning(Adapter):
+    """Virtual tokens (prefix or prompt tuning): they cannot be merged into the weights, so the base model with
+    the trained head is saved with the adapter files beside it (lmpipe.modeling.load_finetuned applies them)."""
+
+    def issues(self, cfg, model, config):
+        virtual = getattr(cfg, self.name).num_virtual_tokens
+        if virtual + cfg.max_length > max_positions(config):
+            return [f"finetune.{self.name}.num_virtual_tokens: {virtual} virtual tokens + finetune.max_length "
+                    f"{cfg.max_length} exceed the model's {max_positions(config)} positions"]
+        return []
+
+    def peft_config(self, cfg):
+        from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
+
+        config_cls = PrefixTuningConfig if self.name == "prefix" else PromptTuningConfig
+        return config_cls(task_type=TaskType.SEQ_CLS, num_virtual_tokens=getattr(cfg, self.name).num_virtual_tokens)
+
+    def save(self, model, tokenizer, max_length, out):
+        model.save_pretrained(str(out))
+        (out / "README.md").unlink(missing_ok=True)
+        save_classifier(_trained_heads(model), tokenizer, max_length, out)
+
+
+class Prefix(PromptLearning):
+    name = "prefix"
+
+    def prepare(self, model, cfg, teacher):
+        accept_past_key_values(model)
+        return super().prepare(model, cfg, teacher)
+
+
+class Prompt(PromptLearning):
+    name = "prompt"
+
+    def pads_left(self, model):
+        # on a decoder (head `score`, which reads the last non-pad token) the virtual tokens arrive as embeddings,
+        # so the model cannot find the padding and reads the last position; left padding makes that the last real
+        # token. Saved with the tokenizer, so evaluate and serving pad the same way.
+        return hasattr(model, "score")
+
+
+STRATEGY: dict[str, Strategy] = {s.name: s for s in (Strategy(), Freeze(), Llrd(), Lora(), Prefix(), Prompt(), Distill())}
+assert set(STRATEGY) == set(STRATEGIES), "lmpipe/names.py and the strategy objects name the same strategies"
+ADAPTERS = tuple(n for n, s in STRATEGY.items() if isinstance(s, Adapter))
+"""Strategies that train a peft adapter (the base model frozen)."""
+PROMPT_LEARNING = tuple(n for n, s in STRATEGY.items() if isinstance(s, PromptLearning))
+"""Adapters that add virtual tokens: they cannot be merged into the weights."""
+
+
+def check(cfg: Finetune, config: PretrainedConfig) -> None:
+    """The strategy's params against the model they will act on; one line per problem (ConfigError)."""
+    issues = STRATEGY[cfg.strategy].issues(cfg, _skeleton(config), config)
+    if issues:
+        raise ConfigError("\n".join(issues))
+
+
+def pads_left(strategy: str, config: PretrainedConfig) -> bool:
+    return STRATEGY[strategy].pads_left(_skeleton(config))
+
+
+def prepare(model: torch.nn.Module, cfg: Finetune, teacher: Teacher | None = None) -> Plan:
+    """A freshly loaded classifier -> what Trainer trains under cfg.strategy."""
+    return STRATEGY[cfg.strategy].prepare(model, cfg, teacher)
+
+
+def save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_length: int, out: Path,
+         strategy: str) -> None:
+    """Write the trained classifier to `out` (consumes a peft model: merged or unwrapped in place)."""
+    STRATEGY[strategy].save(model, tokenizer, max_length, out)
 
 
 # -- distillation -------------------------------------------------------------------------------------------
