@@ -495,7 +495,7 @@ class Serve(Section):
     """Micro-batching: at most this many texts per batch, one call into the model (a request with more runs alone)."""
     forward_batch_size: int = Field(ge=1)
     """A batch is sorted by text length and run in forward passes of this many texts: less padding (measured in
-    the README's results)."""
+    docs/results.md)."""
     max_wait_ms: float = Field(ge=0)
     """Micro-batching: how long the first request of a batch waits for others to join (ms)."""
     max_queue: int = Field(ge=1)

@@ -47,7 +47,7 @@ def build_lm_config(cfg: Pretrain, tokenizer: PreTrainedTokenizerBase) -> Pretra
 
 def attention_implementation(cfg: Pretrain) -> str:
     """auto -> eager under torch.compile (inductor fuses mask + softmax into its own kernels, which measured
-    faster on CPU than SDPA's flash kernel at short contexts, in bf16 especially; README, Pretraining),
+    faster on CPU than SDPA's flash kernel at short contexts, in bf16 especially; docs/pretraining.md),
     sdpa otherwise."""
     if cfg.attention != "auto":
         return cfg.attention

@@ -78,7 +78,7 @@ def cpu_has_bf16() -> bool:
 
 def precision_flags(precision: str, device: str, compiled: bool = False) -> dict[str, bool]:
     """auto: bf16 on a CUDA device that supports it; on CPU bf16 only for a compiled model on a CPU with
-    native bf16, where it measured faster (README, Results); eager bf16 autocast gained nothing because its
+    native bf16, where it measured faster (docs/results.md); eager bf16 autocast gained nothing because its
     casts are separate kernels. fp32 elsewhere."""
     if precision == "auto":
         if device == "cuda":

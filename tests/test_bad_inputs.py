@@ -308,7 +308,7 @@ def test_bad_input_is_one_line_and_leaves_outputs_as_they_were(name: str, base: 
     stage = case.cmd[0].removeprefix("stages.") if case.cmd[0].startswith("stages.") else "lmpipe"
     prefix = f"{stage}: error: "
     line = _error_line(res, prefix)
-    print(f"{name}: exit {res.returncode}: {line}")  # -s: the lines README's table quotes
+    print(f"{name}: exit {res.returncode}: {line}")  # -s: the lines docs/bad-input.md's table quotes
     assert res.returncode == case.code, res.stderr[-3000:]
     assert case.expected.format(**fmt) in line, line
     changed = sorted(k for k in before if after.get(k) != before[k])

@@ -149,7 +149,7 @@ def test_deployments_and_process_worker(tmp_path):
                 assert time.monotonic() < deadline, f"sweep flow run still {state.name if state else None}"
                 time.sleep(5)
             assert state.is_completed(), f"sweep flow run {state.name}: {state.message}\n{_tail(worker_log)}"
-        # the README's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
+        # docs/prefect.md's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
         ls = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "ls", "--flow-name",
                              "lmpipe-pipeline"], cwd=repo, env={**_prefect_env(home, api), "COLUMNS": "250"},  # no truncated cells
                             capture_output=True,
