@@ -6,7 +6,7 @@ Builds the same temporary repos as tests/test_mlflow_ui.py, with the same helper
 headless Chromium (Debian's chromium + chromium-driver, apt-installed when missing and root):
 
 1. (compare) tiny data, `dvc repro`, commit, then `dvc exp run -S pretrain.learning_rate=0.01`; `mlflow ui`
-   over the repo's mlflow.db: the test's own steps (tick the two `pipeline` runs, Compare, check param and
+   over the repo's mlflow.db: the test's own steps (tick the two pipeline runs, Compare, check param and
    accuracy), screenshot of the compare page;
 2. (compare) `dvc plots diff HEAD -o dvc_plots` (HEAD = the committed baseline, workspace = the experiment),
    screenshot of dvc_plots/index.html. That page loads vega, vega-lite and vega-embed from a CDN;

@@ -1,9 +1,9 @@
-"""One pipeline execution = one MLflow run named `pipeline`, and the lineage read back from it.
+"""One pipeline execution = one MLflow run named after it (`execution_name`), and the lineage read back from it.
 
     lmpipe lineage models:/lmpipe-sst2@champion      # or models:/NAME/VERSION, or an MLflow run id
 
 However the pipeline ran (`dvc repro`, `dvc exp run`, `make smoke`, the Prefect flow), its stage runs
-nest under one `pipeline` run (tag lmpipe.kind=summary): the flow and lmpipe's experiments open it before
+nest under one pipeline run (tag lmpipe.kind=summary; named after the experiment, or workspace@<commit>): the flow and lmpipe's experiments open it before
 the first stage; under plain DVC the evaluate stage opens it and adopts the stage runs of this execution.
 It carries every param, the headline metrics under plain names (accuracy, f1_macro, perplexity,
 benefit_accuracy, ...) so they lead the MLflow compare view, the upstream figures as the artifact
@@ -25,7 +25,6 @@ from lmpipe.errors import LmpipeError
 from lmpipe.names import HEADLINE, STAGES, parse_model_uri
 from lmpipe.tracking import PARENT_ENV
 
-PIPELINE_RUN = "pipeline"
 KIND_TAG, KIND = "lmpipe.kind", "summary"
 PARENT_TAG = "mlflow.parentRunId"
 # tags a stage run passes on to the pipeline run it opens or joins
@@ -71,6 +70,15 @@ def _log_datasets(client, run_id: str, params: Params, root: Path) -> None:
         client.log_inputs(run_id, datasets=inputs)
 
 
+def execution_name(tags: dict[str, str]) -> str:
+    """What a pipeline run is called in the MLflow UI: the DVC experiment it ran as (`lmpipe smoke`'s name, a sweep
+    trial's `<sweep>-tNNN`, a flow's `prefect-<flow run>`, `dvc exp run`'s), else `workspace@<commit>`."""
+    if tags.get("dvc.exp_name"):
+        return tags["dvc.exp_name"]
+    commit = tags.get("git.commit") or "unknown"
+    return f"workspace@{commit[:7]}"  # its git.dirty tag says whether tracked files differed from the commit
+
+
 class PipelineRun:
     """The MLflow run one pipeline execution's stage runs nest under: opened by whoever starts the execution
     (lmpipe's experiments, the Prefect flow; under plain `dvc repro` the evaluate stage), joined by the
@@ -81,8 +89,9 @@ class PipelineRun:
 
     @classmethod
     def open(cls, client, experiment_id: str, tags: dict[str, str], start_time: int | None = None) -> PipelineRun:
-        """A new pipeline run; start_time (ms) when the execution began before this call."""
-        run = client.create_run(experiment_id, run_name=PIPELINE_RUN, tags={KIND_TAG: KIND, **tags},
+        """A new pipeline run named after the execution (`execution_name`); start_time (ms) when the execution
+        began before this call."""
+        run = client.create_run(experiment_id, run_name=execution_name(tags), tags={KIND_TAG: KIND, **tags},
                                 start_time=start_time)
         return cls(client, run.info.run_id)
 

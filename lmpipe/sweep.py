@@ -17,7 +17,7 @@
    the same command completes the study with `n_trials` finished (complete or pruned) trials.
 
 MLflow: one `sweep` run (tags sweep.name, sweep.sampler, optuna.study, git commit, Prefect flow run) with
-each trial's `pipeline` run nested under it (metric `objective`, tag `optuna.state`); the best trial's
+each trial's pipeline run (named after its experiment) nested under it (metric `objective`, tag `optuna.state`); the best trial's
 params and objective on the sweep run, and Optuna's plots as artifacts.
 """
 

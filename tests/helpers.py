@@ -377,7 +377,11 @@ def two_executions(base: Path) -> Path:
 
 def summary_runs(repo: Path) -> list:
     runs = [r for r in mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}") if r.data.tags.get("lmpipe.kind") == "summary"]
-    assert len(runs) == 2 and {r.info.run_name for r in runs} == {"pipeline"}, runs
+    assert len(runs) == 2, runs
+    # named after the execution: the baseline `dvc repro` workspace@<its commit>, the experiment by its DVC name
+    expected = [r.data.tags.get("dvc.exp_name") or "workspace@" + r.data.tags["git.commit"][:7] for r in runs]
+    assert [r.info.run_name for r in runs] == expected and sum(n.startswith("workspace@") for n in expected) == 1, \
+        [r.info.run_name for r in runs]
     return runs
 
 
@@ -395,12 +399,12 @@ def swept(base: Path) -> Path:
 
 
 def sweep_runs(repo: Path) -> tuple:
-    """(the `sweep tiny` run, its trial runs): three complete `pipeline` runs with distinct objectives."""
+    """(the `sweep tiny` run, its trial runs): three complete pipeline runs with distinct objectives."""
     runs = mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
     (parent,) = [r for r in runs if r.data.tags.get("lmpipe.kind") == "sweep"]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.run_name == "sweep tiny" and len(trials) == 3, [r.info.run_name for r in runs]
-    assert {r.info.run_name for r in trials} == {"pipeline"}
+    assert all(r.info.run_name == r.data.tags["dvc.exp_name"] for r in trials)  # named after their experiments
     assert sorted(r.data.tags["sweep.trial"] for r in trials) == ["0", "1", "2"]
     assert {r.data.tags["optuna.state"] for r in trials} == {"COMPLETE"}
     assert len({r.data.metrics["objective"] for r in trials}) == 3, "tied objectives: the order would prove nothing"
@@ -508,13 +512,13 @@ def browser_wait(driver, timeout: float = WAIT_S):
                          ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
 
 
-def _pipeline_rows(driver) -> set[str]:
-    """Run ids (ag-grid row-id) of the rows whose run-name link reads `pipeline`."""
+def _pipeline_rows(driver, names: set[str]) -> set[str]:
+    """Run ids (ag-grid row-id) of the rows whose run-name link reads one of `names`."""
     from selenium.webdriver.common.by import By
 
     ids = set()
     for link in driver.find_elements(By.CSS_SELECTOR, "div[role=row] a[href*='/runs/']"):
-        if link.text.strip() == "pipeline":
+        if link.text.strip() in names:
             ids.add(link.find_element(By.XPATH, "ancestor::div[@role='row'][1]").get_attribute("row-id"))
     return ids
 
@@ -570,8 +574,9 @@ def compare_in_ui(driver, base: str, experiment_id: str, runs: list, param: str,
     want = {r.info.run_id: r for r in runs}
     driver.get(f"{base}/#/experiments/{experiment_id}/runs")
     wait = browser_wait(driver)
-    # 1) the runs table: both `pipeline` rows by name, tick their checkboxes
-    found = wait.until(lambda d: (ids := _pipeline_rows(d)) >= set(want) and ids,
+    # 1) the runs table: both pipeline rows by name, tick their checkboxes
+    names = {r.info.run_name for r in runs}
+    found = wait.until(lambda d: (ids := _pipeline_rows(d, names)) >= set(want) and ids,
                        f"runs table never showed both pipeline runs {sorted(want)}")
     assert found == set(want), f"pipeline rows in the table {found} != summary runs {set(want)}"
     for run_id in want:
@@ -742,7 +747,8 @@ def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: li
                         "expanding `sweep tiny` did not show its three trials")
     order = [r[0] for r in nested]
     assert all(order.index(t) > order.index(parent_id) for t in trial_ids), order
-    assert all(r[1] == "pipeline" for r in nested if r[0] in trial_ids), nested
+    trial_names = {r.info.run_id: r.info.run_name for r in trials}
+    assert all(r[1] == trial_names[r[0]] for r in nested if r[0] in trial_ids), nested
 
     # 2) Sort: objective. MLflow nests child runs only when sorted by Created, so the table turns flat; the
     # search box keeps this sweep's trials (its run id is the trials' mlflow.parentRunId tag)
@@ -761,7 +767,7 @@ def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: li
 
     def expected(descending: bool) -> list[list]:
         ranked = sorted(trials, key=lambda r: r.data.metrics["objective"], reverse=descending)
-        return [[r.info.run_id, "pipeline", js_number(r.data.metrics["objective"]), r.data.tags["sweep.trial"],
+        return [[r.info.run_id, r.info.run_name, js_number(r.data.metrics["objective"]), r.data.tags["sweep.trial"],
                  r.data.params["finetune.learning_rate"]] for r in ranked]
 
     def shown() -> list[list]:

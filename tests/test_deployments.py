@@ -164,7 +164,8 @@ def test_deployments_and_process_worker(tmp_path):
     with sqlite3.connect(repo / "mlflow.db") as db:
         parents = db.execute(
             "SELECT r.run_uuid, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE r.name = 'pipeline' AND t.key = 'prefect.deployment' AND r.run_uuid NOT IN "
+            "WHERE t.key = 'prefect.deployment' AND r.run_uuid IN (SELECT run_uuid FROM tags WHERE key = 'lmpipe.kind' "
+            "AND value = 'summary') AND r.run_uuid NOT IN "
             "(SELECT run_uuid FROM tags WHERE key = 'sweep.trial')").fetchall()  # the sweep's trials: below
         assert [p[1] for p in parents] == ["on-demand"], parents
         stages = db.execute(

@@ -52,7 +52,7 @@ def test_flow_experiment_reuses_the_workspace_then_all_cached(tmp_path, tiny_dat
 
     runs = _runs(repo)
     parent = next(r for r in runs if r.info.run_id == first["parent_run_id"])
-    assert parent.info.run_name == "pipeline" and parent.data.tags["lmpipe.kind"] == "summary"
+    assert parent.info.run_name == first["exp_name"] and parent.data.tags["lmpipe.kind"] == "summary"
     assert parent.data.tags["prefect.flow_run_id"] and parent.data.tags["dvc.exp_name"] == first["exp_name"]
     assert parent.data.metrics["accuracy"] == first["metrics"]["classifier"]["accuracy"]
     assert "mlflow.parentRunId" not in parent.data.tags

@@ -65,11 +65,11 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     assert runs["pretrain"][0].data.params["pretrain.hidden_size"] == "16"
     assert runs["pretrain"][0].data.params["common.seed"] == "1337"
 
-    # one pipeline execution = one top-level `pipeline` run with every stage run nested under it
+    # one pipeline execution = one top-level run, named after it, with every stage run nested under it
     summaries = [r for r in mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}") if r.data.tags.get("lmpipe.kind") == "summary"]
     assert len(summaries) == 1
     summary = summaries[0]
-    assert summary.info.run_name == "pipeline" and "mlflow.parentRunId" not in summary.data.tags
+    assert summary.info.run_name == f"workspace@{head[:7]}" and "mlflow.parentRunId" not in summary.data.tags
     # it spans the execution: from the first stage run's start to the end of evaluate (which opened it)
     assert summary.info.start_time == min(runs[s][0].info.start_time for s in STAGES) == runs["clean"][0].info.start_time
     assert summary.info.end_time >= runs["evaluate"][0].info.start_time and summary.info.status == "FINISHED"
@@ -198,7 +198,7 @@ def test_make_smoke_is_a_dvc_experiment_that_leaves_params_untouched(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     summary = mlflow.get_run(parents.pop())
-    assert summary.info.run_name == "pipeline" and summary.data.tags["dvc.exp_name"] == "smoke-test"
+    assert summary.info.run_name == "smoke-test" and summary.data.tags["dvc.exp_name"] == "smoke-test"
     assert summary.data.metrics["accuracy"] == pytest.approx(ev["classifier"]["accuracy"])
     model = mlflow.pyfunc.load_model("models:/lmpipe-sst2-smoke@champion")
     assert len(model.predict(["a fine film"])) == 1
