@@ -275,8 +275,8 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     try:
         if is_exp:
             experiments.write_params(wt, raw)
-        client = mlflow.MlflowClient()
-        parent = PipelineRun.open(client, setup(root, params.common.experiment), tags)
+        experiment_id = setup(root, params.common.experiment)  # the store first: a client reads it when made
+        parent = PipelineRun.open(mlflow.MlflowClient(), experiment_id, tags)
         status = "FAILED"
         try:
             env = experiments.env(root, **{PARENT_ENV: parent.run_id, TAGS_ENV: json.dumps(tags)})

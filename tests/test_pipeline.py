@@ -112,7 +112,8 @@ def test_dvc_repro_end_to_end_then_noop(tmp_path, tiny_data):
     workspace = next(r for r in cmp["rows"] if r[0] == "workspace")
     assert workspace[1:4] == [pytest.approx(ev["classifier"]["accuracy"]), pytest.approx(ev["classifier"]["f1_macro"]),
                               pytest.approx(ev["lm"]["perplexity"])]
-    assert [r[0] for r in cmp["rows"]] == ["workspace", head[:7]]
+    assert len(cmp["rows"]) == 2 and cmp["rows"][0][0] == "workspace"  # then HEAD (by its branch), no metrics yet
+    assert cmp["rows"][1][1:4] == [None, None, None]
 
     # registry: champion alias points at the registered version
     mv = client.get_model_version_by_alias("lmpipe-sst2", "champion")
