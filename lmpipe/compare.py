@@ -19,11 +19,15 @@ from lmpipe.names import HEADLINE
 HEADLINE_COLUMNS = {name: f"{section}.{key}" for name, (section, key) in HEADLINE.items()}
 
 
+MISSING = "!"
+"""What exp_show reports for a value whose file the revision does not have (e.g. HEAD before its first run)."""
+
+
 def _column(row: dict[str, Any], key: str) -> Any:
-    """A row's value under `key`, also when DVC prefixed the column with its file (`metrics/eval.json:key`)."""
-    if key in row:
-        return row[key]
-    return next((v for k, v in row.items() if k.endswith(f":{key}")), None)
+    """A row's value under `key`, also when DVC prefixed the column with its file (`metrics/eval.json:key`);
+    None when the row has none."""
+    value = row[key] if key in row else next((v for k, v in row.items() if k.endswith(f":{key}")), None)
+    return None if value == MISSING else value
 
 
 def _label(row: dict[str, Any]) -> str:
