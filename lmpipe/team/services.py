@@ -37,6 +37,7 @@ import requests
 
 from lmpipe.config import Services
 from lmpipe.errors import ServiceError
+from lmpipe.io import write_json
 
 STATE_ENV = "LMPIPE_SERVICES_DIR"
 PG_USER = "lmpipe"  # the cluster's superuser, made by initdb; MLflow and Prefect connect as it
@@ -144,7 +145,7 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], lay: Layout) -> int:
     while _proc_cmdline(proc.pid) != cmd and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     rec = {"pid": proc.pid, "start": _proc_start(proc.pid), "cmdline": _proc_cmdline(proc.pid)}
-    _write_json(lay.pid(name), rec)
+    write_json(lay.pid(name), rec)
     return proc.pid
 
 
@@ -162,12 +163,6 @@ def stop_group(pid: int, timeout: float = 20.0) -> None:
             time.sleep(0.2)
     if _group_members(pid):
         raise ServiceError(f"process group {pid} survived SIGKILL")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -413,7 +408,7 @@ def up(lay: Layout, cfg: Services) -> Iterator[str]:
         rec["postgres_port"] = int(_postmaster(lay)[3])  # the port it runs on, whatever was recorded
         yield f"postgres: already running on 127.0.0.1:{rec['postgres_port']} (pid {pid})"
     create_databases(lay, rec["postgres_port"])
-    _write_json(lay.ports, rec)
+    write_json(lay.ports, rec)
 
     # 2) MLflow and 3) Prefect: each detached, both started before either is waited for (their first start
     # migrates their database: ~1 min each on 2 cores), then checked by its health endpoint
@@ -426,7 +421,7 @@ def up(lay: Layout, cfg: Services) -> Iterator[str]:
             continue
         taken = {rec[f"{other}_port"] for other in spawned}  # started, maybe not listening yet
         rec[key] = _pick_port(key, host, getattr(cfg, key), rec.get(key), taken)
-        _write_json(lay.ports, rec)
+        write_json(lay.ports, rec)
         spawned[name] = spawn(name, server_cmd(name, host, rec[key], cfg, lay),
                               server_env(name, lay, rec["postgres_port"]), lay)
     for name, pid in spawned.items():
