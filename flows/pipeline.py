@@ -41,9 +41,8 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from lmpipe.names import DVC  # noqa: E402
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.experiments import prepare, resolve_profile
-from lmpipe.lineage import PipelineRun
 from lmpipe.params import flatten, parse_override
-from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, setup, tracking_uri
+from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,7 +243,6 @@ def check_inputs(root: Path, overrides: dict[str, Any], profile: str | None, sta
 def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None, stages: list[str] | None = None,
              force: bool = False, workspace: str | None = None, retries: int = 1) -> dict[str, Any]:
     """clean -> tokenize -> pretrain -> finetune -> evaluate -> deploy, each a DVC stage."""
-    import mlflow
     from filelock import FileLock
     from prefect.runtime import deployment, flow_run
 
@@ -269,64 +267,49 @@ def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None
     if lock:
         (root / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
         lock.acquire()  # a second flow on the same workspace waits here
-    wt = experiments.create(root, exp_name) if is_exp else root
-    results: list[dict[str, Any]] = []
-    keep_worktree = False
     try:
-        if is_exp:
-            experiments.write_params(wt, raw)
-        experiment_id = setup(root, params.common.experiment)  # the store first: a client reads it when made
-        parent = PipelineRun.open(mlflow.MlflowClient(), experiment_id, tags)
-        status = "FAILED"
-        try:
-            env = experiments.env(root, **{PARENT_ENV: parent.run_id, TAGS_ENV: json.dumps(tags)})
-            env = {k: env[k] for k in (PARENT_ENV, TAGS_ENV, "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PATH")}
-            wanted = stages or stage_names(wt)
-            for i, stage in enumerate([s for s in stage_names(wt) if s in wanted]):
-                res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
-                                                              upstream=is_exp and i == 0 and bool(stages))
-                results.append(res)
-                parent.tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
-                if res["mlflow_run_id"]:
-                    parent.tag(f"stage.{stage}.run_id", res["mlflow_run_id"])
-            metrics = {}
-            eval_path = wt / params.evaluate.metrics
-            if eval_path.is_file() and any(r["stage"] == "evaluate" for r in results):
-                metrics = json.loads(eval_path.read_text())
-                if not next(r for r in results if r["stage"] == "evaluate")["ran"]:
-                    # DVC served evaluate from its cache: this execution's pipeline run still gets the figures
-                    parent.summarize(params, wt, metrics)
-                for key in ("mlflow_run_id", "pipeline_run_id"):
-                    metrics.pop(key, None)
-                metrics.get("classifier", {}).pop("confusion_matrix", None)
-            parent.log_lock(wt)
-            if is_exp and not stages:
-                experiments.save(wt, exp_name, {**os.environ, **env})
-            elif is_exp:
-                # DVC cannot save an experiment whose later stages have no outputs yet: keep the worktree
-                keep_worktree = True
-                get_run_logger().warning(f"partial pipeline: experiment not saved; results stay in {wt}")
-                parent.tag("lmpipe.worktree", str(wt))
-            create_markdown_artifact(key="lmpipe-pipeline-report",
-                                     markdown=report_markdown(results, metrics, parent.run_id, exp_name),
-                                     description="metrics, ran vs cached stages, MLflow run ids")
-            status = "FINISHED"
-            return {"stages": results, "metrics": metrics, "parent_run_id": parent.run_id, "exp_name": exp_name}
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            parent.end(status)
-    except BaseException as e:
-        if is_exp and not isinstance(e, Exception):  # stopped by a signal: the stage's checkpoints stay with it
-            keep_worktree = True
-            print(f"lmpipe: experiment worktree kept: {wt}", file=sys.stderr, flush=True)
-        raise
+        with experiments.workspace(root, exp_name, raw, params, tags, **{TAGS_ENV: json.dumps(tags)}) as ws:
+            return _run_stages(ws, params, stages, force, retries)
     finally:
-        if is_exp and not keep_worktree:
-            experiments.remove(root, wt)
         if lock:
             lock.release()
+
+
+def _run_stages(ws, params, stages: list[str] | None, force: bool, retries: int) -> dict[str, Any]:
+    """The stages of one execution, each a task; the pipeline run's summary; the experiment saved."""
+    wt, parent, is_exp = ws.path, ws.run, ws.name is not None
+    env = {k: ws.env[k] for k in (PARENT_ENV, TAGS_ENV, "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PATH")}
+    results: list[dict[str, Any]] = []
+    wanted = stages or stage_names(wt)
+    for i, stage in enumerate([s for s in stage_names(wt) if s in wanted]):
+        res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
+                                                      upstream=is_exp and i == 0 and bool(stages))
+        results.append(res)
+        parent.tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
+        if res["mlflow_run_id"]:
+            parent.tag(f"stage.{stage}.run_id", res["mlflow_run_id"])
+    metrics = {}
+    eval_path = wt / params.evaluate.metrics
+    if eval_path.is_file() and any(r["stage"] == "evaluate" for r in results):
+        metrics = json.loads(eval_path.read_text())
+        if not next(r for r in results if r["stage"] == "evaluate")["ran"]:
+            # DVC served evaluate from its cache: this execution's pipeline run still gets the figures
+            parent.summarize(params, wt, metrics)
+        for key in ("mlflow_run_id", "pipeline_run_id"):
+            metrics.pop(key, None)
+        metrics.get("classifier", {}).pop("confusion_matrix", None)
+    parent.log_lock(wt)
+    if is_exp and not stages:
+        ws.save()
+    elif is_exp:
+        # DVC cannot save an experiment whose later stages have no outputs yet: keep the worktree
+        ws.keep("partial pipeline: DVC cannot save it as an experiment")
+        get_run_logger().warning(f"partial pipeline: experiment not saved; results stay in {wt}")
+    create_markdown_artifact(key="lmpipe-pipeline-report",
+                             markdown=report_markdown(results, metrics, parent.run_id, ws.name),
+                             description="metrics, ran vs cached stages, MLflow run ids")
+    ws.status = "FINISHED"
+    return {"stages": results, "metrics": metrics, "parent_run_id": parent.run_id, "exp_name": ws.name}
 
 
 def main(argv: list[str] | None = None) -> int:

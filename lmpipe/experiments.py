@@ -9,6 +9,8 @@
    one line, nothing run); values are written as YAML, so no override needs shell or Hydra quoting;
 3) the stages run there (`dvc repro`, or stage by stage by the Prefect flow);
 4) `save`: `dvc exp save -n <name>`, so `dvc exp show` lists it with its params and metrics; then `remove`.
+`workspace()` is that sequence as one context (with the execution's pipeline run and the stages'
+environment): `lmpipe smoke`, sweep trials (`run_trial`) and the Prefect flow each open one.
 
 The user's params.yaml and outputs are never touched. Uncommitted code is not part of an experiment
 (commit first). Native DVC experiments (`dvc exp run -S`, `--queue`) work beside these: both read the
@@ -22,8 +24,9 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -117,6 +120,65 @@ def default_name(kind: str) -> str:
     return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+class Workspace:
+    """One execution of the pipeline: where its stages run (an experiment's worktree, or the checkout itself
+    when `name` is None), the pipeline run it records into, and the environment its stages get. Made by
+    `workspace()`; `lmpipe smoke`, sweep trials and the Prefect flow all run through it."""
+
+    def __init__(self, root: Path, name: str | None, run: PipelineRun, path: Path, env: dict[str, str]):
+        self.root, self.name, self.run, self.path, self.env = root, name, run, path, env
+        self.status = "FAILED"
+        """How the pipeline run ends when the block exits without an exception: set "FINISHED" on success."""
+        self.kept: str | None = None
+
+    def save(self) -> None:
+        """Record the worktree as the DVC experiment `name` (`dvc exp show` lists it)."""
+        save(self.path, self.name, {**os.environ, **self.env})
+        print(f"experiment {self.name} saved: dvc exp show", flush=True)
+
+    def keep(self, why: str) -> None:
+        """Leave the worktree in place after the block (its outputs are the only copy), saying why."""
+        self.kept = why
+        self.run.tag("lmpipe.worktree", str(self.path))
+
+
+@contextmanager
+def workspace(root: Path, name: str | None, raw: dict, params: Params, tags: dict[str, str],
+              **env_extra: str) -> Iterator[Workspace]:
+    """Open an execution: the worktree of HEAD with `raw` as its params.yaml (none for `name` None), its
+    pipeline run (tagged `tags`, named after the experiment) and the stages' environment. On exit the run
+    ends (FINISHED when the block set it, KILLED on Ctrl-C, else FAILED) and the worktree goes, unless the
+    block kept it or a signal stopped the execution (a stage's checkpoints stay with it)."""
+    import mlflow
+
+    wt = create(root, name) if name is not None else None
+    ws = None
+    try:
+        if wt is not None:
+            write_params(wt, raw)
+        experiment_id = setup(root, params.common.experiment)  # the store first: a client reads it when made
+        run = PipelineRun.open(mlflow.MlflowClient(), experiment_id,
+                               {**({"dvc.exp_name": name} if name else {}), **tags})
+        ws = Workspace(root, name, run, wt or root, env(root, **{PARENT_ENV: run.run_id}, **env_extra))
+        try:
+            yield ws
+        except Exception:
+            ws.status = "FAILED"
+            raise
+        except BaseException as e:  # Ctrl-C or a signal: the stage's checkpoints stay with the worktree
+            ws.status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            ws.kept = ws.kept or f"stopped by {type(e).__name__}"
+            raise
+        finally:
+            run.end(ws.status)
+    finally:
+        if wt is not None:
+            if ws is not None and ws.kept:
+                print(f"lmpipe: experiment worktree kept ({ws.kept}): {wt}", file=sys.stderr, flush=True)
+            else:
+                remove(root, wt)
+
+
 def run(root: Path, name: str, overrides: dict[str, Any] | None = None, profile: Path | None = None) -> int:
     """The whole pipeline as the experiment `name` (`dvc repro` in its worktree), under one pipeline run."""
     return run_trial(root, name, overrides, profile)[0]
@@ -128,33 +190,18 @@ def run_trial(root: Path, name: str, overrides: dict[str, Any] | None, profile: 
     """`run` with what a sweep trial adds: environment for the stages, tags on the pipeline run (e.g. its
     parent), and `on_success(worktree)` before the worktree goes. Returns (dvc repro's exit code, pipeline
     run id); a failed or pruned run saves no experiment."""
-    import mlflow
-
-
     raw, params = prepare(root, overrides, profile)  # validate before anything runs
-    exp_id = setup(root, params.common.experiment)
-    client = mlflow.MlflowClient()
-    wt, parent, status = root / ".lmpipe" / "worktrees" / name, None, "FAILED"
-    try:
-        wt = create(root, name)
-        write_params(wt, raw)
-        parent = PipelineRun.open(client, exp_id, {"dvc.exp_name": name, **git_info(root), **(tags or {})}).run_id
-        run_env = env(root, **{PARENT_ENV: parent}, **(extra_env or {}))
-        print(f"+ dvc repro  (experiment {name} in {wt})", flush=True)
+    with workspace(root, name, raw, params, {**git_info(root), **(tags or {})}, **(extra_env or {})) as ws:
+        print(f"+ dvc repro  (experiment {name} in {ws.path})", flush=True)
         t0 = time.perf_counter()
-        code = subprocess.call([*DVC, "repro"], cwd=wt, env=run_env)
-        client.log_metric(parent, "repro_seconds", round(time.perf_counter() - t0, 3))  # the stages, as DVC ran them
+        code = subprocess.call([*DVC, "repro"], cwd=ws.path, env=ws.env)
+        ws.run.client.log_metric(ws.run.run_id, "repro_seconds", round(time.perf_counter() - t0, 3))
         if code == 0:
-            save(wt, name, run_env)
-            print(f"experiment {name} saved: dvc exp show", flush=True)
+            ws.save()
             if on_success is not None:
-                on_success(wt)
-            status = "FINISHED"
-        return code, parent
-    finally:  # whatever raised (exp save, the objective, the worktree): the run ends, the worktree goes
-        if parent is not None:
-            client.set_terminated(parent, status)
-        remove(root, wt)
+                on_success(ws.path)
+            ws.status = "FINISHED"
+        return code, ws.run.run_id
 
 
 # -- a profile as native `dvc exp run -S` overrides ----------------------------------------------------------
