@@ -261,10 +261,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each figure is its best round")
     ap.add_argument("--requests-per-client", type=int, default=3, help="(one client sends 4x as many)")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     res = measure(args.new_tokens, args.rounds, args.requests_per_client)
+    # the host is shared: its 1-minute load average before and after says how much else ran beside the benchmark
+    res["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     ref = res["reference"]
     print(f"CPU: {res['cpu']}; model: {res['model']}; {res['new_tokens']} new tokens per request, "
-          f"torch threads {res['torch_threads']}")
+          f"torch threads {res['torch_threads']}; load average before/after {res['loadavg_1min']}")
     print(f"{'':<28}{'tokens/s':>10}{'TTFT p50 s':>12}{'TTFT p99 s':>12}{'requests':>10}{'vs loop':>9}")
     print(f"{'plain model.generate loop':<28}{ref['tokens_per_s']:>10.1f}{ref['ttft_p50_s']:>12.3f}"
           f"{ref['ttft_p99_s']:>12.3f}{ref['requests']:>10}{1:>8.2f}x")
