@@ -51,14 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_serve = sub.add_parser(
-        "serve", help="serve the classifier over HTTP (micro-batched, metrics, auth, drift, hot reload)",
-        description="Serve a classifier: POST /predict, GET /health, /metrics, /drift, POST /admin/reload. "
+        "serve", help="serve the classifier or a generator over HTTP (batched, metrics, auth, drift, hot reload)",
+        description="Serve a classifier (POST /predict) or a causal LM (POST /generate): GET /health, /metrics, "
+                    "/drift, POST /admin/reload. "
                     "Defaults come from params.yaml's serve section; flags override. With a token "
                     "(--token-file, else $LMPIPE_API_TOKEN) every route but /health needs "
                     "'Authorization: Bearer <token>'; without one only a loopback host is allowed. "
                     "On models:/NAME@alias the server follows the alias (serve.reload_interval_s).")
     p_serve.add_argument("--model-uri", default=None,
-                         help="MLflow model URI or local HF dir (default models:/<deploy.model_name>@<deploy.alias>)")
+                         help="MLflow model URI or local HF dir, e.g. models/pretrain for a generator "
+                              "(default models:/<deploy.model_name>@<deploy.alias>)")
     p_serve.add_argument("--host", default=None, help="interface to bind (serve.host)")
     p_serve.add_argument("--port", type=int, default=None, help="TCP port (serve.port)")
     p_serve.add_argument("--token-file", default=None, metavar="PATH",

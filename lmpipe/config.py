@@ -492,14 +492,15 @@ class Serve(Section):
     port: int = Field(ge=0, le=65535)
     """TCP port."""
     max_batch_size: int = Field(ge=1)
-    """Micro-batching: at most this many texts per batch, one call into the model (a request with more runs alone)."""
+    """Micro-batching: at most this many texts per batch, one call into the model (a request with more runs alone);
+    /generate: at most this many requests as the rows of one generate call."""
     forward_batch_size: int = Field(ge=1)
     """A batch is sorted by text length and run in forward passes of this many texts: less padding (measured in
     docs/results.md)."""
     max_wait_ms: float = Field(ge=0)
     """Micro-batching: how long the first request of a batch waits for others to join (ms)."""
     max_queue: int = Field(ge=1)
-    """Texts waiting for a batch at most; beyond it a request is refused at once (503)."""
+    """Texts (/generate: requests) waiting for a batch at most; beyond it a request is refused at once (503)."""
     request_timeout_s: float = Field(gt=0)
     """A request still waiting for a batch slot after this long gets 503."""
     inference_timeout_s: float = Field(gt=0)
@@ -509,7 +510,12 @@ class Serve(Section):
     max_texts: int = Field(ge=1)
     """Texts per request at most (422 beyond)."""
     max_chars: int = Field(ge=1)
-    """Characters per text at most (422 beyond)."""
+    """Characters per text (/generate: per prompt or message) at most (422 beyond)."""
+    max_new_tokens: int = Field(ge=1)
+    """/generate: new tokens per request at most (422 beyond); a request that names none gets
+    lmpipe.generation.Sampling's default, capped at this."""
+    max_prompt_tokens: int = Field(ge=1)
+    """/generate: prompt tokens at most, BOS or the chat template's tokens included (422 beyond)."""
     reload_interval_s: float = Field(gt=0)
     """A server started on models:/NAME@alias checks the alias this often and swaps to the new version."""
     threads: int = Field(ge=0)

@@ -1,7 +1,8 @@
 """Text generation with a causal LM: the one home of sampling settings, prompt encoding and `generate` calls.
 
 Pretraining's samples, `lmpipe generate`, generative evaluation and the `/generate` endpoint all call
-`generate` / `stream` here; transformers' own `generate` does the work (KV cache, top-k/top-p warpers).
+`generate` / `stream` / `generate_rows` here; transformers' own `generate` does the work (KV cache, top-k/top-p
+warpers). `generate_rows` runs many requests as the rows of one call, each streamed on its own (`RowStreamer`).
 
     from lmpipe.generation import Sampling, load_generator, generate
     model, tokenizer = load_generator(Path("models/pretrain"))
@@ -19,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
                           StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+from transformers.generation.streamers import BaseStreamer
 
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.modeling import from_pretrained, load_tokenizer, max_positions
@@ -43,6 +45,16 @@ class Sampling(BaseModel):
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
             raise ConfigError(f"{where}{field}: {err['msg']} (got {err.get('input')!r})") from None
+
+    def batch_key(self) -> tuple | None:
+        """What two requests must share to run as rows of one `generate_rows` call: everything but
+        max_new_tokens (each row stops at its own). None: this request runs alone, because seeded sampling draws
+        from one generator for the whole batch, so its text would depend on the rows beside it."""
+        if self.temperature == 0:
+            return ("greedy",)  # the seed draws nothing
+        if self.seed is not None:
+            return None
+        return ("sample", self.temperature, self.top_k or 0, self.top_p)
 
     def generate_kwargs(self) -> dict:
         if self.temperature == 0:
@@ -88,6 +100,16 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return ([bos] if bos is not None else []) + ids
 
 
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """A chat ([{role, content}, ...]) laid out by the tokenizer's chat template, the assistant's turn opened;
+    the template writes whatever special tokens it wants (BOS included), so none are added here."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the model has no chat template (no chat_template in its tokenizer_config.json): "
+                          "send a prompt instead of messages")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def check_length(model: PreTrainedModel, n_prompt: int, sampling: Sampling) -> None:
     limit = max_positions(model.config)
     if n_prompt + sampling.max_new_tokens > limit:
@@ -103,21 +125,29 @@ class _Cancel(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def left_pad(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, longest prompt). Left padding: every row's last position is its
+    prompt's last token, where generation continues."""
+    width = max(len(n) for n in ids)
+    input_ids = torch.tensor([[pad] * (width - len(n)) + n for n in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(n)) + [1] * len(n) for n in ids], device=device)
+    return input_ids, mask
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling):
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     for n in ids:
         check_length(model, len(n), sampling)
-    width = max(len(n) for n in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # left padding: every row's last position is its prompt's last token, where generation continues
-    input_ids = torch.tensor([[pad] * (width - len(n)) + n for n in ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(n)) + [1] * len(n) for n in ids], device=model.device)
+    input_ids, mask = left_pad(ids, _pad_id(tokenizer), model.device)
     return ids, input_ids, mask
 
 
 def _call_kwargs(tokenizer, sampling: Sampling) -> dict:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return {**sampling.generate_kwargs(), "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
+    return {**sampling.generate_kwargs(), "pad_token_id": _pad_id(tokenizer), "eos_token_id": tokenizer.eos_token_id}
 
 
 @torch.inference_mode()
@@ -171,3 +201,121 @@ def stream(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: s
         thread.join()
     if failure:
         raise failure[0]
+
+
+# ----------------------------------------------------------------- many requests as the rows of one generate call
+
+
+@dataclass
+class Row:
+    """One request in a `generate_rows` call: its prompt ids, its own token limit, and its cancel flag."""
+
+    ids: list[int]
+    max_new_tokens: int
+    cancel: threading.Event
+
+
+@dataclass
+class RowStep:
+    """What one decoding step brought one row: `text` is the new text since its last step ("" while a character's
+    bytes are still incomplete); `finish` is None while it runs, then eos | length | cancelled."""
+
+    row: int
+    text: str
+    new_tokens: int
+    finish: str | None = None
+
+
+class RowStreamer(BaseStreamer):
+    """transformers' streamers take one row; this one takes generate's whole token column each step, (B,),
+    splits it into the rows, decodes each incrementally and reports every step's rows to `on_step` at once
+    (called on the generating thread). A row ends at its EOS, its own max_new_tokens, or its cancel flag;
+    tokens generate still writes for an ended row (padding, or the step before the stop is seen) are dropped."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, rows: list[Row], on_step) -> None:
+        self.tokenizer, self.rows, self.on_step = tokenizer, rows, on_step
+        n = len(rows)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.sent = [""] * n  # text reported so far
+        # incremental decoding (as text-generation-inference does): decode from `prefix`, report what lies past the
+        # text of tokens[prefix:read]; a window of a few tokens keeps each step O(1) and byte-level BPE's
+        # multi-token characters whole ("\ufffd" at the end = not yet)
+        self.prefix, self.read = [0] * n, [0] * n
+        self.finish: list[str | None] = [None] * n
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:  # generate's first put is the prompt, (B, T)
+            return
+        steps = []
+        for i, token in enumerate(value.tolist()):
+            if self.finish[i] is not None:
+                continue
+            if self.rows[i].cancel.is_set():
+                steps.append(self._end(i, "cancelled"))
+            elif token == self.tokenizer.eos_token_id:
+                steps.append(self._end(i, "eos"))
+            else:
+                self.tokens[i].append(token)
+                text = self._decode_new(i)
+                if len(self.tokens[i]) >= self.rows[i].max_new_tokens:
+                    steps.append(self._end(i, "length", text))
+                else:
+                    steps.append(RowStep(i, text, len(self.tokens[i])))
+        if steps:
+            self.on_step(steps)
+
+    def end(self) -> None:
+        """generate returned: a row still open was cancelled (or generate's own max_length ended it)."""
+        steps = [self._end(i, "cancelled" if self.rows[i].cancel.is_set() else "length")
+                 for i in range(len(self.rows)) if self.finish[i] is None]
+        if steps:
+            self.on_step(steps)
+
+    def _decode_new(self, i: int) -> str:
+        toks, start, read = self.tokens[i], self.prefix[i], self.read[i]
+        before = self.tokenizer.decode(toks[start:read], skip_special_tokens=True)
+        text = self.tokenizer.decode(toks[start:], skip_special_tokens=True)
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix[i], self.read[i] = read, len(toks)
+            self.sent[i] += text[len(before):]
+            return text[len(before):]
+        return ""
+
+    def _end(self, i: int, finish: str, text: str = "") -> RowStep:
+        """The row's last step: whatever incremental decoding still held back, from one full decode."""
+        self.finish[i] = finish
+        full = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
+        if full.startswith(self.sent[i]) and len(full) > len(self.sent[i]):
+            text += full[len(self.sent[i]):]
+            self.sent[i] = full
+        return RowStep(i, text, len(self.tokens[i]), finish)
+
+
+class _RowsDone(StoppingCriteria):
+    """Per row: done once cancelled or at its own max_new_tokens (generate's own EOS criterion does the rest)."""
+
+    def __init__(self, rows: list[Row], prompt_width: int) -> None:
+        self.rows, self.width = rows, prompt_width
+        self.limits = torch.tensor([r.max_new_tokens for r in rows])
+
+    def __call__(self, input_ids, scores, **kw):
+        cancelled = torch.tensor([r.cancel.is_set() for r in self.rows])
+        return ((input_ids.shape[1] - self.width >= self.limits) | cancelled).to(input_ids.device)
+
+
+@torch.inference_mode()
+def generate_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Row], sampling: Sampling,
+                  on_step) -> None:
+    """One batched `generate` (left padded) over `rows`, sharing `sampling` but for max_new_tokens, which each row
+    has its own of; every step's new text goes to `on_step(list[RowStep])` (on this thread), each row's last step
+    has its finish. The call returns when every row has ended; setting a row's cancel ends that row at the next
+    step (the whole call when it is the last row running). Seeded by sampling.seed when given."""
+    for r in rows:
+        check_length(model, len(r.ids), sampling.model_copy(update={"max_new_tokens": r.max_new_tokens}))
+    input_ids, mask = left_pad([r.ids for r in rows], _pad_id(tokenizer), model.device)
+    longest = sampling.model_copy(update={"max_new_tokens": max(r.max_new_tokens for r in rows)})
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    model.generate(input_ids=input_ids, attention_mask=mask, streamer=RowStreamer(tokenizer, rows, on_step),
+                   stopping_criteria=StoppingCriteriaList([_RowsDone(rows, input_ids.shape[1])]),
+                   **_call_kwargs(tokenizer, longest))

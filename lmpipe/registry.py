@@ -1,4 +1,5 @@
-"""The MLflow model registry: log a classifier variant as a pyfunc model, register it, move the alias, roll back.
+"""The MLflow model registry: log a classifier variant or a generator (a causal LM) as a pyfunc model, register it,
+move the alias, roll back.
 
     lmpipe rollback [--to VERSION] [--reason TEXT]     # champion back to the previous holder (or VERSION)
 
@@ -61,8 +62,31 @@ def log_variant(model_dir: Path, name: str, variant: str, tags: dict[str, Any], 
     signature = ModelSignature(inputs=Schema([ColSpec("string")]),
                                outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
                                params=ParamSchema([ParamSpec("task", "string", "")]))  # "": the first task
+    return _register(ClassifierPyfunc(), model_dir, name, variant, {"kind": "classifier", **tags}, run, reqs, signature)
+
+
+def log_generator(model_dir: Path, name: str, tags: dict[str, Any], run, variant: str = "fp32") -> str:
+    """Log the causal LM in `model_dir` (a directory lmpipe.generation.load_generator reads) as a pyfunc model
+    (lmpipe.package.GeneratorPyfunc) in the active run, register it under `name` with `tags` (and kind=generator);
+    returns the new version. `lmpipe serve --model-uri models:/NAME@alias` serves it on POST /generate."""
+    from lmpipe.package import GeneratorPyfunc
+
+    # given, not inferred (inferring runs the model); params default to None = lmpipe.generation.Sampling's default
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", "text"), ColSpec("long", "prompt_tokens"), ColSpec("long", "new_tokens")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", None), ParamSpec("temperature", "double", None),
+                            ParamSpec("top_k", "long", None), ParamSpec("top_p", "double", None),
+                            ParamSpec("seed", "long", None)]))
+    return _register(GeneratorPyfunc(), model_dir, name, variant, {"kind": "generator", **tags}, run,
+                     pip_requirements(), signature)
+
+
+def _register(python_model, model_dir: Path, name: str, variant: str, tags: dict[str, Any], run,
+              reqs: list[str], signature: ModelSignature) -> str:
+    """Log `python_model` over `model_dir` in the active run, register it under `name`, tag the version."""
     info = mlflow.pyfunc.log_model(
-        name="model" if variant == "fp32" else f"model_{variant}", python_model=ClassifierPyfunc(),
+        name="model" if variant == "fp32" else f"model_{variant}", python_model=python_model,
         artifacts={"model_dir": str(model_dir)}, registered_model_name=name, pip_requirements=reqs,
         signature=signature)
     version = str(info.registered_model_version)

@@ -220,6 +220,62 @@ def tiny_classifier(dest: Path, max_length: int = 16, flip: bool = False) -> Pat
     return dest
 
 
+def tiny_generator(dest: Path, chat_template: str | None = None) -> Path:
+    """A 2-layer Llama causal LM (hidden 32) with a BPE tokenizer trained on POS + NEG, trained for a few seconds
+    on those sentences (`<s> sentence </s>`), so greedy decoding is peaked (ties between random logits would make
+    batched and alone decoding differ by rounding) and ends with `</s>`. Saved like the pretrain stage saves one;
+    `chat_template` (a Jinja string) is stored with the tokenizer when given."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmpipe.tokenizer import train_tokenizer
+
+    sentences = [f"{s} , said the critic ." for s in POS + NEG]
+    tok = train_tokenizer(sentences * 3, "bpe", vocab_size=300, min_frequency=1, model_max_length=64)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    batch = tok(sentences, padding=True, return_tensors="pt")  # <s> ... </s>, right padded
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+def endless_generator(dest: Path, positions: int = 2048) -> Path:
+    """A random-init 2-layer Llama causal LM (hidden 32) whose `</s>` logit is always 0 (its output row zeroed,
+    untied): greedy decoding never ends early, so a request runs to its max_new_tokens (cancellation tests)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmpipe.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([s for s in POS + NEG for _ in range(3)], "bpe", vocab_size=300, min_frequency=1,
+                          model_max_length=positions)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # 0 against the max of ~300 random logits: never the largest
+        model.lm_head.weight[tok.eos_token_id] = 0
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
 class Server:
     """`lmpipe serve ARGS` as a real uvicorn process on 127.0.0.1 and a free port; `with` waits for /health
     and stops it (SIGTERM, then SIGKILL) on exit. Its output is kept in `log` (a file, read with .output())."""

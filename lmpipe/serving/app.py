@@ -7,6 +7,7 @@
 | GET /health         | open  | status and the served model's uri, name, version, variant                  |
 | POST /predict       | token | {"texts": [...], "task"?: NAME} -> {"predictions": [{label, score}, ...]}, micro-batched |
 | POST /embed         | token | {"texts": [...]} -> {"embeddings": [[...], ...]} (L2-normalised), micro-batched |
+| POST /generate      | token | {"prompt" or "messages", sampling, "stream"?} -> {text, counts, timings} or SSE; a generator only |
 | GET /tasks          | token | the model's tasks, each with its labels; the default (first) task            |
 | GET /metrics        | token | Prometheus text format (lmpipe.serving.metrics)                            |
 | GET /drift          | token | PSI per feature of the live window vs the model's drift reference          |
@@ -14,7 +15,9 @@
 
 /predict refuses, before any model work: no/wrong token 401, body over serve.max_body_bytes 413, a content
 type other than application/json 415, invalid JSON 400, a wrong shape 422 naming the field; and ends every
-request in bounded time (503 queue full / waited too long for a batch, 504 inference too slow).
+request in bounded time (503 queue full / waited too long for a batch, 504 inference too slow). /generate
+refuses the same way (409 when the served model is not a generator, 422 beyond serve.max_new_tokens or
+serve.max_prompt_tokens); its batching is lmpipe.serving.generating.
 """
 
 from __future__ import annotations
@@ -28,21 +31,26 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
 import torch
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lmpipe.config import Serve
+from lmpipe.generation import Sampling, encode_messages, encode_prompt
+from lmpipe.modeling import max_positions
 from lmpipe.params import load_params, repo_root
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.serving import auth, reload
 from lmpipe.serving.batching import Batcher, Refused
 from lmpipe.serving.drift import DriftMonitor, load_reference
+from lmpipe.serving.generating import Done, Generating, Job
 from lmpipe.serving.metrics import Metrics, MetricsMiddleware
 
 log = logging.getLogger("lmpipe.serving")
@@ -69,10 +77,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_texts(body: bytes, max_texts: int, max_chars: int, fields: tuple[str, ...] = ("texts",)
-                ) -> tuple[list[str], dict[str, Any]]:
-    """{"texts": [...], <optional fields>} -> (the texts, the other fields given); PayloadError 400 (not JSON)
-    or 422 (naming the field) otherwise."""
+def parse_object(body: bytes, shape: str) -> dict[str, Any]:
+    """The body as a JSON object; PayloadError 400 (not JSON) or 422 (not an object: expected `shape`)."""
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -80,7 +86,15 @@ def parse_texts(body: bytes, max_texts: int, max_chars: int, fields: tuple[str, 
     except RecursionError:  # e.g. 100 KB of "[": nested deeper than the parser goes
         raise PayloadError(400, "body: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
-        raise PayloadError(422, 'body: expected a JSON object {"texts": [...]}')
+        raise PayloadError(422, f"body: expected a JSON object {shape}")
+    return data
+
+
+def parse_texts(body: bytes, max_texts: int, max_chars: int, fields: tuple[str, ...] = ("texts",)
+                ) -> tuple[list[str], dict[str, Any]]:
+    """{"texts": [...], <optional fields>} -> (the texts, the other fields given); PayloadError 400 (not JSON)
+    or 422 (naming the field) otherwise."""
+    data = parse_object(body, '{"texts": [...]}')
     extra = sorted(set(data) - set(fields))
     if extra:
         raise PayloadError(422, f"{extra[0]}: unknown field (expected {' and '.join(fields)})")
@@ -112,6 +126,97 @@ def check_task(task: Any, known: dict[str, list[str]]) -> str | None:
     if task not in known:
         raise PayloadError(422, f"task: unknown task {task!r}; the model's tasks are {', '.join(known)}")
     return task
+
+
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+GENERATE_FIELDS = ("prompt", "messages", *SAMPLING_FIELDS, "stream")
+ROUTE_OF = {"classifier": "/predict", "encoder": "/embed", "generator": "/generate"}
+"""The route each kind of served model answers on (reload.Served.kind)."""
+
+
+@dataclass
+class GenerateRequest:
+    ids: list[int]
+    """The prompt's token ids (lmpipe.generation.encode_prompt, or the chat template's for messages)."""
+    sampling: Sampling
+    stream: bool
+
+
+def parse_generate(body: bytes, cfg: Serve, tokenizer, positions: int) -> GenerateRequest:
+    """{"prompt": str | "messages": [{role, content}], sampling fields, "stream"?} -> the request, tokenized;
+    PayloadError 400 or 422 (naming the field; the caps serve.max_new_tokens / max_prompt_tokens, and the model's
+    `positions`) otherwise. max_new_tokens left out: lmpipe.generation.Sampling's default, capped."""
+    data = parse_object(body, '{"prompt": "..."} or {"messages": [...]}')
+    extra = sorted(set(data) - set(GENERATE_FIELDS))
+    if extra:
+        raise PayloadError(422, f"{extra[0]}: unknown field (expected {', '.join(GENERATE_FIELDS)})")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise PayloadError(422, "stream: expected true or false")
+    try:
+        sampling = Sampling.parse(**{k: data.get(k) for k in SAMPLING_FIELDS})
+    except ConfigError as e:
+        raise PayloadError(422, str(e)) from None
+    if data.get("max_new_tokens") is None:
+        sampling = sampling.model_copy(update={"max_new_tokens": min(sampling.max_new_tokens, cfg.max_new_tokens)})
+    elif sampling.max_new_tokens > cfg.max_new_tokens:
+        raise PayloadError(422, f"max_new_tokens: {sampling.max_new_tokens}, more than serve.max_new_tokens "
+                                f"({cfg.max_new_tokens})")
+    field, ids = _prompt_ids(data, cfg.max_chars, tokenizer)
+    if len(ids) > cfg.max_prompt_tokens:
+        raise PayloadError(422, f"{field}: {len(ids)} tokens, more than serve.max_prompt_tokens "
+                                f"({cfg.max_prompt_tokens})")
+    if len(ids) + sampling.max_new_tokens > positions:
+        raise PayloadError(422, f"max_new_tokens: {field} of {len(ids)} tokens + max_new_tokens "
+                                f"{sampling.max_new_tokens} exceed the model's {positions} positions")
+    return GenerateRequest(ids, sampling, stream)
+
+
+def _prompt_ids(data: dict[str, Any], max_chars: int, tokenizer) -> tuple[str, list[int]]:
+    """(the field the prompt came from, its token ids)."""
+    prompt, messages = data.get("prompt"), data.get("messages")
+    if prompt is not None and messages is not None:
+        raise PayloadError(422, "prompt: give a prompt or messages, not both")
+    if messages is None:
+        if prompt is None:
+            raise PayloadError(422, "prompt: field required (or messages)")
+        if not isinstance(prompt, str):
+            raise PayloadError(422, "prompt: expected a string")
+        if len(prompt) > max_chars:
+            raise PayloadError(422, f"prompt: longer than {max_chars} characters (serve.max_chars)")
+        ids = encode_prompt(tokenizer, prompt)
+        if not ids:
+            raise PayloadError(422, "prompt: empty, and the model has no BOS token to start from")
+        return "prompt", ids
+    if not isinstance(messages, list) or not messages:
+        raise PayloadError(422, 'messages: expected a non-empty list of {"role": ..., "content": ...} objects')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise PayloadError(422, f'messages[{i}]: expected an object {{"role": ..., "content": ...}}')
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise PayloadError(422, f"messages[{i}].{key}: expected a string")
+        if len(message["content"]) > max_chars:
+            raise PayloadError(422, f"messages[{i}].content: longer than {max_chars} characters (serve.max_chars)")
+    try:
+        return "messages", encode_messages(tokenizer, messages)
+    except ConfigError as e:
+        raise PayloadError(422, f"messages: {e}") from None
+    except TemplateError as e:  # the template's own raise_exception(...), e.g. roles that do not alternate
+        raise PayloadError(422, f"messages: the model's chat template refused them ({e})") from None
+
+
+async def wait_disconnect(request: Request, on_gone) -> None:
+    """Call `on_gone()` when the client closes the connection: once the body is read, receive() answers
+    http.disconnect then (uvicorn; the test client when the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    on_gone()
+
+
+def sse(event: str | None, data: dict[str, Any]) -> str:
+    """One Server-Sent Event (a message when `event` is None)."""
+    return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data)}\n\n"
 
 
 def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, token: str | None = None,
@@ -172,20 +277,23 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     holder = reload.Holder(served, client, cfg.reload_interval_s, prepare)
     batcher = Batcher(run, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.request_timeout_s,
                       cfg.inference_timeout_s, on_batch=metrics.batch_size.observe, on_queue=metrics.queue_texts.set)
+    generating = Generating(cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.request_timeout_s, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)  # process-wide; the inference thread is the only torch user
         await batcher.start()
+        await generating.start()
         holder.start()
         yield
         holder.stop()
+        await generating.stop()
         await batcher.stop()
         monitor_pool.shutdown(wait=False, cancel_futures=True)
 
     # no /docs, /redoc, /openapi.json: with a token set, /health is the only open route (README)
-    app = FastAPI(title="lmpipe classifier", version="2", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="lmpipe", version="2", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.holder, app.state.metrics = holder, metrics
@@ -202,6 +310,8 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     async def answer(request: Request, kind: str) -> Response:
         require_token(request)
         try:
+            if holder.current.kind == "generator":
+                raise PayloadError(409, "the served model is a generator (a causal LM): use /generate")
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
                 raise PayloadError(415, f"content-type: expected application/json (got {ctype or 'none'})")
@@ -228,6 +338,57 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
     @app.post("/embed")
     async def embed(request: Request) -> Response:
         return await answer(request, "embed")
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        require_token(request)
+        job = watcher = None
+        try:
+            current = holder.current
+            if current.kind != "generator":
+                raise PayloadError(409, f"the served model is a {current.kind}, it does not generate text: use "
+                                        f"{ROUTE_OF[current.kind]}")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise PayloadError(415, f"content-type: expected application/json (got {ctype or 'none'})")
+            model = current.predictor
+            req = parse_generate(await read_body(request, cfg.max_body_bytes), cfg, model.tokenizer,
+                                 max_positions(model.model.config))
+            job = generating.submit(current, req.ids, req.sampling)
+            watcher = asyncio.create_task(wait_disconnect(request, lambda: generating.cancel(job)))
+            await job.started  # 503 when it waited too long; a request is answered with its status before streaming
+        except PayloadError as e:
+            return JSONResponse({"detail": e.detail}, status_code=e.status)
+        except Refused as e:
+            if watcher is not None:
+                watcher.cancel()
+            return JSONResponse({"detail": str(e)}, status_code=e.status)
+        if req.stream:
+            return StreamingResponse(stream_events(job, watcher), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        try:
+            chunks = []
+            while isinstance(event := await job.events.get(), str):
+                chunks.append(event)
+        finally:
+            watcher.cancel()
+        if not isinstance(event, Done):
+            return JSONResponse({"detail": str(event)}, status_code=getattr(event, "status", 500))
+        return JSONResponse({"text": "".join(chunks), **event.as_dict(), **current.info()})
+
+    async def stream_events(job: Job, watcher: asyncio.Task):
+        """SSE: {"text": chunk} per chunk, then `event: done` with counts and timings (`event: error` if the
+        generate call failed). The client going away ends this generator: its row is cancelled."""
+        try:
+            while isinstance(event := await job.events.get(), str):
+                yield sse(None, {"text": event})
+            if isinstance(event, Done):
+                yield sse("done", event.as_dict())
+            else:
+                yield sse("error", {"detail": str(event)})
+        finally:
+            watcher.cancel()
+            generating.cancel(job)  # a no-op once its row has ended
 
     @app.get("/tasks")
     def list_tasks(request: Request) -> dict[str, Any]:
@@ -310,6 +471,6 @@ def serve(model_uri: str, host: str | None = None, port: int | None = None, cfg:
     except Exception as e:  # unknown alias, missing files, not a classifier, a broken drift reference, ...
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LmpipeError(f"--model-uri {model_uri}: cannot load model ({type(e).__name__}: {first})") from None
-    log.info("serving %s (%s v%s, %s) on http://%s:%s, auth %s", model_uri, served.name, served.version,
-             served.variant, host, port, "bearer token" if token else "off")
+    log.info("serving %s (%s %s v%s, %s) on http://%s:%s, auth %s", model_uri, served.kind, served.name,
+             served.version, served.variant, host, port, "bearer token" if token else "off")
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -9,8 +9,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-ROUTES = ("/predict", "/embed", "/tasks", "/health", "/metrics", "/drift", "/admin/reload")
+ROUTES = ("/predict", "/embed", "/generate", "/tasks", "/health", "/metrics", "/drift", "/admin/reload")
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
@@ -23,16 +24,26 @@ class Metrics:
                                 registry=r)
         self.latency = Histogram("lmpipe_request_latency_seconds", "HTTP request latency by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("lmpipe_batch_size", "Texts per batch (one call into the model; _count = batches)",
+        self.batch_size = Histogram("lmpipe_batch_size", "Texts (/generate: requests) per batch (one call into the "
+                                    "model; _count = batches)",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.forward_passes = Counter("lmpipe_forward_passes", "Forward passes (a batch runs in serve.forward_batch_size chunks)",
                                       registry=r)
-        self.queue_texts = Gauge("lmpipe_queue_texts", "Texts waiting for a batch", registry=r)
+        self.queue_texts = Gauge("lmpipe_queue_texts", "Texts (/generate: requests) waiting for a batch", registry=r)
         self.predictions = Counter("lmpipe_predictions", "Predicted labels by task", ["task", "label"], registry=r)
         self.confidence = Histogram("lmpipe_prediction_confidence", "Probability of the predicted label",
                                     buckets=CONFIDENCE_BUCKETS, registry=r)
         self.model = Info("lmpipe_model", "The served model: name, version, variant, uri", registry=r)
         self.reloads = Counter("lmpipe_model_reloads", "Swaps to a new model version", registry=r)
+        self.generated_tokens = Counter("lmpipe_generated_tokens", "New tokens generated for /generate requests",
+                                        registry=r)
+        self.generations = Counter("lmpipe_generations", "Finished /generate requests by how they ended: eos, "
+                                   "length (max_new_tokens), cancelled (the client went away), error", ["finish"],
+                                   registry=r)
+        self.time_to_first_token = Histogram("lmpipe_time_to_first_token_seconds", "/generate: from a request's "
+                                             "arrival to its first new token", buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_token = Histogram("lmpipe_time_per_output_token_seconds", "/generate: between two "
+                                        "consecutive new tokens of one request", buckets=TOKEN_BUCKETS, registry=r)
         self.drift_psi = Gauge("lmpipe_drift_psi", "PSI of the live window against the model's drift reference",
                                ["feature"], registry=r)
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpipe.embeddings import Encoder
 from lmpipe.names import model_uri, parse_model_uri
-from lmpipe.package import PyfuncPredictor, load_predictor
+from lmpipe.package import HFGenerator, PyfuncPredictor, load_predictor
 
 log = logging.getLogger("lmpipe.serving")
 
@@ -24,7 +25,7 @@ log = logging.getLogger("lmpipe.serving")
 class Served:
     """One loaded model: the predictor and its identity."""
 
-    predictor: Any  # .predict(texts, batch_size) -> [{label, score}]
+    predictor: Any  # .predict(texts, batch_size) -> [{label, score}]; an HFGenerator: .model, .tokenizer
     uri: str
     name: str
     version: str
@@ -35,8 +36,16 @@ class Served:
     def model_dir(self) -> Path | None:
         return getattr(self.predictor, "model_dir", None) if not isinstance(self.predictor, PyfuncPredictor) else None
 
+    @property
+    def kind(self) -> str:
+        """generator (a causal LM: POST /generate), encoder (no head: POST /embed) or classifier (POST /predict)."""
+        if isinstance(self.predictor, HFGenerator):
+            return "generator"
+        return "encoder" if isinstance(self.predictor, Encoder) else "classifier"
+
     def info(self) -> dict[str, str]:
-        return {"model_uri": self.uri, "model": self.name, "version": self.version, "variant": self.variant}
+        return {"model_uri": self.uri, "model": self.name, "version": self.version, "variant": self.variant,
+                "kind": self.kind}
 
 
 def load(uri: str, client=None) -> Served:
