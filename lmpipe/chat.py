@@ -131,13 +131,13 @@ def template_fields(template: str) -> list[str]:
 
 
 def template_issues(name: str, prompt: str, response: str, system: str | None) -> list[str]:
-    """One line per problem of the task template clean.sft.templates.<name>: malformed, or naming a field that
-    is not there."""
+    """One line per problem of the task template clean.sft.templates.<name> (relative to the section: lines
+    start at `templates.`): malformed, or naming a field that is not there."""
     issues = []
     for part, template in (("prompt", prompt), ("response", response), ("system", system)):
         if template is None:
             continue
-        where = f"clean.sft.templates.{name}.{part}"
+        where = f"templates.{name}.{part}"
         try:
             fields = template_fields(template)
         except ValueError as e:
