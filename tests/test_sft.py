@@ -203,3 +203,22 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
     pipeline = [r for r in runs.values() if "exact_match" in r.data.metrics]
     assert pipeline and pipeline[0].data.metrics["response_perplexity"] == pytest.approx(
         ev["generator"]["response_perplexity"])
+
+
+def test_lora_on_a_causal_lm_trains_the_adapter_only(tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from helpers import section
+    from lmpipe import strategies
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = section("finetune", head="lm", strategy="lora")
+    strategies.check(cfg, config)  # peft's default targets for Llama exist in the causal LM
+    plan = strategies.prepare(AutoModelForCausalLM.from_config(config), cfg)
+    trained = [n for n, p in plan.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert {n.split(".")[-4] for n in trained} == {"q_proj", "v_proj"}  # ...q_proj.lora_A.default.weight
+    bad = section("finetune", head="lm", strategy="lora", lora={**cfg.lora.model_dump(), "target_modules": ["query"]})
+    with pytest.raises(ConfigError, match="finetune.lora.target_modules: query not in LlamaForCausalLM"):
+        strategies.check(bad, config)
