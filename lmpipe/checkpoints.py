@@ -91,6 +91,10 @@ def _finetune_key(params: Params, root: Path) -> dict[str, Any]:
            "base model.safetensors md5": file_md5(base / "model.safetensors"),
            "labeled_train.parquet md5": file_md5(clean / "labeled_train.parquet"),
            "labeled_validation.parquet md5": file_md5(clean / "labeled_validation.parquet")}
+    if cfg.head == "lm":  # the conversations it trains and selects on (lmpipe/conversations.py's layout)
+        for path in sorted((clean / "sft").rglob("*.parquet")):
+            if path.stem in ("train", "validation"):
+                key[f"{path.relative_to(clean)} md5"] = file_md5(path)
     if cfg.original_baseline:
         key["original md5"] = _model_files_md5(resolve_model_ref(params.pretrain.init, root, "pretrain.init"))
     teacher = cfg.distill.teacher if cfg.strategy == "distill" else None

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lmpipe.names import Objective, Strategy, Variant
+from lmpipe.chat import template_issues
+from lmpipe.names import Head, Objective, Strategy, Variant
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 
@@ -107,6 +108,46 @@ class Task(Section):
         return self
 
 
+class SftSource(Section):
+    path: str
+    """jsonl or parquet under the data dir: one conversation per line/row, a `messages` list of {role, content}
+    turns (roles system, user, assistant) or `prompt` + `response` (+ optional `system`) columns."""
+    encoding: str = "utf-8"
+    """jsonl encoding; decoding errors are reported, never replaced."""
+
+
+class TaskTemplate(Section):
+    prompt: str
+    """The user turn, a str.format template over {text} (the example) and {label} (its label word)."""
+    response: str
+    """The assistant turn, usually "{label}": the label word (clean's label_names) the model should answer."""
+    system: str | None = None
+    """An optional system turn (same fields)."""
+
+
+class Sft(Section):
+    sources: list[SftSource]
+    """Your own instruction / chat data (finetune.head: lm trains on all of it); cleaned, deduplicated and split
+    seeded into train / validation / test."""
+    templates: dict[str, TaskTemplate]
+    """Instruction-formatted versions of the labelled tasks, by task name (clean.labeled's, clean.tasks'): the
+    same splits as the classifier's, each example rendered through its task's template."""
+    validation_fraction: float = Field(gt=0, lt=1)
+    """sources: share of the conversations held out for model selection."""
+    test_fraction: float = Field(gt=0, lt=1)
+    """sources: share of the conversations held out for evaluate (response perplexity)."""
+
+    @model_validator(mode="after")
+    def _templates(self) -> "Sft":
+        issues = [i for name, t in self.templates.items() for i in template_issues(name, t.prompt, t.response, t.system)]
+        if self.validation_fraction + self.test_fraction >= 1:
+            issues.append(f"test_fraction: {self.test_fraction} + validation_fraction {self.validation_fraction} "
+                          "leave no training conversations")
+        if issues:
+            raise ValueError("\n".join(issues))
+        return self
+
+
 class Clean(Section):
     corpus: list[TextSource]
     """Unlabelled pretraining sources, concatenated."""
@@ -124,6 +165,9 @@ class Clean(Section):
     split: Literal["random", "tail"]
     """random: a seeded random share of the documents is validation; tail: the last validation_fraction of
     the corpus characters, in order (nanoGPT's split; a document straddling the cut is cut there)."""
+    sft: Sft
+    """Instruction data for generative fine-tuning (finetune.head: lm): your own conversations and the tasks'
+    instruction-formatted versions; written under clean.out_dir/sft/."""
     keep_newlines: bool = False
     """Keep line breaks inside corpus documents (verse, char-level LMs); other whitespace is still collapsed."""
     out_dir: str
@@ -140,6 +184,9 @@ class Clean(Section):
                 raise ValueError(f"tasks: task name {name!r} must be lower-case letters, digits and _")
             if name == self.labeled.name:
                 raise ValueError(f"tasks: {name!r} is already clean.labeled's name")
+        unknown = [t for t in self.sft.templates if t not in self.task_names()]
+        if unknown:
+            raise ValueError(f"sft.templates: no task {unknown[0]!r}; clean defines {', '.join(self.task_names())}")
         return self
 
     def task_names(self) -> list[str]:
@@ -157,6 +204,10 @@ class Tokenize(Section):
     """Minimum pair frequency for a merge."""
     block_size: int = Field(ge=2)
     """Tokens per packed training block."""
+    chat_tokens: bool
+    """Append the chat role markers (<|system|>, <|user|>, <|assistant|>) as special tokens after the trained
+    vocabulary and save the chat template with the tokenizer (lmpipe/chat.py), so pretraining has them in its
+    vocabulary; needed by finetune.head: lm. Every other id stays the same; off, the tokenizer is as before."""
     parallel: bool
     """The tokenizers backend's threads (one per core) for training and encoding; TOKENIZERS_PARALLELISM, when
     set, wins. The ids are the same either way."""
@@ -170,6 +221,9 @@ class Tokenize(Section):
     @model_validator(mode="after")
     def _vocab(self) -> "Tokenize":
         if self.kind == "pretrained":
+            if self.chat_tokens:
+                raise ValueError("chat_tokens: kind pretrained keeps the checkpoint's tokenizer as it is (and its own "
+                                 "chat template); set chat_tokens: false")
             return self
         if self.kind != "char" and self.vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(
@@ -360,6 +414,10 @@ class Finetune(Section):
     original_baseline: bool
     """With continued pretraining (pretrain.init a checkpoint, finetune.init pretrained): also fine-tune the
     original checkpoint with the same budget, so evaluate compares continued vs original vs scratch."""
+    head: Head
+    """classifier: a sequence-classification head on the labelled task(s); lm: generative (instruction)
+    fine-tuning of the causal LM on clean.sft's conversations, the loss on the assistant tokens only
+    (lmpipe/sft.py)."""
     strategy: Strategy
     """What trains (lmpipe/strategies.py): all weights, a frozen bottom, layer-wise LRs, a PEFT adapter, or a
     student distilled from a teacher. Only the strategy's own block below is read."""
@@ -430,9 +488,23 @@ class Finetune(Section):
     """Validation metrics and MLflow run id."""
 
 
+class SampledAnswers(Section):
+    prompts: int = Field(ge=0)
+    """finetune.head lm: test prompts per source (the first ones, so the same every run) answered with sampling
+    and logged as an MLflow table (0 = none)."""
+    max_new_tokens: int = Field(ge=1)
+    """Longest sampled answer (tokens)."""
+    temperature: float = Field(gt=0)
+    """Sampling temperature (seeded by common.seed)."""
+    top_p: float = Field(gt=0, le=1)
+    """Nucleus sampling share."""
+
+
 class Evaluate(Section):
     batch_size: int = Field(ge=1)
     """Inference batch size."""
+    samples: SampledAnswers
+    """finetune.head lm: the table of sampled answers to fixed prompts."""
     metrics: str
     """Output: lm.perplexity, classifier.*, scratch_baseline.*."""
     confusion: str
@@ -447,6 +519,10 @@ class Evaluate(Section):
 class Deploy(Section):
     min_accuracy: float = Field(ge=0, le=1)
     """Quality gate: register only when test accuracy reaches this."""
+    min_exact_match: float = Field(ge=0, le=1)
+    """finetune.head lm: quality gate on the generator's exact match (the task-derived test prompts)."""
+    max_perplexity: float = Field(gt=0)
+    """finetune.head lm: quality gate on the generator's response perplexity (held-out responses)."""
     model_name: str
     """MLflow registered model name."""
     alias: str
@@ -592,9 +668,43 @@ class Params(Section):
             issues.append("finetune.scratch_baseline: true with finetune.init: scratch trains the same random-init "
                           "model twice (a benefit of 0); set finetune.scratch_baseline: false or another init")
         issues.extend(self._task_issues())
+        issues.extend(self._head_issues())
         if issues:
             raise ValueError("\n".join(issues))
         return self
+
+    def _head_issues(self) -> list[str]:
+        """finetune.head lm: what generative fine-tuning needs and what applies to a classifier only."""
+        ft = self.finetune
+        if ft.head != "lm":
+            return []
+        issues, where = [], "finetune.head: lm"
+        if ft.strategy in ("prefix", "prompt", "distill"):
+            issues.append(f"finetune.strategy: {ft.strategy} with {where}: applies to the classifier head only; use "
+                          "full, freeze, llrd or lora")
+        own = self.pretrain.init == "scratch" and ft.init in ("pretrained", "scratch")
+        if own and self.pretrain.objective != "clm":
+            issues.append(f"{where} needs a causal LM: pretrain.objective {self.pretrain.objective} trains an encoder "
+                          "(set pretrain.objective: clm)")
+        if own and self.tokenize.kind != "pretrained" and not self.tokenize.chat_tokens:
+            issues.append(f"{where} needs the chat role tokens in the pipeline's tokenizer: set tokenize.chat_tokens: "
+                          "true (tokenize and pretrain then re-run)")
+        tasks = ft.tasks or [self.clean.labeled.name]
+        untemplated = [t for t in tasks if t not in self.clean.sft.templates]
+        if ft.tasks is not None and untemplated:
+            issues.append(f"finetune.tasks: {', '.join(untemplated)} has no template in clean.sft.templates (needed by "
+                          f"{where})")
+        for flag, why in (("original_baseline", "continued pretraining's three-way comparison"),
+                          ("single_task_baselines", "the multi-task transfer measurement")):
+            if getattr(ft, flag):
+                issues.append(f"finetune.{flag}: {why} is measured for the classifier head only; set it false with "
+                              f"{where}")
+        for key, value, off in (("label_smoothing", ft.label_smoothing, 0.0), ("adversarial.method", ft.adversarial.method,
+                                "none"), ("augment.copies", ft.augment.copies, 0), ("loss_weights", ft.loss_weights, None)):
+            if value != off:
+                issues.append(f"finetune.{key}: {value} applies to the classifier head only; set "
+                              f"{'null' if off is None else off} with {where}")
+        return issues
 
     def _task_issues(self) -> list[str]:
         ft, known = self.finetune, self.clean.task_names()

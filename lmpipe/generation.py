@@ -95,9 +95,26 @@ def load_generator(path: Path, device: str = "cpu") -> tuple[PreTrainedModel, Pr
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Prompt ids as pretraining saw a document start: BOS + the text, never the closing EOS that the
     pipeline tokenizer's post-processor appends (the model would read the prompt as finished)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + ids
+    return encode_prompts(tokenizer, [prompt])[0]
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:
+    """encode_prompt of many texts in one batched tokenizer call (generative fine-tuning encodes every
+    conversation and its turns' prefixes this way). A text that already starts with the BOS token (a
+    checkpoint's chat template that writes it) gets no second one."""
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    return [([bos] if bos is not None and not (bos_text and text.startswith(bos_text)) else []) + ids
+            for text, ids in zip(prompts, encoded)]
+
+
+def keep_last(ids: list[int], limit: int, bos: int | None) -> list[int]:
+    """`ids` cut to `limit` tokens from the left (the end of a prompt, where the question and the generation
+    prompt are, is kept), the leading BOS kept."""
+    if len(ids) <= limit:
+        return ids
+    head = ids[:1] if bos is not None and ids and ids[0] == bos else []
+    return head + ids[len(ids) - (limit - len(head)):]
 
 
 def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
@@ -138,8 +155,11 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling):
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+def _batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling,
+           max_prompt_tokens: int | None = None):
+    ids = encode_prompts(tokenizer, prompts)
+    if max_prompt_tokens is not None:  # a model fine-tuned at a length: its prompts cut the way training cut them
+        ids = [keep_last(n, max_prompt_tokens, tokenizer.bos_token_id) for n in ids]
     for n in ids:
         check_length(model, len(n), sampling)
     input_ids, mask = left_pad(ids, _pad_id(tokenizer), model.device)
@@ -152,9 +172,10 @@ def _call_kwargs(tokenizer, sampling: Sampling) -> dict:
 
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], sampling: Sampling,
-             cancel: threading.Event | None = None) -> list[Generated]:
-    """One batched `generate` call over `prompts` (left padded); seeded by sampling.seed when given."""
-    ids, input_ids, mask = _batch(model, tokenizer, prompts, sampling)
+             cancel: threading.Event | None = None, max_prompt_tokens: int | None = None) -> list[Generated]:
+    """One batched `generate` call over `prompts` (left padded); seeded by sampling.seed when given.
+    `max_prompt_tokens`: longer prompts keep their last tokens (keep_last) instead of being refused."""
+    ids, input_ids, mask = _batch(model, tokenizer, prompts, sampling, max_prompt_tokens)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     stop = StoppingCriteriaList([_Cancel(cancel)]) if cancel is not None else None

@@ -34,6 +34,10 @@ SENTENCE_OBJECTIVES = ("simcse", "mlm_nsp")
 Strategy = Literal["full", "freeze", "llrd", "lora", "prefix", "prompt", "distill"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
+Head = Literal["classifier", "lm"]
+HEADS: tuple[str, ...] = get_args(Head)
+"""finetune.head: a classification head, or the causal LM itself fine-tuned on conversations (generative)."""
+
 Variant = Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 """Deploy variants (lmpipe/compress.py builds them); fp32 is the reference every other one is gated against."""
@@ -43,7 +47,9 @@ HEADLINE = {"accuracy": ("classifier", "accuracy"), "f1_macro": ("classifier", "
             "perplexity": ("lm", "perplexity"), "benefit_accuracy": ("benefit", "accuracy"),
             "benefit_f1_macro": ("benefit", "f1_macro"), "scratch_accuracy": ("scratch_baseline", "accuracy"),
             "original_accuracy": ("original_baseline", "accuracy"),
-            "benefit_continued_accuracy": ("benefit_continued", "accuracy")}
+            "benefit_continued_accuracy": ("benefit_continued", "accuracy"),
+            "exact_match": ("generator", "exact_match"), "response_perplexity": ("generator", "response_perplexity"),
+            "scratch_exact_match": ("scratch_baseline", "exact_match")}
 """The figures people compare, under plain names -> where they are in evaluate.metrics (section, key). They lead
 the MLflow compare view (sorted before dotted names) and `lmpipe compare`."""
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig,
+                          PreTrainedTokenizerBase)
 
 from lmpipe.config import Finetune
 from lmpipe.errors import ConfigError, DataError
@@ -116,10 +117,12 @@ def llrd_scales(model: torch.nn.Module, decay: float) -> dict[str, float]:
 
 # -- checks before anything is written --------------------------------------------------------------------
 
-def _skeleton(config: PretrainedConfig) -> torch.nn.Module:
-    """The classifier's module tree without weights (meta device): names and shapes for the checks."""
+def _skeleton(config: PretrainedConfig, head: str = "classifier") -> torch.nn.Module:
+    """The model's module tree without weights (meta device): names and shapes for the checks. head lm: the
+    causal LM itself (generative fine-tuning, lmpipe/sft.py)."""
+    auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return auto.from_config(config)
 
 
 def _adaptable_names(model: torch.nn.Module) -> list[str]:
@@ -258,7 +261,9 @@ class Lora(Adapter):
         from peft import LoraConfig, TaskType
 
         targets = None if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
-        return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+        # head lm: the causal LM's own output layer (tied to the embeddings) stays frozen; only the adapter trains
+        task = TaskType.CAUSAL_LM if cfg.head == "lm" else TaskType.SEQ_CLS
+        return LoraConfig(task_type=task, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
                           lora_dropout=cfg.lora.dropout, target_modules=targets)
 
     def save(self, model, tokenizer, max_length, out):
@@ -318,7 +323,7 @@ PROMPT_LEARNING = tuple(n for n, s in STRATEGY.items() if isinstance(s, PromptLe
 
 def check(cfg: Finetune, config: PretrainedConfig) -> None:
     """The strategy's params against the model they will act on; one line per problem (ConfigError)."""
-    issues = STRATEGY[cfg.strategy].issues(cfg, _skeleton(config), config)
+    issues = STRATEGY[cfg.strategy].issues(cfg, _skeleton(config, cfg.head), config)
     if issues:
         raise ConfigError("\n".join(issues))
 
@@ -328,7 +333,7 @@ def pads_left(strategy: str, config: PretrainedConfig) -> bool:
 
 
 def prepare(model: torch.nn.Module, cfg: Finetune, teacher: Teacher | None = None) -> Plan:
-    """A freshly loaded classifier -> what Trainer trains under cfg.strategy."""
+    """A freshly loaded classifier (or causal LM, finetune.head lm) -> what Trainer trains under cfg.strategy."""
     return STRATEGY[cfg.strategy].prepare(model, cfg, teacher)
 
 

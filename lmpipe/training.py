@@ -401,6 +401,24 @@ def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | No
     return int(state["global_step"]) if counter >= patience else None
 
 
+def finetune_arguments(cfg: Finetune, ckpt_dir: Path, device: str, seed: int, stopped_at: int | None, best: str,
+                       **extra: Any) -> TrainingArguments:
+    """The one place the `finetune` section becomes Trainer's arguments (both heads): steps, batch, AdamW, linear
+    warmup/decay, an evaluation and a checkpoint every eval_every steps, the best checkpoint by `best` (accuracy,
+    higher is better; loss, lower is better) loaded at the end. `extra`: the head's own."""
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), max_steps=stopped_at or cfg.max_steps, num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+        label_smoothing_factor=cfg.label_smoothing, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
+        save_steps=cfg.eval_every, save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model=best, greater_is_better=best != "loss", logging_steps=max(1, cfg.eval_every // 5),
+        report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda", disable_tqdm=False,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a resume
+        **extra)
+
+
 def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
              device: str, seed: int, ckpt_dir: Path, prefix: str, plan=None, layout=None,
              ordered: bool = False) -> FinetuneResult:
@@ -415,17 +433,8 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     # an interrupted run that early stopping had already ended at its newest checkpoint: resume to that step
     # (no more training), so a crash after training changes neither the steps nor the best model
     stopped_at = _early_stopped_at(resume, cfg.patience)
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=stopped_at or cfg.max_steps, num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
-        label_smoothing_factor=cfg.label_smoothing, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
-        save_steps=cfg.eval_every, save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="accuracy", greater_is_better=True, logging_steps=max(1, cfg.eval_every // 5),
-        report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda", disable_tqdm=False,
-        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a resume
-        remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns for compute_loss
+    args = finetune_arguments(cfg, ckpt_dir, device, seed, stopped_at, best="accuracy",
+                              remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns
     logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
     callbacks: list[TrainerCallback] = [logger, timer, record]
     if cfg.patience is not None:  # stops after `patience` evaluations without a better val accuracy
@@ -462,5 +471,39 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     if multi:  # each task's validation figures of the selected checkpoint
         for t in layout.names:
             metrics[f"val_{t}_accuracy"], metrics[f"val_{t}_f1_macro"] = best[f"eval_{t}_accuracy"], best[f"eval_{t}_f1_macro"]
+    return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint,
+                          {"groups": record.groups, "frozen": record.frozen})
+
+
+def finetune_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
+                device: str, seed: int, ckpt_dir: Path, prefix: str, collator, plan=None) -> FinetuneResult:
+    """Generative fine-tuning (finetune.head lm) of a causal LM on encoded conversations (lmpipe/sft.py: labels
+    -100 outside the assistant turns, so the causal-LM loss is the assistant tokens' only); evaluate every
+    eval_every steps and keep the checkpoint with the lowest validation loss (the response loss). Resume,
+    early stopping (patience evaluations without a lower loss), llrd's learning rates and the MLflow curves as
+    for the classifier. `collator`: lmpipe.sft.collator's padding."""
+    resume = resume_point(ckpt_dir, f"finetune[{prefix.rstrip('.')}]", cfg.max_steps)
+    stopped_at = _early_stopped_at(resume, cfg.patience)
+    # prediction_loss_only: evaluation keeps no (B, T, vocab) logits, only the loss
+    args = finetune_arguments(cfg, ckpt_dir, device, seed, stopped_at, best="loss", prediction_loss_only=True)
+    logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
+    callbacks: list[TrainerCallback] = [logger, timer, record]
+    if cfg.patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+    trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                              data_collator=collator, callbacks=callbacks,
+                              lr_scale=getattr(plan, "lr_scale", None))
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.perf_counter() - t0
+    history = list(trainer.state.log_history)
+    best = trainer.evaluate()
+    steps = int(trainer.state.global_step)
+    trained = steps - (checkpoint_step(resume) if resume else 0)
+    metrics = {"val_loss": best["eval_loss"], "val_response_perplexity": perplexity(best["eval_loss"]),
+               "train_seconds": seconds, "steps": steps,
+               "stopped_early": float(stopped_at is not None or steps < trainer.state.max_steps),
+               "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
+               else trained / max(seconds, 1e-9)}
     return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint,
                           {"groups": record.groups, "frozen": record.frozen})

@@ -82,6 +82,18 @@ def tiny_tasks_params(raw: dict) -> dict:
                            "text_columns": ["title", "description"], "label_column": "label"},
                  "validation_fraction": 0.2, "test_fraction": 0.2, "label_names": list(NEWS.values())}}
     raw["finetune"]["tasks"] = ["sst", "trec", "news"]
+    raw["clean"]["sft"]["templates"] = {"sst": raw["clean"]["sft"]["templates"].pop("sst2")}
+    return raw
+
+
+def tiny_generative_params(raw: dict) -> dict:
+    """tiny_params turned generative (profiles/generative.yaml's switches): role tokens in the tokenizer,
+    finetune.head lm on the templated task, a few sampled answers."""
+    raw["tokenize"]["chat_tokens"] = True
+    raw["tokenize"]["vocab_size"] = 320
+    raw["pretrain"]["max_position_embeddings"] = 64
+    raw["finetune"].update(head="lm", max_length=48)
+    raw["evaluate"]["samples"].update(prompts=2, max_new_tokens=4)
     return raw
 
 
@@ -101,6 +113,7 @@ def tiny_params() -> dict:
     raw["clean"]["labeled"]["test"]["path"] = "task/dev.tsv"
     raw["clean"]["labeled"]["validation_fraction"] = 0.25
     raw["clean"]["tasks"] = {}  # tiny_tasks_params adds tiny ones
+    raw["clean"]["sft"]["templates"] = {"sst2": raw["clean"]["sft"]["templates"]["sst2"]}  # templates name tasks
     raw["clean"]["min_chars"] = 5
     raw["tokenize"].update(vocab_size=300, block_size=16)
     raw["pretrain"].update(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,

@@ -1,4 +1,4 @@
-"""Clean the pretraining corpus and the labelled task data.
+"""Clean the pretraining corpus, the labelled task data and the instruction data (clean.sft).
 
     python -m stages.clean            # the DVC stage `clean` (stages/clean.py) runs this recipe
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmpipe import data
+from lmpipe import conversations, data
 from lmpipe.config import Params
 from lmpipe.datasource import data_dir
 from lmpipe.errors import DataError
@@ -56,7 +56,23 @@ def clean(params: Params, root: Path, run) -> None:
         tasks[name] = _labeled_task(task, task.test_fraction, ddir, cfg.max_chars, seed,
                                      f"clean.tasks.{name}")
 
-    # 3) write everything at once (atomic dir swap)
+    # 3) instruction data: your conversations (cleaned, deduplicated, split seeded) and each templated task's
+    #    splits as conversations (the same examples the classifier trains and is tested on)
+    sft_splits, sft_stats = {}, {}
+    if cfg.sft.sources:
+        convs: list = []
+        for src in cfg.sft.sources:
+            convs.extend(conversations.read_source(src, ddir))
+        kept, sft_stats[conversations.SOURCES] = conversations.clean_conversations(convs, cfg.max_chars)
+        sft_splits[conversations.SOURCES] = conversations.split_conversations(
+            kept, cfg.sft.validation_fraction, cfg.sft.test_fraction, seed)
+    for name, template in cfg.sft.templates.items():
+        sft_splits[name] = {split: conversations.task_split(df, tasks[name]["names"], template)
+                            for split, df in tasks[name]["splits"].items()}
+    for name, splits in sft_splits.items():
+        sft_stats.setdefault(name, {}).update({split: len(df) for split, df in splits.items()})
+
+    # 4) write everything at once (atomic dir swap)
     with atomic_dir(root / cfg.out_dir) as out:
         pd.DataFrame({"text": train_docs}).to_parquet(out / "corpus_train.parquet", index=False)
         pd.DataFrame({"text": val_docs}).to_parquet(out / "corpus_validation.parquet", index=False)
@@ -66,6 +82,11 @@ def clean(params: Params, root: Path, run) -> None:
             for split in ("train", "validation", "test"):
                 t["splits"][split].to_parquet(folder / f"labeled_{split}.parquet", index=False)
             (folder / "labels.json").write_text(json.dumps({"raw": t["vocab"], "names": t["names"]}, indent=2) + "\n")
+        for name, splits in sft_splits.items():
+            for split, df in splits.items():
+                path = conversations.split_path(out, name, split)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                df.to_parquet(path, index=False)
     primary = tasks[cfg.labeled.name]
     train_stats, test_stats, vocab = primary["train_stats"], primary["test_stats"], primary["vocab"]
     tr_idx, va_idx, test_df = primary["splits"]["train"], primary["splits"]["validation"], primary["splits"]["test"]
@@ -78,6 +99,8 @@ def clean(params: Params, root: Path, run) -> None:
                   for name, t in tasks.items()},
         "mlflow_run_id": run.info.run_id,
     }
+    if sft_stats:
+        stats["sft"] = sft_stats
     write_json(root / cfg.metrics, stats)
     log_metrics_bounded({f"corpus.{k}": v for k, v in corpus_stats.items()})
     log_metrics_bounded({f"labeled.train.{k}": v for k, v in stats["labeled"]["train"].items()})
@@ -85,6 +108,7 @@ def clean(params: Params, root: Path, run) -> None:
     mlflow.log_artifact(str(root / cfg.metrics))
     for name, t in list(tasks.items())[1:]:
         log_metrics_bounded({f"tasks.{name}.{split}": len(df) for split, df in t["splits"].items()})
+    log_metrics_bounded({f"sft.{name}.{k}": v for name, st in sft_stats.items() for k, v in st.items()})
     print(f"clean: corpus {corpus_stats['rows_in']} -> {len(train_docs)} train / {len(val_docs)} validation docs; "
           f"labelled {len(tr_idx)} train / {len(va_idx)} validation / {len(test_df)} test, {len(vocab)} classes")
 

@@ -10,6 +10,10 @@
 3) every variant that passed is registered under deploy.model_name with its figures as version tags; the
    alias (champion) moves to the deploy.serve_variant version when it beats the holder (fp32 when that
    variant was refused); the served variant is exported to deploy.out_dir/model.
+
+finetune.head lm (`_gate_generator`): the generator is gated on deploy.min_exact_match and deploy.max_perplexity
+(evaluate's generator.exact_match and response_perplexity) and the outcome recorded; it is not registered (the
+generator's model package is not part of this stage yet).
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.
 def deploy(params: Params, root: Path, run) -> None:
     cfg = params.deploy
     ev = read_json(need(root / params.evaluate.metrics, "evaluate"))
+    if params.finetune.head == "lm":
+        return _gate_generator(params, root, run, ev)
     acc, f1 = float(ev["classifier"]["accuracy"]), float(ev["classifier"]["f1_macro"])
     model_dir = root / params.finetune.out_dir
     result = {"accuracy": acc, "min_accuracy": cfg.min_accuracy, "gate_passed": acc >= cfg.min_accuracy,
@@ -161,3 +167,30 @@ def _register(params: Params, rows: list[dict], served: str, run) -> dict:
     print(f"deploy: registered {cfg.model_name} " + ", ".join(f"{v} v{n}" for v, n in versions.items())
           + f"; serving {served} (accuracy {served_row['accuracy']:.4f}); {verdict}")
     return result
+
+
+def _gate_generator(params: Params, root: Path, run, ev: dict) -> None:
+    """finetune.head lm: exact match (when there are task-derived prompts) and response perplexity against the
+    gates; recorded in deploy.metrics and on the run, nothing registered."""
+    cfg, g = params.deploy, ev["generator"]
+    em, ppl = g.get("exact_match"), float(g["response_perplexity"])
+    failed = ([f"exact match {em:.4f} < deploy.min_exact_match {cfg.min_exact_match}"]
+              if em is not None and em < cfg.min_exact_match else []) + \
+        ([f"response perplexity {ppl:.2f} > deploy.max_perplexity {cfg.max_perplexity}"] if ppl > cfg.max_perplexity else [])
+    result = {"head": "lm", "exact_match": em, "min_exact_match": cfg.min_exact_match, "response_perplexity": ppl,
+              "max_perplexity": cfg.max_perplexity, "gate_passed": not failed, "registered": False,
+              "mlflow_run_id": run.info.run_id}
+    mlflow.log_metrics({k: v for k, v in (("exact_match", em), ("response_perplexity", ppl)) if v is not None})
+    parent = run.data.tags.get(PARENT_TAG) or ev.get("pipeline_run_id")
+    if parent:
+        PipelineRun(mlflow.MlflowClient(), parent).join("deploy", run, root)
+    with atomic_dir(root / cfg.out_dir) as out:
+        if failed:
+            (out / "GATE_FAILED").write_text("; ".join(failed) + "\n")
+        else:
+            (out / "NOT_REGISTERED").write_text("finetune.head lm: the generator passed the gate; registering a "
+                                                "generator is not part of the deploy stage yet\n")
+    mlflow.set_tags({"deploy.gate": "failed" if failed else "passed", "deploy.registered": "false"})
+    write_json(root / cfg.metrics, result)
+    print(f"deploy: generator gate {'failed: ' + '; '.join(failed) if failed else 'passed'}; not registered "
+          "(generator packages are not registered by this stage yet)")

@@ -7,6 +7,12 @@ original_baseline.* and benefit_continued.*), the confusion matrix
 as a DVC plot (CSV of actual/predicted) and a PNG, the drift reference of the classifier's test predictions
 (evaluate.reference_profile, lmpipe/monitoring.py), and logs one `pipeline` summary run to MLflow
 carrying every param and the final metrics, so pipeline executions compare side by side.
+
+finetune.head lm (`_generators` below): the generator and its scratch twin instead of the classifiers:
+response perplexity on the held-out conversations, exact match of the greedy answer to the gold label word
+on the task-derived test prompts and the share of answers that are no label at all, per task and their mean
+(generator.*, scratch_baseline.*, benefit.*); a table of sampled answers to the first test prompts
+(mlflow.log_table); the confusion plot of the default task with a column for answers that are no label.
 """
 
 from __future__ import annotations
@@ -15,16 +21,18 @@ import csv
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from lmpipe import tasks
+from lmpipe import chat, conversations, sft, tasks
 from lmpipe.config import Augment, Params
 from lmpipe.params import flatten
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
+from lmpipe.generation import Sampling, generate, load_generator
 from lmpipe.io import atomic_path, read_parquet, write_json
 from lmpipe.lineage import PipelineRun
-from lmpipe.modeling import device, from_pretrained, load_finetuned, load_tokenizer
+from lmpipe.modeling import device, from_pretrained, load_finetuned, load_tokenizer, stored_max_length
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.names import MASKED_OBJECTIVES, need
 from lmpipe.tokenizer import load_blocks
@@ -55,6 +63,9 @@ def evaluate(params: Params, root: Path, run) -> None:
         lm_metrics = perplexity(lm, val_blocks, cfg.batch_size, dev, objective in MASKED_OBJECTIVES, lm_tok,
                                 params.pretrain.mlm_probability, params.common.seed)
         del lm
+
+    if params.finetune.head == "lm":
+        return _generators(params, root, run, lm_metrics, dev)
 
     # 2) classifiers on the test split of every task they have: the selected model and the baselines
     def score(path: Path, which: list[str]) -> tuple[dict, dict]:
@@ -211,3 +222,132 @@ def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -
                              (train["text"].tolist(), train["label"].to_numpy()),
                              (test["text"].tolist(), test["label"].to_numpy()), pooling, params.evaluate.batch_size,
                              dev, seed, stored_max_length(tokenizer, after.config))
+
+
+NO_LABEL = "(no label)"
+"""The confusion plot's column for a generator's answers that are none of the label words."""
+
+
+def answer_scores(answers: list[str], gold: list[str], label_words: list[str]) -> dict:
+    """Exact match of each answer (stripped, case-folded) to its gold label word, and the share of answers that
+    are none of the label words."""
+    words = {w.strip().casefold() for w in label_words}
+    norm = [a.strip().casefold() for a in answers]
+    n = max(len(norm), 1)
+    return {"exact_match": sum(a == g.strip().casefold() for a, g in zip(norm, gold)) / n,
+            "not_a_label": sum(a not in words for a in norm) / n, "examples": len(norm)}
+
+
+def _generators(params: Params, root: Path, run, lm_metrics: dict | None, dev: str) -> None:
+    """finetune.head lm: score the generator and its scratch twin on the held-out conversations."""
+    cfg, clean_dir = params.evaluate, root / params.clean.out_dir
+    sources = conversations.sources_for(params.finetune, params.clean)
+    test = conversations.load_split(clean_dir, sources, "test")
+    task_names = [s for s in sources if s != conversations.SOURCES]
+    label_words = {t: tasks.label_names(clean_dir, t, params.clean) for t in task_names}
+    asked = [chat.prompt_and_answer(chat.loads(m)) for m in test["messages"]]
+
+    def score(path: Path, table: bool) -> tuple[dict, dict]:
+        model, tokenizer = load_generator(path, dev)
+        limit = stored_max_length(tokenizer, model.config)  # the length it was fine-tuned at
+        # 1) response perplexity: the assistant tokens of every held-out conversation, as training encodes them
+        tokenizer.padding_side = "right"
+        ds, _ = sft.dataset(tokenizer, test, limit)
+        out = {f"response_{k}": v for k, v in sft.response_loss(model, tokenizer, ds, cfg.batch_size, dev).items()}
+        # 2) greedy answers to the task prompts: exact match to the gold label word
+        answers: dict[str, list[str]] = {}
+        for t in task_names:
+            rows = [i for i, s in enumerate(test["source"]) if s == t]
+            longest = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in label_words[t])
+            greedy = Sampling(max_new_tokens=longest + 2, temperature=0)
+            prompts = [chat.prompt_text(tokenizer, asked[i][0]) for i in rows]
+            answers[t] = [g.text for start in range(0, len(prompts), cfg.batch_size) for g in generate(
+                model, tokenizer, prompts[start:start + cfg.batch_size], greedy,
+                max_prompt_tokens=limit - greedy.max_new_tokens)]
+        if task_names:
+            per_task = {t: answer_scores(answers[t], [asked[i][1] for i, s in enumerate(test["source"]) if s == t],
+                                         label_words[t]) for t in task_names}
+            out["exact_match"] = float(np.mean([m["exact_match"] for m in per_task.values()]))
+            out["not_a_label"] = float(np.mean([m["not_a_label"] for m in per_task.values()]))
+            if len(task_names) > 1:
+                out["tasks"] = per_task
+        # 3) sampled answers to the first prompts of each source, beside the greedy ones (the selected model only)
+        rows = []
+        if table and cfg.samples.prompts:
+            sampling = Sampling(max_new_tokens=cfg.samples.max_new_tokens, temperature=cfg.samples.temperature,
+                                top_p=cfg.samples.top_p, seed=params.common.seed)
+            for s in sources:
+                idx = [i for i, src in enumerate(test["source"]) if src == s][:cfg.samples.prompts]
+                prompts = [chat.prompt_text(tokenizer, asked[i][0]) for i in idx]
+                kept = limit - sampling.max_new_tokens
+                sampled = generate(model, tokenizer, prompts, sampling, max_prompt_tokens=kept) if prompts else []
+                greedy_all = generate(model, tokenizer, prompts, Sampling(max_new_tokens=sampling.max_new_tokens,
+                                                                          temperature=0), max_prompt_tokens=kept) \
+                    if prompts else []
+                rows += [{"source": s, "prompt": asked[i][0][-1]["content"], "expected": asked[i][1],
+                          "greedy": g.text, "sampled": x.text} for i, g, x in zip(idx, greedy_all, sampled)]
+        del model
+        return out, {"answers": answers, "rows": rows}
+
+    results, seen = {}, {}
+    for key, folder, table in (("generator", params.finetune.out_dir, True),
+                               ("scratch_baseline", params.finetune.scratch_dir, False)):
+        path = need(root / folder, "finetune")
+        if not (path / "config.json").is_file():
+            continue  # finetune.scratch_baseline: false
+        results[key], seen[key] = score(path, table)
+
+    metrics: dict = {"test_examples": int(len(test)), "head": "lm"}
+    if lm_metrics is not None:
+        metrics["lm"] = {"perplexity": lm_metrics["perplexity"], "loss": lm_metrics["loss"], "tokens": lm_metrics["tokens"]}
+    metrics.update(results)
+    if "scratch_baseline" in results:  # what pretraining bought the generator
+        metrics["benefit"] = {k: results["generator"][k] - results["scratch_baseline"][k]
+                              for k in ("exact_match", "response_perplexity") if k in results["generator"]}
+
+    # outputs: the confusion plot of the default task (gold label word vs answer; NO_LABEL for anything else);
+    # a generator has no classifier drift reference (its predictions are free text): the file says so
+    default = task_names[0] if task_names else None
+    with atomic_path(root / cfg.confusion) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["actual", "predicted"])
+        if default is not None:
+            words = label_words[default]
+            gold = [asked[i][1] for i, s in enumerate(test["source"]) if s == default]
+            picked = [next((x for x in words if x.casefold() == a.strip().casefold()), NO_LABEL)
+                      for a in seen["generator"]["answers"][default]]
+            w.writerows(zip(gold, picked))
+            names = [*words, NO_LABEL]
+            confusion = [[sum(1 for g, p in zip(gold, picked) if g == a and p == b) for b in names] for a in names]
+            plot_confusion(confusion, names, root / cfg.confusion_png,
+                           f"generator on {default} test (exact match "
+                           f"{results['generator'].get('tasks', {}).get(default, results['generator'])['exact_match']:.3f})")
+            metrics["generator"]["confusion_matrix"] = confusion
+    if default is None:
+        plot_confusion([[0]], [NO_LABEL], root / cfg.confusion_png, "generator: no task-derived test prompts")
+    write_json(root / cfg.reference_profile, {"head": "lm", "drift_reference": None,
+                                              "reason": "a generator's answers are free text, not classes"})
+    pipeline, opened = PipelineRun.for_stage(mlflow.MlflowClient(), run, params, root)
+    metrics["mlflow_run_id"] = run.info.run_id
+    metrics["pipeline_run_id"] = pipeline.run_id
+    write_json(root / cfg.metrics, metrics)
+
+    flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log_metrics_bounded(flat)
+    mlflow.log_artifact(str(root / cfg.confusion_png))
+    mlflow.log_artifact(str(root / cfg.confusion))
+    if seen["generator"]["rows"]:
+        mlflow.log_table(pd.DataFrame(seen["generator"]["rows"]), artifact_file="sampled_answers.json")
+    mlflow.log_input(mlflow.data.from_pandas(test, source=str(Path(params.clean.out_dir) / "sft"), name="sft_test"),
+                     context="test")
+    pipeline.summarize(params, root, metrics)
+    if opened:
+        pipeline.end()
+    g = results["generator"]
+    line = f"evaluate: lm perplexity {lm_metrics['perplexity']:.1f}; " if lm_metrics is not None else "evaluate: "
+    line += f"generator response perplexity {g['response_perplexity']:.2f}"
+    if "exact_match" in g:
+        line += f", exact match {g['exact_match']:.4f} ({g['not_a_label']:.1%} no label)"
+    if "scratch_baseline" in results and "exact_match" in results["scratch_baseline"]:
+        line += f" vs scratch {results['scratch_baseline']['exact_match']:.4f}"
+    print(line)

@@ -17,6 +17,10 @@ the adapter to MLflow; LoRA is merged into a plain model, prefix/prompt keep the
 model (lmpipe.modeling.load_finetuned applies it). metrics: per variant the best validation figures plus
 trainable_params, total_params, trainable_percent and steps_per_s.
 
+finetune.head: lm (`finetune_generator` below) fine-tunes the causal LM itself on clean.sft's conversations
+instead (generative / instruction fine-tuning, lmpipe/sft.py): the loss on the assistant tokens only, the best
+checkpoint by validation response loss, strategies full, freeze, llrd and lora, and the scratch twin.
+
 Resume covers the whole stage (lmpipe/checkpoints.py): both variants' checkpoints and each finished
 variant live in finetune.checkpoint_dir/<fingerprint>/, so a re-run after a crash during the scratch twin
 reuses the finished classifier and continues the twin from its newest checkpoint, in the same MLflow run.
@@ -31,17 +35,18 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import checkpoints, metric_log, strategies, tasks
+from lmpipe import chat, checkpoints, conversations, metric_log, sft, strategies, tasks
 from lmpipe.config import Params
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
+from lmpipe.generation import is_causal_lm
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import (check_vocab, device, load_classifier, load_tokenizer, max_positions, resolve_init,
-                             resolve_model_ref)
+from lmpipe.modeling import (check_vocab, device, from_pretrained, load_classifier, load_tokenizer, max_positions,
+                             resolve_init, resolve_model_ref)
 from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import seed_everything
 from lmpipe.metric_log import log_metrics_bounded
-from lmpipe.training import encode_labeled, finetune as train_classifier
+from lmpipe.training import encode_labeled, finetune as train_classifier, finetune_lm as train_generator
 from lmpipe.names import missing
 
 
@@ -63,6 +68,8 @@ def _log_adapter(name: str, model_dir: Path) -> None:
 
 def finetune(params: Params, root: Path, run) -> None:
     cfg, seed = params.finetune, params.common.seed
+    if cfg.head == "lm":
+        return finetune_generator(params, root, run)
     clean_dir = root / params.clean.out_dir
     task_names = tasks.selected(cfg, params.clean)
     layout = tasks.Layout.of({t: tasks.label_names(clean_dir, t, params.clean) for t in task_names})
@@ -167,12 +174,102 @@ def finetune(params: Params, root: Path, run) -> None:
         metrics = {**done.record["metrics"], **done.record.get("training", {})}
         summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
         print(f"finetune[{name}]: best val accuracy {metrics['val_accuracy']:.4f} in {metrics['steps']} steps")
+    _mark_untrained(params, root)
+    write_json(root / cfg.metrics, summary)
+    checkpoints.release(ckpt)
+
+
+def _mark_untrained(params: Params, root: Path) -> None:
+    """Keep each declared DVC output of a baseline that is off present, and clearly empty."""
+    cfg = params.finetune
     for flag, out_dir in (("scratch_baseline", cfg.scratch_dir), ("original_baseline", cfg.original_dir),
                           ("single_task_baselines", cfg.single_task_dir)):
         if not getattr(cfg, flag):
-            # keep the declared DVC output present (and clearly empty) when this baseline is not trained
             with atomic_dir(root / out_dir) as out:
                 (out / "NOT_TRAINED").write_text(f"finetune.{flag} is false\n")
+
+
+def finetune_generator(params: Params, root: Path, run) -> None:
+    """finetune.head lm: the causal LM fine-tuned on conversations (the selected tasks' instruction versions and
+    clean.sft.sources), and with finetune.scratch_baseline its random-init twin with the same budget."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg, seed = params.finetune, params.common.seed
+    clean_dir = root / params.clean.out_dir
+    # 1) the model it starts from and its tokenizer with a chat template, checked before anything is written
+    source = resolve_init(cfg.init, root, params.pretrain.out_dir)
+    base = source if source is not None else root / params.pretrain.out_dir  # scratch keeps the architecture
+    if not (base / "config.json").is_file():
+        raise missing(base, "pretrain", "no pretrained model to take the architecture from")
+    base_config = AutoConfig.from_pretrained(base)
+    if not is_causal_lm(base):
+        raise ConfigError(f"finetune.head: lm needs a causal LM; {base} is a {base_config.model_type} encoder "
+                          f"({', '.join(base_config.architectures or ['?'])}), which cannot generate")
+    tokenizer = load_tokenizer(base if (base / "tokenizer.json").is_file() else root / params.tokenize.tokenizer_dir)
+    chat.check_tokenizer(tokenizer, "finetune.head: lm")
+    check_vocab(base_config, tokenizer, "finetune")
+    if cfg.max_length > max_positions(base_config):
+        raise ConfigError(f"finetune.max_length: {cfg.max_length} exceeds the model's {max_positions(base_config)} positions")
+    strategies.check(cfg, base_config)
+    overrides = dropout_overrides(base_config, cfg.dropout)
+    tokenizer.padding_side = "right"  # training batches; generation pads on the left itself
+    dev = device(params.common)
+
+    # 2) the conversations, encoded with labels on the assistant tokens only
+    sources = conversations.sources_for(cfg, params.clean)
+    frames = {split: conversations.load_split(clean_dir, sources, split) for split in ("train", "validation")}
+    for split, context in (("train", "training"), ("validation", "validation")):
+        mlflow.log_input(mlflow.data.from_pandas(frames[split], source=str(Path(params.clean.out_dir) / "sft"),
+                                                 name=f"sft_{split}"), context=context)
+    train, train_cut = sft.dataset(tokenizer, frames["train"], cfg.max_length)
+    val, val_cut = sft.dataset(tokenizer, frames["validation"], cfg.max_length)
+    mlflow.log_metrics({"train_examples": len(train), "truncated_train_examples": train_cut,
+                        "truncated_validation_examples": val_cut})
+
+    # 3) the generator and its scratch twin, each resumable (one checkpoint folder for the stage)
+    ckpt = checkpoints.claim("finetune", params, root)
+    variants = [("generator", cfg.out_dir, source is None)]
+    if cfg.scratch_baseline:
+        variants.append(("scratch", cfg.scratch_dir, True))
+    summary: dict = {"init": cfg.init, "head": "lm", "strategy": cfg.strategy, "sources": sources,
+                     "mlflow_run_id": run.info.run_id, "train_examples": len(train),
+                     "truncated_train_examples": train_cut}
+    for name, out_dir, random_init in variants:
+        done = checkpoints.load_finished(ckpt, name)
+        if done is None:
+            seed_everything(seed)  # same init RNG and data order for both
+            if random_init:
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base, **overrides))
+            else:
+                model = from_pretrained(AutoModelForCausalLM, base, **overrides)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            plan = strategies.prepare(model, cfg)
+            trainable, total = strategies.parameter_counts(plan.model)
+            res = train_generator(plan.model, tokenizer, train, val, cfg, dev, seed, ckpt / name, prefix=f"{name}.",
+                                  collator=sft.collator(tokenizer), plan=plan)
+            training = {"trainable_params": trainable, "total_params": total,
+                        "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
+                        "stopped_early": res.metrics.pop("stopped_early")}
+            record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
+                      "mlflow_run_id": run.info.run_id}
+            _log_variant(name, record)
+            done = checkpoints.save_finished(ckpt, name, lambda out: strategies.save(
+                res.model, tokenizer, cfg.max_length, out, cfg.strategy), record)
+            _log_adapter(name, done.path)
+            print(f"finetune[{name}]: {cfg.strategy}: {trainable:,} of {total:,} parameters trained "
+                  f"({training['trainable_percent']:.2f}%)")
+        else:
+            print(f"finetune[{name}]: finished by an earlier attempt; reusing {done.path}")
+            if done.record["mlflow_run_id"] != run.info.run_id:
+                _log_variant(name, done.record)
+                _log_adapter(name, done.path)
+        metric_log.settle(params.common.tracking_grace_s)
+        checkpoints.copy_finished(done, root / out_dir)
+        metrics = {**done.record["metrics"], **done.record.get("training", {})}
+        summary[name] = {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+        print(f"finetune[{name}]: best val response loss {metrics['val_loss']:.4f} (perplexity "
+              f"{metrics['val_response_perplexity']:.2f}) in {metrics['steps']} steps")
+    _mark_untrained(params, root)
     write_json(root / cfg.metrics, summary)
     checkpoints.release(ckpt)
 

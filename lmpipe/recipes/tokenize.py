@@ -4,6 +4,8 @@
 
 Writes a transformers fast-tokenizer directory (tokenize.tokenizer_dir) and
 {train,validation}.npy blocks of shape (n_blocks, block_size) under tokenize.out_dir.
+With tokenize.chat_tokens the chat role markers are appended as special tokens after the trained vocabulary
+and the chat template is saved with the tokenizer (lmpipe/chat.py), for generative fine-tuning.
 With tokenize.kind: pretrained nothing is trained: the pretrain.init checkpoint's own tokenizer packs the
 splits (continued pretraining), and block_size must fit the checkpoint's positions.
 """
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmpipe.chat import add_chat_format
 from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, read_parquet, write_json
@@ -66,6 +69,8 @@ def tokenize(params: Params, root: Path, run) -> None:
         tok = train_tokenizer(splits["train"], cfg.kind, cfg.vocab_size, cfg.min_frequency,
                               params.pretrain.max_position_embeddings)
         separator = None  # its template adds <s> ... </s>
+        if cfg.chat_tokens:  # role markers after the trained vocabulary (no id changes) + the chat template
+            add_chat_format(tok)
     train_seconds = timer.rate(1) ** -1
     vocab = len(tok)
     max_len, tok.model_max_length = tok.model_max_length, int(1e12)  # documents are packed, not truncated
