@@ -107,6 +107,7 @@ def tiny_params() -> dict:
                            max_position_embeddings=32, max_steps=6, warmup_steps=1, batch_size=4, eval_every=3,
                            eval_batches=2, checkpoint_every=3, log_every=2,
                            compile=False)  # compiling costs ~20 s a process; test_training covers it
+    raw["pretrain"].update(sample_prompts=["a moving", "the plot is"], sample_max_new_tokens=8)  # fit 32 positions
     raw["finetune"].update(max_length=16, batch_size=8, max_steps=6, eval_every=3)
     raw["deploy"].update(min_accuracy=0.0, variants=["fp32"], serve_variant="fp32",  # tests/test_deploy.py: the rest
                          latency_repeats=2)
