@@ -51,6 +51,7 @@ def _serve_flags(cfg, flags: dict):
 def _generate(args, root: Path) -> int:
     """`lmpipe generate`: every bad argument (settings, MODEL, a prompt the model cannot take) is a ConfigError
     before anything is generated."""
+    import logging
     import os
     import tempfile
 
@@ -65,7 +66,9 @@ def _generate(args, root: Path) -> int:
     sampling = generation.Sampling.parse(flags=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     ref = args.model or load_params(args.params).pretrain.out_dir
-    _tracking(root)  # a run or registry reference reads the project's tracking store
+    if generation.is_mlflow_ref(ref):  # only these read the tracking store (a folder never opens it)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up lines
+        _tracking(root)
     with tempfile.TemporaryDirectory(prefix="lmpipe-generate-") as tmp:
         try:
             path = generation.resolve_model(ref, root, Path(tmp))

@@ -92,7 +92,7 @@ def resolve_model(ref: str, root: Path, dst: Path | None = None) -> Path:
     artifact). An MLflow pyfunc model (what the registry holds) is downloaded and its `model_dir` artifact, the
     HF folder it wraps, returned (downloaded into `dst`, else a temporary folder MLflow makes). A reference that
     names nothing is a ConfigError (one line)."""
-    if ref.startswith(("models:/", "runs:/")) or _RUN_ID.match(ref):
+    if is_mlflow_ref(ref):
         uri = ref if ":/" in ref else f"runs:/{ref}/model"
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
@@ -112,7 +112,9 @@ def resolve_model(ref: str, root: Path, dst: Path | None = None) -> Path:
     return path
 
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+def is_mlflow_ref(ref: str) -> bool:
+    """models:/..., runs:/... or a bare MLflow run id (32 hex digits): resolved through the tracking store."""
+    return ref.startswith(("models:/", "runs:/")) or re.fullmatch(r"[0-9a-f]{32}", ref) is not None
 
 
 def _hf_dir(local: Path, ref: str) -> Path:
