@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
                           StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.modeling import PACKAGE_PREFIX, from_pretrained, load_tokenizer, max_positions, resolve_model_ref
@@ -68,7 +69,9 @@ class Generated:
 def is_causal_lm(path: Path) -> bool:
     """Whether the HF model dir at `path` holds a decoder that can generate (not an encoder such as MiniLM)."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    return bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in config.architectures or ())
+    heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # LlamaForCausalLM, GPT2LMHeadModel, ...
+    return bool(getattr(config, "is_decoder", False)) or any(a in heads or a.endswith("ForCausalLM")
+                                                             for a in config.architectures or ())
 
 
 def load_generator(path: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -129,3 +129,15 @@ def test_registered_and_logged_models_resolve_to_their_model_folder(tiny_lm, sto
     for ref in ("models:/tiny-lm@champion", "models:/tiny-lm/1", f"runs:/{run.info.run_id}/model", run.info.run_id):
         code, out, err = _cli(capsys, ref, *args)
         assert code == 0 and out == expected, (ref, err)
+
+
+def test_every_causal_lm_head_the_pipeline_builds_generates_and_a_classifier_does_not(tmp_path):
+    """pretrain.arch gpt2 saves a GPT2LMHeadModel (no `ForCausalLM` in its name), llama a LlamaForCausalLM."""
+    from transformers import GPT2Config, LlamaConfig
+
+    for name, config in {"gpt2": GPT2Config(architectures=["GPT2LMHeadModel"]),
+                         "llama": LlamaConfig(architectures=["LlamaForCausalLM"]),
+                         "clf": LlamaConfig(architectures=["LlamaForSequenceClassification"])}.items():
+        config.save_pretrained(tmp_path / name)
+    assert generation.is_causal_lm(tmp_path / "gpt2") and generation.is_causal_lm(tmp_path / "llama")
+    assert not generation.is_causal_lm(tmp_path / "clf")
