@@ -278,7 +278,7 @@ class Pretrain(Section):
     sample_top_k: int | None = Field(ge=1)
     """Sample from the k most likely tokens only; null = the whole vocabulary."""
     samples: str
-    """Output: the final samples (step, prompt, text), a small git-versioned file (not in DVC's cache)."""
+    """Output: the final samples (step, sampling settings, prompt and text), a DVC output like the metrics."""
 
     @model_validator(mode="after")
     def _shape(self) -> "Pretrain":
