@@ -82,6 +82,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int) -> None:
         super().__init__()
+        self.block_size = block_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd),
             h=nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)]), ln_f=LayerNorm(n_embd)))
@@ -97,13 +98,30 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets=None):
         pos = torch.arange(0, idx.size(1), dtype=torch.long)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
             x = block(x)
+        if targets is None:  # nanoGPT's inference path: the last position's logits only, (B, 1, vocab)
+            return self.lm_head(self.transformer.ln_f(x)[:, [-1], :])
         logits = self.lm_head(self.transformer.ln_f(x))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
+        """nanoGPT's GPT.generate (what its sample.py calls): every new token runs the whole context, cropped
+        to block_size, through the model again (no KV cache)."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.block_size else idx[:, -self.block_size:]
+            logits = self(idx_cond)[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
 
 
 def main() -> None:

@@ -10,6 +10,7 @@
     lmpipe exp-run profiles/minilm-sst2.yaml [--queue] [-S KEY=VALUE]  # dvc exp run with a profile's keys
     lmpipe sweep sweeps/finetune-lr-strategy.yaml [--apply-best]        # Optuna study, trials = DVC experiments
     lmpipe validate [params.yaml] [--profile P]                         # check params, list every problem
+    lmpipe generate [MODEL] --prompt TEXT [--stream] [--seed N]          # continue a prompt with a causal LM
     lmpipe services up|down|status [--state-dir D] [--set services.K=V] # shared PostgreSQL, MLflow, Prefect
 """
 
@@ -45,6 +46,56 @@ def _serve_flags(cfg, flags: dict):
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _generate(args, root: Path) -> int:
+    """`lmpipe generate`: every bad argument (settings, MODEL, a prompt the model cannot take) is a ConfigError
+    before anything is generated."""
+    import logging
+    import os
+    import tempfile
+
+    # the terminal shows the text, or one error line: no loading or download progress bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from transformers.utils import logging as hf_logging
+
+    from lmpipe import generation
+    from lmpipe.errors import ConfigError, DataError
+
+    hf_logging.disable_progress_bar()
+    sampling = generation.Sampling.parse(flags=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    ref = args.model or load_params(args.params).pretrain.out_dir
+    if generation.is_mlflow_ref(ref):  # only these read the tracking store (a folder never opens it)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up lines
+        _tracking(root)
+    with tempfile.TemporaryDirectory(prefix="lmpipe-generate-") as tmp:
+        try:
+            path = generation.resolve_model(ref, root, Path(tmp))
+        except ConfigError as e:
+            hint = "" if args.model else "; run the pretrain stage first (dvc repro pretrain) or name a MODEL"
+            raise ConfigError(f"{e}{hint}") from None
+        model, tokenizer = generation.load_generator(path)  # in memory: the download can go
+    n = len(generation.encode_prompt(tokenizer, args.prompt))
+    if n == 0:
+        raise ConfigError("--prompt: empty, and the tokenizer has no BOS token to start from")
+    try:
+        generation.check_length(model, n, sampling)
+    except DataError as e:
+        raise ConfigError(f"--prompt: {e}") from None
+    print(args.prompt, end="", flush=True)
+    if args.stream:
+        try:
+            for chunk in generation.stream(model, tokenizer, args.prompt, sampling):
+                print(chunk, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C: the stream stops generating at the next token
+            print(flush=True)
+            return 130
+        print()
+    else:
+        [out] = generation.generate(model, tokenizer, [args.prompt], sampling)
+        print(out.text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     p_link.add_argument("path", nargs="?", default=None,
                         help="data folder (default: $LMPIPE_DATA_DIR, else the current link, else ../shared/data)")
     data_sub.add_parser("show", help="print the data folder stages read")
+    p_gen = sub.add_parser(
+        "generate", help="continue a prompt with a causal LM (printed once, or streamed with --stream)",
+        description="Prints the prompt and the model's continuation (transformers' generate with a KV cache; "
+                    "docs/generation.md). Temperature 0 is greedy decoding; --seed makes sampling repeatable.")
+    p_gen.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                       help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH, an MLflow run id (its "
+                            "`model` artifact) or a model folder (default: the pipeline's causal LM, pretrain.out_dir)")
+    p_gen.add_argument("--prompt", required=True, help="the text to continue")
+    # the numbers arrive as text and are validated by lmpipe.generation.Sampling (one line per bad value)
+    p_gen.add_argument("--max-new-tokens", default=None, metavar="N", help="tokens to generate (default 64)")
+    p_gen.add_argument("--temperature", default=None, metavar="T", help="0 = greedy (default 1.0)")
+    p_gen.add_argument("--top-k", default=None, metavar="K", help="sample from the K most likely tokens only")
+    p_gen.add_argument("--top-p", default=None, metavar="P", help="nucleus sampling: the smallest set with mass P")
+    p_gen.add_argument("--seed", default=None, metavar="N", help="seed the sampling: same seed, same text")
+    p_gen.add_argument("--stream", action="store_true", help="print the text as it is produced")
+    p_gen.add_argument("--params", default="params.yaml", help="reads pretrain.out_dir for the default MODEL")
     p_val = sub.add_parser("validate", help="validate params.yaml (and a profile)")
     p_val.add_argument("params", nargs="?", default="params.yaml")
     p_val.add_argument("--profile", default=None)
@@ -201,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             for line in action():
                 print(line, flush=True)
             return 0
+        if args.cmd == "generate":
+            return _generate(args, root)
         if args.cmd == "validate":
             load_params(args.params, profile=args.profile)
             print(f"{args.params}: ok")

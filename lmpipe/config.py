@@ -321,11 +321,28 @@ class Pretrain(Section):
     """Final losses, perplexity, throughput, MLflow run id."""
     plot: str
     """Loss curve (step, split, loss) as a DVC plot."""
+    sample_prompts: list[str]
+    """clm: text the model continues at every evaluation and at the end (seeded by common.seed), logged to
+    MLflow as the table samples.json and the last ones written to pretrain.samples; [] = no samples."""
+    sample_max_new_tokens: int = Field(ge=1)
+    """Tokens generated per sample prompt; prompt + these must fit the model's positions (checked, with the
+    tokenizer, before training starts)."""
+    sample_temperature: float = Field(ge=0)
+    """Sampling temperature of the samples; 0 = greedy decoding."""
+    sample_top_k: int | None = Field(ge=1)
+    """Sample from the k most likely tokens only; null = the whole vocabulary."""
+    samples: str
+    """Output: the final samples (step, sampling settings, prompt and text), a DVC output like the metrics."""
 
     @model_validator(mode="after")
     def _shape(self) -> "Pretrain":
         if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
             raise ValueError(f"nproc_per_node: {self.nproc_per_node} must be >= 1 or auto")
+        if any(not p.strip() for p in self.sample_prompts):
+            raise ValueError("sample_prompts: an empty prompt (give text for the model to continue)")
+        if self.sample_prompts and self.fsdp:
+            raise ValueError("sample_prompts: samples need the whole model on one process, which fsdp shards "
+                             "(set pretrain.sample_prompts=[] with fsdp)")
         if self.init != "scratch":
             return self  # the checkpoint's config is the architecture (checked against it by the stages)
         if self.hidden_size % self.num_heads:

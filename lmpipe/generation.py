@@ -11,19 +11,23 @@ warpers). `generate_rows` runs many requests as the rows of one call, each strea
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase,
                           StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
 from transformers.generation.streamers import BaseStreamer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lmpipe.errors import ConfigError, DataError
-from lmpipe.modeling import from_pretrained, load_tokenizer, max_positions
+from lmpipe.modeling import PACKAGE_PREFIX, from_pretrained, load_tokenizer, max_positions, resolve_model_ref
 
 
 class Sampling(BaseModel):
@@ -37,13 +41,15 @@ class Sampling(BaseModel):
     seed: int | None = None
 
     @classmethod
-    def parse(cls, where: str = "", **values) -> "Sampling":
-        """Validated settings, or one ConfigError line naming the first bad field (`where` prefixes it)."""
+    def parse(cls, where: str = "", flags: bool = False, **values) -> "Sampling":
+        """Validated settings, or one ConfigError line naming the first bad field (`where` prefixes it; flags:
+        spelled as the command-line flag, `--max-new-tokens`). None values take the default."""
         try:
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"])
+            field = "--" + field.replace("_", "-") if flags else field
             raise ConfigError(f"{where}{field}: {err['msg']} (got {err.get('input')!r})") from None
 
     def batch_key(self) -> tuple | None:
@@ -75,7 +81,9 @@ class Generated:
 def is_causal_lm(path: Path) -> bool:
     """Whether the HF model dir at `path` holds a decoder that can generate (not an encoder such as MiniLM)."""
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    return bool(getattr(config, "is_decoder", False)) or any(a.endswith("ForCausalLM") for a in config.architectures or ())
+    heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())  # LlamaForCausalLM, GPT2LMHeadModel, ...
+    return bool(getattr(config, "is_decoder", False)) or any(a in heads or a.endswith("ForCausalLM")
+                                                             for a in config.architectures or ())
 
 
 def load_generator(path: Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -85,11 +93,57 @@ def load_generator(path: Path, device: str = "cpu") -> tuple[PreTrainedModel, Pr
         raise DataError(f"{path}: not a model directory (no config.json)")
     if not is_causal_lm(path):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-        raise ConfigError(f"{path}: a {config.model_type} encoder ({', '.join(config.architectures or ['?'])}) "
-                          "cannot generate text; give a causal LM (pretrain.objective: clm)")
+        raise ConfigError(f"{path}: a {config.model_type} model without a causal LM head "
+                          f"({', '.join(config.architectures or ['?'])}) cannot generate text; give a causal LM "
+                          "(pretrain.objective: clm)")
     model = from_pretrained(AutoModelForCausalLM, path).to(device).eval()
     tokenizer = load_tokenizer(path)
     return model, tokenizer
+
+
+def resolve_model(ref: str, root: Path, dst: Path | None = None) -> Path:
+    """A model reference as the local folder load_generator reads: a directory (relative to `root` or absolute),
+    package:NAME (an installed model package, lmpipe.modeling.resolve_model_ref), models:/NAME@ALIAS or models:/NAME/VERSION, runs:/RUN_ID/PATH, or a bare MLflow run id (its `model`
+    artifact). An MLflow pyfunc model (what the registry holds) is downloaded and its `model_dir` artifact, the
+    HF folder it wraps, returned (downloaded into `dst`, else a temporary folder MLflow makes). A reference that
+    names nothing is a ConfigError (one line)."""
+    if is_mlflow_ref(ref):
+        uri = ref if ":/" in ref else f"runs:/{ref}/model"
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None))
+        except Exception as e:  # noqa: BLE001 - MLflow raises several types for "no such model/run/artifact"
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"{ref}: no such model in the tracking store {mlflow.get_tracking_uri()} ({why})") from None
+        return _hf_dir(local, ref)
+    if ref.startswith(PACKAGE_PREFIX):
+        try:
+            return resolve_model_ref(ref, root, "MODEL")
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{ref}: {path} is not a model directory (no config.json)")
+    return path
+
+
+def is_mlflow_ref(ref: str) -> bool:
+    """models:/..., runs:/... or a bare MLflow run id (32 hex digits): resolved through the tracking store."""
+    return ref.startswith(("models:/", "runs:/")) or re.fullmatch(r"[0-9a-f]{32}", ref) is not None
+
+
+def _hf_dir(local: Path, ref: str) -> Path:
+    """The HF model folder in a downloaded MLflow artifact: itself, or the pyfunc's `model_dir` artifact."""
+    if (local / "config.json").is_file():
+        return local
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+        entry = (flavor.get("artifacts") or {}).get("model_dir") or {}
+        if entry.get("path") and (local / entry["path"] / "config.json").is_file():
+            return local / entry["path"]
+    raise ConfigError(f"{ref}: the MLflow artifact holds no Hugging Face model folder (no config.json, no pyfunc "
+                      "model_dir artifact)")
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

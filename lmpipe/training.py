@@ -192,8 +192,11 @@ class PretrainResult:
 
 
 def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_blocks: np.ndarray,
-             val_blocks: np.ndarray, cfg: Pretrain, device: str, seed: int, ckpt_dir: Path) -> PretrainResult:
-    """Train `model` from scratch on packed blocks; resumes from the newest checkpoint in ckpt_dir."""
+             val_blocks: np.ndarray, cfg: Pretrain, device: str, seed: int, ckpt_dir: Path,
+             callbacks: list[TrainerCallback] = ()) -> PretrainResult:
+    """Train `model` from scratch on packed blocks; resumes from the newest checkpoint in ckpt_dir. `callbacks`:
+    the recipe's own on top of the logging ones (the clm samples, lmpipe/samples.py); their on_evaluate also
+    runs at the final evaluation."""
     # 1) data: clm labels are the inputs (the model shifts them); mlm masks dynamically per batch
     clm = cfg.objective == "clm"
     # compiled: every batch full, so the model never meets a new shape (a partial batch at the epoch end
@@ -213,7 +216,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                             * max(1, args.world_size))
     timer = StepTimer()
     trainer = GuardedTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_small,
-                             data_collator=collator, callbacks=[logger, timer])
+                             data_collator=collator, callbacks=[logger, timer, *callbacks])
     resume = resume_point(ckpt_dir, "pretrain", cfg.max_steps)
     # 3) train (resuming restores model, optimizer, scheduler, RNG and data position)
     t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
     python -m stages.pretrain    # what `dvc repro pretrain` runs; --params FILE, --set KEY=VALUE for a run by hand
 
-Reads `common` + `pretrain`; writes pretrain.out_dir (model + tokenizer), pretrain.plot, pretrain.metrics.
+Reads `common` + `pretrain`; writes pretrain.out_dir (model + tokenizer), pretrain.plot, pretrain.metrics,
+pretrain.samples (clm: the final model's text for pretrain.sample_prompts).
 pretrain.nproc_per_node > 1 runs the recipe under torchrun (DDP).
 What it does, step by step: lmpipe/recipes/pretrain.py.
 """

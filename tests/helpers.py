@@ -97,6 +97,26 @@ def tiny_generative_params(raw: dict) -> dict:
     return raw
 
 
+def save_tiny_lm(folder: Path, positions: int = 64) -> Path:
+    """A causal LM + tokenizer saved as the pretrain stage saves them: byte-level BPE trained on a few KB of
+    write_tiny_data's sentences, a 2-layer Llama of hidden size 32 (random weights: generation, not quality)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmpipe.tokenizer import train_tokenizer
+
+    texts = [f"{s} , said the critic number {i} about the movie ." for i in range(40) for s in POS + NEG]
+    tok = train_tokenizer(texts, "bpe", vocab_size=300, min_frequency=1, model_max_length=positions)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
 def section(name: str, **values):
     """One validated params section: params.yaml's values (their one home) with `values` on top."""
     from lmpipe.config import Params
@@ -120,6 +140,7 @@ def tiny_params() -> dict:
                            max_position_embeddings=32, max_steps=6, warmup_steps=1, batch_size=4, eval_every=3,
                            eval_batches=2, checkpoint_every=3, log_every=2,
                            compile=False)  # compiling costs ~20 s a process; test_training covers it
+    raw["pretrain"].update(sample_prompts=["a moving", "the plot is"], sample_max_new_tokens=8)  # fit 32 positions
     raw["finetune"].update(max_length=16, batch_size=8, max_steps=6, eval_every=3)
     raw["deploy"].update(min_accuracy=0.0, variants=["fp32"], serve_variant="fp32",  # tests/test_deploy.py: the rest
                          latency_repeats=2)

@@ -41,3 +41,12 @@ def test_ddp_two_processes_match_single_process_on_same_global_batch(workdir: Pa
     runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"]) if r.data.tags.get("lmpipe.stage") == "pretrain"]
     assert len(runs) == 1 and runs[0].data.tags["pretrain.world_size"] == "2"
     assert runs[0].info.status == "FINISHED"
+    # only rank 0 samples: one row per prompt and evaluation (steps 20, 40) in the run's table
+    import mlflow
+
+    from lmpipe.samples import logged_table
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    table = logged_table(runs[0].info.run_id)
+    prompts = json.loads((workdir / "metrics" / "pretrain_samples.json").read_text())["samples"]
+    assert table["step"].tolist() == [20] * len(prompts) + [40] * len(prompts) and len(prompts) == 2

@@ -24,7 +24,7 @@ def _setup(arch="llama", objective="clm", steps=20):
     blocks = pack_blocks(encode_stream(tok, TEXTS, total=len(TEXTS)), 8, len(tok))
     cfg = section("pretrain", compile=False, objective=objective, arch=arch, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
                    max_position_embeddings=32, max_steps=steps, warmup_steps=2, batch_size=4, eval_every=10,
-                   eval_batches=2, checkpoint_every=10, log_every=5, learning_rate=3e-3)
+                   eval_batches=2, checkpoint_every=10, log_every=5, learning_rate=3e-3, sample_max_new_tokens=6)
     return tok, blocks, cfg
 
 
@@ -131,6 +131,7 @@ def test_mlm_pretrain_then_finetune_and_evaluate_through_the_stages(workdir):
 
 def test_training_stages_log_loss_curves_and_datasets_to_mlflow(workdir):
     """pretrain and finetune runs carry their loss curves as PNG artifacts; finetune its data splits as datasets."""
+    import json
     import os
 
     from helpers import mlflow_runs, run_module
@@ -144,6 +145,18 @@ def test_training_stages_log_loss_curves_and_datasets_to_mlflow(workdir):
     runs = {r.data.tags["lmpipe.stage"]: r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])}
     artifacts = {s: {a.path for a in client.list_artifacts(runs[s].info.run_id)} for s in ("pretrain", "finetune")}
     assert "pretrain_loss.png" in artifacts["pretrain"]
+    # the clm samples: an MLflow table over the evaluations (steps 3 and 6), the final ones in pretrain.samples
+    import yaml
+
+    from lmpipe.samples import TABLE, logged_table
+
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())["pretrain"]
+    assert TABLE in artifacts["pretrain"]
+    table = logged_table(runs["pretrain"].info.run_id)
+    assert table[["step", "prompt"]].values.tolist() == [[s, p] for s in (3, 6) for p in raw["sample_prompts"]]
+    final = json.loads((workdir / raw["samples"]).read_text())
+    assert final["step"] == 6 and final["sampling"]["seed"] == yaml.safe_load((workdir / "params.yaml").read_text())["common"]["seed"]
+    assert final["samples"] == table[table["step"] == 6][["prompt", "text"]].to_dict("records")
     assert {"finetune_classifier_loss.png", "finetune_scratch_loss.png"} <= artifacts["finetune"]
     png = client.download_artifacts(runs["finetune"].info.run_id, "finetune_classifier_loss.png", str(workdir))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -204,6 +217,7 @@ def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_pat
     from safetensors import safe_open
 
     from lmpipe.modeling import attention_implementation
+    from lmpipe.samples import SampleWriter, sampling
 
     monkeypatch.setenv("LMPIPE_COMPILE_CACHE", str(tmp_path / "compile-cache"))  # not the machine's
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
@@ -213,15 +227,52 @@ def test_compiled_pretraining_trains_checkpoints_and_saves_a_plain_model(tmp_pat
     cfg = cfg.model_copy(update={"compile": True})
     assert attention_implementation(cfg) == "eager"
     model = build_lm(build_lm_config(cfg, tok), "clm", attention_implementation(cfg))
+    writer = SampleWriter(tok, ["the cat"], sampling(cfg, seed=0))
     with mlflow.start_run():
-        res = pretrain(model, tok, blocks, blocks[:8], cfg, "cpu", 0, tmp_path / "ckpt")
+        res = pretrain(model, tok, blocks, blocks[:8], cfg, "cpu", 0, tmp_path / "ckpt", callbacks=[writer])
     assert res.metrics["steps"] == 20 and res.metrics["train_loss"] < np.log(len(tok))
+    assert [r["step"] for r in writer.rows] == [10, 20] and all(r["text"] for r in writer.rows)  # eager generate
     assert res.metrics["train_tokens_per_s"] > 0 and res.metrics["val_blocks"] == 8
     assert res.metrics["compile_graphs_compiled"] > 0 and any((tmp_path / "compile-cache").iterdir())
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-20"
     res.model.save_pretrained(tmp_path / "out")
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "_orig_mod" in k]  # the plain model, loadable without compile
+
+
+def test_samples_are_seeded_logged_once_per_step_and_leave_training_unchanged(tmp_path, monkeypatch):
+    """Samples at each evaluation (10, and 20 = the final one) are the same in a re-run, and a run with samples
+    trains exactly as one without: generation runs in a fork of torch's RNG (dropout draws from it here)."""
+    import mlflow
+
+    from lmpipe.samples import SampleWriter, logged_table, sampling
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    mlflow.set_experiment("test")
+    tok, blocks, cfg = _setup(steps=20)
+    cfg = cfg.model_copy(update={"dropout": 0.1, "sample_prompts": ["the cat", "a dog and"]})
+
+    def run(name: str, with_samples: bool):
+        torch.manual_seed(0)  # what the stage's seed_everything does before building the model
+        model = build_lm(build_lm_config(cfg, tok), "clm")
+        writer = SampleWriter(tok, cfg.sample_prompts, sampling(cfg, seed=5)) if with_samples else None
+        with mlflow.start_run() as r:
+            res = pretrain(model, tok, blocks[:-4], blocks[-4:], cfg, "cpu", 0, tmp_path / name,
+                           callbacks=[writer] if writer else [])
+        return res, writer, r.info.run_id
+
+    plain, _, _ = run("plain", False)
+    first, writer, run_id = run("first", True)
+    second, again, _ = run("second", True)
+    for key in ("train_loss", "val_loss", "steps"):
+        assert plain.metrics[key] == first.metrics[key] == second.metrics[key], key
+    assert plain.curve == first.curve
+    assert [(r["step"], r["prompt"]) for r in writer.rows] == [(10, "the cat"), (10, "a dog and"),
+                                                                (20, "the cat"), (20, "a dog and")]
+    assert writer.rows == again.rows and all(r["text"] for r in writer.rows)
+    assert writer.last() == writer.rows[2:]
+    table = logged_table(run_id)  # the MLflow table: each step once (the final evaluation is step 20 again)
+    assert table.to_dict("records") == writer.rows
 
 
 def test_compile_without_a_cpp_compiler_is_refused(monkeypatch, tmp_path):

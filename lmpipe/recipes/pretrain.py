@@ -8,7 +8,9 @@ head (continued, domain-adaptive pretraining on the blocks its own tokenizer pac
 checkpoints into pretrain.checkpoint_dir/<fingerprint>/ (lmpipe/checkpoints.py: a re-run after a crash
 resumes there and reattaches to the same MLflow run; a different configuration is
 refused while that unfinished run's checkpoint is there), saves the final model (safetensors) + tokenizer
-to pretrain.out_dir and logs the loss curve (pretrain.plot, and as a PNG) to MLflow.
+to pretrain.out_dir and logs the loss curve (pretrain.plot, and as a PNG) to MLflow. A causal LM (clm) also
+continues pretrain.sample_prompts at every evaluation and at the end (lmpipe/samples.py): an MLflow table, and
+the final samples in pretrain.samples.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import mlflow
 from transformers import AutoConfig
 
-from lmpipe import checkpoints, metric_log, objectives
+from lmpipe import checkpoints, metric_log, objectives, samples
 from lmpipe.config import Params
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
@@ -70,6 +72,12 @@ def pretrain(params: Params, root: Path, run) -> None:
             print(f"pretrain: {cfg.init} has no weights for {', '.join(continued.new_weights)}; "
                   f"transformers initialised them (the {cfg.objective} head is trained from here)")
 
+    # samples (clm): every prompt must fit the model's positions, refused now rather than at the first evaluation
+    sampler = None
+    if cfg.objective == "clm" and cfg.sample_prompts:
+        samples.check_prompts(config, tokenizer, cfg)
+        sampler = samples.SampleWriter(tokenizer, cfg.sample_prompts, samples.sampling(cfg, params.common.seed))
+
     # 2) checkpoints live under a fingerprint of everything that makes them resumable; an unfinished
     #    run of another configuration is refused, never loaded or deleted
     is_main = run is not None  # torchrun ranks > 0 get no run and write nothing
@@ -92,18 +100,22 @@ def pretrain(params: Params, root: Path, run) -> None:
         result = objectives.train(model, tokenizer, docs["train"], docs["validation"], cfg, block, dev,
                                   params.common.seed, ckpt_dir)
     else:
-        result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir)
+        result = train_lm(model, tokenizer, blocks["train"], blocks["validation"], cfg, dev, params.common.seed, ckpt_dir,
+                          callbacks=[sampler] if sampler is not None else [])
     if not is_main:
         return
     metric_log.settle(params.common.tracking_grace_s)  # every training metric sent before any output is written
     if result.resumed_from:
         mlflow.set_tag("pretrain.resumed_from", result.resumed_from)
+    if sampler is not None:
+        sampler.send()  # the samples table complete (the final model's rows included) before any output
 
-    # 4) outputs: model + tokenizer (self-contained HF dir), curve, metrics
+    # 4) outputs: model + tokenizer (self-contained HF dir), curve, metrics, the final samples
     with atomic_dir(root / cfg.out_dir) as out:
         save_lm(result.model, out, init_dir, continued.unused_weights if continued else ())
         tokenizer.save_pretrained(str(out))
     write_curve(root / cfg.plot, result.curve)
+    samples.write(root / cfg.samples, sampler.last() if sampler else [], sampler.settings if sampler else None)
     metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in result.metrics.items()},
                "device": dev, "mlflow_run_id": run.info.run_id}
     write_json(root / cfg.metrics, metrics)
