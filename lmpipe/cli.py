@@ -3,7 +3,7 @@
     lmpipe serve [--host 127.0.0.1] [--port 8000] [--model-uri models:/lmpipe-sst2@champion] [--token-file F]
     lmpipe monitor --url http://127.0.0.1:8000 [--token T]              # live drift (PSI per feature) of a server
     lmpipe smoke [--profile profiles/smoke.yaml] [--set KEY=VALUE ...]   # whole pipeline as a DVC experiment
-    lmpipe rollback [--to VERSION] [--reason TEXT]                      # champion back to the previous holder
+    lmpipe rollback [--model NAME] [--to VERSION] [--reason TEXT]       # champion back to the previous holder
     lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
     lmpipe compare [EXP ...] [--json]                                   # experiments: differing params, headline metrics
     lmpipe data link [PATH]                                             # where this checkout's input data is
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p_rb = sub.add_parser("rollback", help="move the champion alias back to the previous holder (or --to VERSION)")
     p_rb.add_argument("--to", default=None, metavar="VERSION", help="this registered version instead of the previous one")
     p_rb.add_argument("--reason", default=None, help="why (recorded with who and when)")
+    p_rb.add_argument("--model", default=None, metavar="NAME",
+                      help="the registered model (default deploy.model_name; e.g. the generator's)")
     p_rb.add_argument("--params", default="params.yaml", help="reads deploy.model_name and deploy.alias")
     p_lin = sub.add_parser("lineage", help="what produced a model version or MLflow run")
     p_lin.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION or an MLflow run id")
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             from lmpipe.registry import rollback
 
             params = load_params(args.params)
-            name, alias = params.deploy.model_name, params.deploy.alias
+            name, alias = args.model or params.deploy.model_name, params.deploy.alias
             res = rollback(_tracking(root), name, alias, args.to, args.reason)
             print(f"{name}@{alias}: v{res['from']} -> v{res['to']} ({res['entry']['why']}; by {res['entry']['by']} "
                   f"at {res['entry']['at']})")

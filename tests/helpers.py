@@ -147,11 +147,43 @@ def tiny_params() -> dict:
     return raw
 
 
-def run_module(module: str, cwd: Path, *args: str, env: dict | None = None, timeout: int = 600):
+def run_module(module: str, cwd: Path, *args: str, env: dict | None = None, timeout: int = 600,
+               process: bool = False) -> subprocess.CompletedProcess:
+    """`python -m <module> args` in `cwd`. A stage (stages.*) runs in this process unless `process`: its
+    `main(argv)` with cwd, environment and SIGTERM handler set and restored, stdout/stderr captured, the exit
+    code returned as a process would, so the torch/transformers/MLflow imports are paid once per test worker.
+    Tests of what only a process shows (signals, kills, torchrun, a tracking server going away) pass process=True."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    if module.startswith("stages.") and not process:
+        return _run_stage_here(module, cwd, list(args), full_env)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _run_stage_here(module: str, cwd: Path, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    import contextlib
+    import importlib
+    import io
+    import signal
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_term = dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGTERM)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(module).main(args)
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        signal.signal(signal.SIGTERM, saved_term)
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *args], code or 0, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

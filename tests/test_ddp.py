@@ -19,11 +19,11 @@ def test_ddp_two_processes_match_single_process_on_same_global_batch(workdir: Pa
     prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=40, batch_size=8, eval_every=20, log_every=5,
                                                       checkpoint_every=20, learning_rate=0.003))
     ref = copy_for_reference(workdir, tmp_path / "ref")
-    single = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    single = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"}, process=True)
     assert single.returncode == 0, single.stderr
 
     # 2 processes x 4 blocks = the same global batch of 8
-    ddp = run_module("stages.pretrain", workdir, "--set", "pretrain.nproc_per_node=2", "--set", "pretrain.batch_size=4")
+    ddp = run_module("stages.pretrain", workdir, "--set", "pretrain.nproc_per_node=2", "--set", "pretrain.batch_size=4", process=True)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "torch.distributed.run" in ddp.stdout and "--nproc_per_node=2" in ddp.stdout
 

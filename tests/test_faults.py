@@ -106,7 +106,7 @@ def _long_pretrain(workdir: Path) -> None:
 def test_a_stage_refuses_in_one_line_when_the_tracking_server_is_down(workdir: Path):
     prepare_workdir(workdir, lambda r: None)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    res = run_module("stages.pretrain", workdir, env={"MLFLOW_TRACKING_URI": uri}, timeout=120)
+    res = run_module("stages.pretrain", workdir, env={"MLFLOW_TRACKING_URI": uri}, timeout=120, process=True)
     assert res.returncode == 3
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"pretrain: error: MLflow tracking server {uri} does not answer (connection refused)"), res.stderr
@@ -171,7 +171,7 @@ def test_an_outage_past_the_grace_period_fails_in_one_line_and_the_retry_resumes
     first_run = (fp_dir / "mlflow_run_id").read_text().strip() if (fp_dir / "mlflow_run_id").exists() else None
 
     server.start()
-    res = run_module("stages.pretrain", workdir, env={"MLFLOW_TRACKING_URI": server.uri})
+    res = run_module("stages.pretrain", workdir, env={"MLFLOW_TRACKING_URI": server.uri}, process=True)
     assert res.returncode == 0, res.stderr
     assert "pretrain: resuming from checkpoint-" in res.stdout
     assert "metric points a previous attempt could not send are logged now" in res.stdout

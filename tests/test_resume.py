@@ -21,7 +21,7 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
     prepare_workdir(workdir, lambda r: r["pretrain"].update(max_steps=400, checkpoint_every=40, eval_every=200,
                                                       log_every=20, keep_last=2))
     ref = copy_for_reference(workdir, tmp_path / "ref")
-    res = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    res = run_module("stages.pretrain", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"}, process=True)
     assert res.returncode == 0, res.stderr
     expected = json.loads((ref / "metrics" / "pretrain.json").read_text())
 
@@ -35,7 +35,7 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
     shutil.copytree(fp_dir / f"checkpoint-{second}", torn)
     (torn / "trainer_state.json").write_text('{"global_step": 3')
 
-    res = run_module("stages.pretrain", workdir)
+    res = run_module("stages.pretrain", workdir, process=True)
     assert res.returncode == 0, res.stderr
     # a resume says so in one line, and re-tying the embedding (lm_head.weight is not saved twice) is no warning
     assert f"pretrain: resuming from checkpoint-{second} (step {second} of 400)" in res.stdout, res.stdout
@@ -65,10 +65,10 @@ def test_pretrain_survives_two_sigkills(workdir: Path, tmp_path: Path, monkeypat
 def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     prepare_workdir(workdir, lambda r: r["finetune"].update(max_steps=300, eval_every=30, batch_size=4,
                                                       scratch_baseline=False))
-    res = run_module("stages.pretrain", workdir)
+    res = run_module("stages.pretrain", workdir, process=True)
     assert res.returncode == 0, res.stderr
     ref = copy_for_reference(workdir, tmp_path / "ref")
-    res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"}, process=True)
     assert res.returncode == 0, res.stderr
     expected = json.loads((ref / "metrics" / "finetune.json").read_text())["classifier"]
 
@@ -76,7 +76,7 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
     first = kill_after("finetune", workdir, ckpts, past=0)
     second = kill_after("finetune", workdir, ckpts, past=first)
     assert 0 < first < second
-    res = run_module("stages.finetune", workdir)
+    res = run_module("stages.finetune", workdir, process=True)
     assert res.returncode == 0, res.stderr
     got = json.loads((workdir / "metrics" / "finetune.json").read_text())
     assert got["classifier"]["steps"] == 300
@@ -90,10 +90,10 @@ def test_finetune_survives_two_sigkills(workdir: Path, tmp_path: Path):
 def test_finetune_killed_during_the_scratch_twin_keeps_the_finished_classifier(workdir: Path, tmp_path: Path):
     prepare_workdir(workdir, lambda r: r["finetune"].update(max_steps=200, eval_every=20, batch_size=4,
                                                       scratch_baseline=True))
-    res = run_module("stages.pretrain", workdir)
+    res = run_module("stages.pretrain", workdir, process=True)
     assert res.returncode == 0, res.stderr
     ref = copy_for_reference(workdir, tmp_path / "ref")
-    res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"})
+    res = run_module("stages.finetune", ref, env={"MLFLOW_TRACKING_URI": f"sqlite:///{ref / 'mlflow.db'}"}, process=True)
     assert res.returncode == 0, res.stderr
     expected = json.loads((ref / "metrics" / "finetune.json").read_text())
 
@@ -104,7 +104,7 @@ def test_finetune_killed_during_the_scratch_twin_keeps_the_finished_classifier(w
     fp_dir = next(p for p in ckpts.iterdir() if p.is_dir())
     assert (fp_dir / "finished" / "classifier" / "model.safetensors").is_file()
 
-    res = run_module("stages.finetune", workdir)
+    res = run_module("stages.finetune", workdir, process=True)
     assert res.returncode == 0, res.stderr
     assert "finetune[classifier]: finished by an earlier attempt" in res.stdout, res.stdout
     got = json.loads((workdir / "metrics" / "finetune.json").read_text())
@@ -153,7 +153,7 @@ def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):
     ckpts = workdir / "checkpoints" / "pretrain"
     step = kill_after("pretrain", workdir, ckpts, past=0)
 
-    res = run_module("stages.pretrain", workdir, "--set", "pretrain.learning_rate=0.001")
+    res = run_module("stages.pretrain", workdir, "--set", "pretrain.learning_rate=0.001", process=True)
     assert res.returncode == 2, res.stderr
     line = [ln for ln in res.stderr.splitlines() if "error:" in ln][-1]
     assert line.startswith("pretrain: error: ") and "another configuration" in line, line
@@ -161,7 +161,7 @@ def test_other_configuration_refuses_an_unfinished_checkpoint(workdir: Path):
     assert step in checkpoint_steps(ckpts), "the refused run must leave the unfinished checkpoint alone"
 
     # cadence settings are not part of the configuration: the same run resumes with them changed
-    res = run_module("stages.pretrain", workdir, "--set", "pretrain.eval_every=100")
+    res = run_module("stages.pretrain", workdir, "--set", "pretrain.eval_every=100", process=True)
     assert res.returncode == 0, res.stderr
     got = json.loads((workdir / "metrics" / "pretrain.json").read_text())
     assert got["steps"] == 400
@@ -212,7 +212,7 @@ def test_full_disk_fails_the_checkpoint_in_one_line_and_keeps_the_previous(workd
 
         # with space again, the re-run resumes from the kept checkpoint and finishes
         (disk / "filler").unlink()
-        res = run_module("stages.pretrain", workdir)
+        res = run_module("stages.pretrain", workdir, process=True)
         assert res.returncode == 0, res.stderr
         assert json.loads((workdir / "metrics" / "pretrain.json").read_text())["steps"] == 400
         runs = [r for r in mlflow_runs(os.environ["MLFLOW_TRACKING_URI"])

@@ -14,6 +14,7 @@ from helpers import ROOT, mlflow_runs, run_module, tiny_generative_params, tiny_
 from lmpipe import chat, conversations
 from lmpipe.config import SftSource
 from lmpipe.errors import ConfigError, DataError
+from lmpipe.generation import Sampling
 from lmpipe.params import validate
 
 SENTENCES = ["the film is good and warm", "a dull and boring plot", "the acting is superb", "a waste of time"]
@@ -175,6 +176,7 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
     (tiny_data / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     raw = tiny_generative_params(yaml.safe_load((workdir / "params.yaml").read_text()))
     raw["clean"]["sft"]["sources"] = [{"path": "chat.jsonl"}]
+    raw["deploy"].update(min_exact_match=0.0, max_perplexity=1e9, model_name="tiny-generator")  # a tiny model passes
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in ("clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy"):
         res = run_module(f"stages.{stage}", workdir)
@@ -189,7 +191,8 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
         assert ev[key]["response_perplexity"] > 1 and ev[key]["response_tokens"] > 0
     assert set(ev["benefit"]) == {"exact_match", "response_perplexity"}
     deploy = json.loads((workdir / "metrics" / "deploy.json").read_text())
-    assert deploy["head"] == "lm" and deploy["registered"] is False
+    assert deploy["head"] == "lm" and deploy["registered"] is True and deploy["promoted"] is True
+    assert deploy["model_uri"] == "models:/tiny-generator/1" and (workdir / "models" / "deploy" / "model").is_dir()
     runs = {r.data.tags.get("mlflow.runName"): r for r in mlflow_runs(f"sqlite:///{workdir / 'mlflow.db'}")}
     ev_run = runs["evaluate"]
     import mlflow
@@ -200,6 +203,15 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
     assert data["columns"] == ["source", "prompt", "expected", "greedy", "sampled"]
     assert len(data["data"]) == 2 + min(2, clean["sft"]["sources"]["test"])  # evaluate.samples.prompts per source
     assert ev_run.data.metrics["generator.exact_match"] == pytest.approx(ev["generator"]["exact_match"])
+    # the registered generator: the champion loads as the generator pyfunc and writes text
+    from lmpipe.package import load_predictor
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias("tiny-generator", "champion")
+    assert version.version == "1" and version.tags["kind"] == "generator"
+    predictor = load_predictor("models:/tiny-generator@champion")
+    [out] = predictor.generate(["Say the word number 3."], Sampling(max_new_tokens=4, temperature=0))
+    assert out.new_tokens >= 1
     pipeline = [r for r in runs.values() if "exact_match" in r.data.metrics]
     assert pipeline and pipeline[0].data.metrics["response_perplexity"] == pytest.approx(
         ev["generator"]["response_perplexity"])

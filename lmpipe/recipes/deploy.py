@@ -12,8 +12,9 @@
    variant was refused); the served variant is exported to deploy.out_dir/model.
 
 finetune.head lm (`_gate_generator`): the generator is gated on deploy.min_exact_match and deploy.max_perplexity
-(evaluate's generator.exact_match and response_perplexity) and the outcome recorded; it is not registered (the
-generator's model package is not part of this stage yet).
+(evaluate's generator.exact_match and response_perplexity); when it passes it is registered as the generator
+pyfunc (lmpipe/package.py) under deploy.model_name and the alias moves as for a classifier, by exact match.
+`lmpipe serve` on it answers POST /generate.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.lineage import PARENT_TAG, PipelineRun
 from lmpipe.monitoring import REFERENCE_FILE
-from lmpipe.registry import log_variant, promote
+from lmpipe.registry import log_generator, log_variant, promote
 from lmpipe.names import model_uri, need
 
 
@@ -171,7 +172,7 @@ def _register(params: Params, rows: list[dict], served: str, run) -> dict:
 
 def _gate_generator(params: Params, root: Path, run, ev: dict) -> None:
     """finetune.head lm: exact match (when there are task-derived prompts) and response perplexity against the
-    gates; recorded in deploy.metrics and on the run, nothing registered."""
+    gates; a generator that passes is exported to deploy.out_dir/model and registered (deploy.publish)."""
     cfg, g = params.deploy, ev["generator"]
     em, ppl = g.get("exact_match"), float(g["response_perplexity"])
     failed = ([f"exact match {em:.4f} < deploy.min_exact_match {cfg.min_exact_match}"]
@@ -187,10 +188,33 @@ def _gate_generator(params: Params, root: Path, run, ev: dict) -> None:
     with atomic_dir(root / cfg.out_dir) as out:
         if failed:
             (out / "GATE_FAILED").write_text("; ".join(failed) + "\n")
+        elif not cfg.publish:
+            (out / "NOT_REGISTERED").write_text("deploy.publish is false (e.g. a sweep trial)\n")
         else:
-            (out / "NOT_REGISTERED").write_text("finetune.head lm: the generator passed the gate; registering a "
-                                                "generator is not part of the deploy stage yet\n")
-    mlflow.set_tags({"deploy.gate": "failed" if failed else "passed", "deploy.registered": "false"})
+            shutil.copytree(root / params.finetune.out_dir, out / "model")  # export first
+            result.update(_register_generator(params, out / "model", em, ppl, run))
+    mlflow.set_tags({"deploy.gate": "failed" if failed else "passed",
+                     "deploy.registered": str(bool(result.get("version"))).lower()})
     write_json(root / cfg.metrics, result)
-    print(f"deploy: generator gate {'failed: ' + '; '.join(failed) if failed else 'passed'}; not registered "
-          "(generator packages are not registered by this stage yet)")
+    if failed:
+        print(f"deploy: generator gate failed: {'; '.join(failed)}; not registered")
+    elif not result.get("version"):
+        print("deploy: generator gate passed; deploy.publish is false: nothing registered")
+
+
+def _register_generator(params: Params, model_dir: Path, em: float | None, ppl: float, run) -> dict:
+    """Register the generator (lmpipe.package's generator pyfunc) under deploy.model_name; the alias moves to it
+    when its exact match beats the holder's (a generator without task-derived prompts has none: it takes the
+    alias when it passes the gate)."""
+    cfg = params.deploy
+    figures = {"response_perplexity": ppl, **({"exact_match": em, "accuracy": em} if em is not None else {})}
+    version = log_generator(model_dir, cfg.model_name, figures, run)
+    result = {"registered": True, "registered_model": cfg.model_name, "version": version,
+              "model_uri": model_uri(cfg.model_name, version=version)}
+    result.update(promote(mlflow.MlflowClient(), cfg.model_name, cfg.alias, version, em if em is not None else 1.0))
+    mlflow.set_tags({"deploy.version": version, "deploy.promoted": str(result["promoted"])})
+    verdict = (f"{cfg.alias} -> v{version}" if result["promoted"]
+               else f"{cfg.alias} stays v{result['previous_champion']}")
+    print(f"deploy: registered generator {cfg.model_name} v{version} (exact match "
+          f"{'n/a' if em is None else f'{em:.4f}'}, response perplexity {ppl:.2f}); {verdict}")
+    return result
