@@ -261,8 +261,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds; each figure is its best round")
     ap.add_argument("--requests-per-client", type=int, default=3, help="(one client sends 4x as many)")
     args = ap.parse_args()
+    report(args.new_tokens, args.rounds, args.requests_per_client)
+
+
+def report(new_tokens: int = 64, rounds: int = 2, per_client: int = 3) -> dict:
+    """measure(), printed side by side with the plain loop (benchmarks/generate_speed.py calls this too)."""
     load_before = os.getloadavg()[0]
-    res = measure(args.new_tokens, args.rounds, args.requests_per_client)
+    res = measure(new_tokens, rounds, per_client)
     # the host is shared: its 1-minute load average before and after says how much else ran beside the benchmark
     res["loadavg_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     ref = res["reference"]
@@ -277,6 +282,7 @@ def main() -> None:
     print(f"16 clients / loop: {res['ratios']['clients_16_vs_loop']:.2f}x (target >= 3x); "
           f"1 client / loop: {res['ratios']['clients_1_vs_loop']:.2f}x (target >= 0.9x)")
     print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Sampling speed on nanoGPT's shakespeare_char shape: lmpipe's generate (transformers, KV cache) against nanoGPT's
 sample.py way (GPT.generate: the whole context through the model again for every new token).
 
-    .venv/bin/python benchmarks/generate_speed.py [--new-tokens 500] [--rounds 3] [--threads N]
+    .venv/bin/python benchmarks/generate_speed.py [--new-tokens 500] [--rounds 3] [--threads N] [--no-serving]
+
+Then (unless --no-serving) the served generator under 1, 4 and 16 streaming clients against a plain sequential
+`model.generate` loop: benchmarks/generate_serving.py's report.
 
 The shape is profiles/nanogpt-shakespeare-char.yaml's: GPT-2 architecture, 4 layers, 4 heads, hidden 128, MLP 512,
 the character vocabulary of tiny-shakespeare (lmpipe's char tokenizer: 65 characters + 5 special tokens, on both
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-serving", action="store_true", help="skip the served generator's part")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,6 +165,11 @@ def main() -> None:
                       "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
                       "lmpipe_vs_nanogpt": round(rate["lmpipe"] / rate["nanogpt"], 3),
                       "greedy_texts_identical": same is None, "loss_nanogpt": loss_nano, "loss_lmpipe": loss_lm}))
+    if not args.no_serving:
+        import generate_serving
+
+        print()
+        generate_serving.report()
 
 
 if __name__ == "__main__":

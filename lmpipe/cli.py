@@ -48,6 +48,14 @@ def _serve_flags(cfg, flags: dict):
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
 
 
+def _newest_causal_lm(params, root: Path) -> str:
+    """The default MODEL of `lmpipe generate`: the generative fine-tune (finetune.head lm) when it has been
+    trained, else the pretrained causal LM."""
+    if params.finetune.head == "lm" and (root / params.finetune.out_dir / "config.json").is_file():
+        return params.finetune.out_dir
+    return params.pretrain.out_dir
+
+
 def _generate(args, root: Path) -> int:
     """`lmpipe generate`: every bad argument (settings, MODEL, a prompt the model cannot take) is a ConfigError
     before anything is generated."""
@@ -59,13 +67,13 @@ def _generate(args, root: Path) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from transformers.utils import logging as hf_logging
 
-    from lmpipe import generation
+    from lmpipe import chat, generation
     from lmpipe.errors import ConfigError, DataError
 
     hf_logging.disable_progress_bar()
     sampling = generation.Sampling.parse(flags=True, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    ref = args.model or load_params(args.params).pretrain.out_dir
+    ref = args.model or _newest_causal_lm(load_params(args.params), root)
     if generation.is_mlflow_ref(ref):  # only these read the tracking store (a folder never opens it)
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database set-up lines
         _tracking(root)
@@ -76,24 +84,27 @@ def _generate(args, root: Path) -> int:
             hint = "" if args.model else "; run the pretrain stage first (dvc repro pretrain) or name a MODEL"
             raise ConfigError(f"{e}{hint}") from None
         model, tokenizer = generation.load_generator(path)  # in memory: the download can go
-    n = len(generation.encode_prompt(tokenizer, args.prompt))
+    prompt = args.prompt
+    if getattr(tokenizer, "chat_template", None) and not args.raw:  # a generative fine-tune: the prompt is a user turn
+        prompt = chat.prompt_text(tokenizer, [{"role": "user", "content": args.prompt}])
+    n = len(generation.encode_prompt(tokenizer, prompt))
     if n == 0:
         raise ConfigError("--prompt: empty, and the tokenizer has no BOS token to start from")
     try:
         generation.check_length(model, n, sampling)
     except DataError as e:
         raise ConfigError(f"--prompt: {e}") from None
-    print(args.prompt, end="", flush=True)
+    print(args.prompt, end="" if prompt is args.prompt else "\n", flush=True)  # a chat answer on its own line
     if args.stream:
         try:
-            for chunk in generation.stream(model, tokenizer, args.prompt, sampling):
+            for chunk in generation.stream(model, tokenizer, prompt, sampling):
                 print(chunk, end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C: the stream stops generating at the next token
             print(flush=True)
             return 130
         print()
     else:
-        [out] = generation.generate(model, tokenizer, [args.prompt], sampling)
+        [out] = generation.generate(model, tokenizer, [prompt], sampling)
         print(out.text)
     return 0
 
@@ -169,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                     "docs/generation.md). Temperature 0 is greedy decoding; --seed makes sampling repeatable.")
     p_gen.add_argument("model", nargs="?", default=None, metavar="MODEL",
                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH, an MLflow run id (its "
-                            "`model` artifact) or a model folder (default: the pipeline's causal LM, pretrain.out_dir)")
+                            "`model` artifact) or a model folder (default: the pipeline's newest causal LM: finetune.out_dir "
+                            "after a generative fine-tune (finetune.head lm), else pretrain.out_dir)")
     p_gen.add_argument("--prompt", required=True, help="the text to continue")
     # the numbers arrive as text and are validated by lmpipe.generation.Sampling (one line per bad value)
     p_gen.add_argument("--max-new-tokens", default=None, metavar="N", help="tokens to generate (default 64)")
@@ -178,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--top-p", default=None, metavar="P", help="nucleus sampling: the smallest set with mass P")
     p_gen.add_argument("--seed", default=None, metavar="N", help="seed the sampling: same seed, same text")
     p_gen.add_argument("--stream", action="store_true", help="print the text as it is produced")
+    p_gen.add_argument("--raw", action="store_true",
+                       help="continue the text as given, even when the model has a chat template (a generative "
+                            "fine-tune answers the prompt as a user turn otherwise)")
     p_gen.add_argument("--params", default="params.yaml", help="reads pretrain.out_dir for the default MODEL")
     p_val = sub.add_parser("validate", help="validate params.yaml (and a profile)")
     p_val.add_argument("params", nargs="?", default="params.yaml")

@@ -26,6 +26,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedModel, Pre
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from lmpipe import chat
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.modeling import PACKAGE_PREFIX, from_pretrained, load_tokenizer, max_positions, resolve_model_ref
 
@@ -172,13 +173,13 @@ def keep_last(ids: list[int], limit: int, bos: int | None) -> list[int]:
 
 
 def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """A chat ([{role, content}, ...]) laid out by the tokenizer's chat template, the assistant's turn opened;
-    the template writes whatever special tokens it wants (BOS included), so none are added here."""
+    """A chat ([{role, content}, ...]) as generative fine-tuning laid it out (lmpipe.chat.prompt_text: the
+    tokenizer's chat template, the assistant's turn opened), encoded like every prompt (BOS in front unless the
+    template writes it)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("the model has no chat template (no chat_template in its tokenizer_config.json): "
                           "send a prompt instead of messages")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_prompts(tokenizer, [chat.prompt_text(tokenizer, messages)])[0]
 
 
 def check_length(model: PreTrainedModel, n_prompt: int, sampling: Sampling) -> None:
