@@ -208,7 +208,7 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
 
     mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     version = mlflow.MlflowClient().get_model_version_by_alias("tiny-generator", "champion")
-    assert version.version == "1" and version.tags["kind"] == "generator"
+    assert str(version.version) == "1" and version.tags["kind"] == "generator"
     predictor = load_predictor("models:/tiny-generator@champion")
     [out] = predictor.generate(["Say the word number 3."], Sampling(max_new_tokens=4, temperature=0))
     assert out.new_tokens >= 1
