@@ -141,3 +141,30 @@ def test_every_causal_lm_head_the_pipeline_builds_generates_and_a_classifier_doe
         config.save_pretrained(tmp_path / name)
     assert generation.is_causal_lm(tmp_path / "gpt2") and generation.is_causal_lm(tmp_path / "llama")
     assert not generation.is_causal_lm(tmp_path / "clf")
+
+
+def test_a_chat_model_answers_the_prompt_as_a_user_turn_and_raw_continues_it(tmp_path, store, capsys):
+    """A generative fine-tune's tokenizer has a chat template: the prompt goes through lmpipe.chat.prompt_text
+    (as training built its prompts) and the answer prints on the next line; --raw continues the text as given."""
+    from lmpipe import chat
+
+    folder = save_tiny_lm(tmp_path / "chat-lm", positions=64)
+    model, tok = generation.load_generator(folder)
+    chat.add_chat_format(tok)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(str(folder))
+    greedy = generation.Sampling(max_new_tokens=8, temperature=0)
+    as_turn = chat.prompt_text(tok, [{"role": "user", "content": "the plot is"}])
+    assert as_turn != "the plot is" and "<|assistant|>" in as_turn
+    model, tok = generation.load_generator(folder)
+    [answer] = generation.generate(model, tok, [as_turn], greedy)
+    [continued] = generation.generate(model, tok, ["the plot is"], greedy)
+    code, out, err = _cli(capsys, str(folder), "--prompt", "the plot is", "--temperature", "0", "--max-new-tokens", "8")
+    assert code == 0 and out == f"the plot is\n{answer.text}\n", err
+    code, out, err = _cli(capsys, str(folder), "--prompt", "the plot is", "--temperature", "0", "--max-new-tokens", "8",
+                          "--raw")
+    assert code == 0 and out == f"the plot is{continued.text}\n", err
+    # /generate's messages encode exactly as the CLI's chat prompt
+    assert generation.encode_messages(tok, [{"role": "user", "content": "the plot is"}]) == \
+        generation.encode_prompt(tok, as_turn)
