@@ -36,11 +36,13 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from lmpipe.embeddings import encode
 from lmpipe.evaluation import length_batches, predict_proba
 from lmpipe.names import VARIANTS
-from lmpipe.modeling import ADAPTER_CONFIG, load_finetuned, load_tokenizer, stored_max_length
+from lmpipe.modeling import (ADAPTER_CONFIG, INT8_WEIGHTS, VARIANT_FILE, load_finetuned, load_int8, load_tokenizer,
+                             quantize_int8, stored_max_length, variant_of)
 from lmpipe.tasks import Layout
 
-VARIANT_FILE = "lmpipe_variant.json"
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model_int8.pt", "model.onnx", "model.int8.onnx")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", INT8_WEIGHTS, "model.onnx", "model.int8.onnx")
+GENERATOR_VARIANTS = ("fp32", "int8_dynamic")
+"""The variants a generator (finetune.head lm) gets; the others export or prune a classifier's logits."""
 
 
 def _copy_without_weights(src: Path, dest: Path) -> None:
@@ -71,9 +73,9 @@ def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
         _copy_without_weights(src, dest)
         model.save_pretrained(dest)
     elif variant == "int8_dynamic":
-        model = _quantize(load_finetuned(src).eval())
+        model = quantize_int8(load_finetuned(src).eval())
         _copy_without_weights(src, dest)
-        torch.save(model.state_dict(), dest / "model_int8.pt")
+        torch.save(model.state_dict(), dest / INT8_WEIGHTS)
     elif variant in ("onnx", "onnx_int8"):
         _copy_without_weights(src, dest)
         _export_onnx(load_finetuned(src).eval(), dest / "model.onnx")
@@ -95,8 +97,20 @@ def _head_names(model) -> set[str]:
     return {n for n, _ in model.named_modules() if n.split(".")[0] in ("score", "classifier")}
 
 
-def _quantize(model):
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+def build_generator(variant: str, src: Path, dest: Path) -> None:
+    """Write the variant (GENERATOR_VARIANTS) of the causal LM in `src` to `dest`; lmpipe.generation.load_generator
+    reads either."""
+    if variant == "fp32":
+        shutil.copytree(src, dest)
+    elif variant == "int8_dynamic":
+        from transformers import AutoModelForCausalLM
+
+        model = quantize_int8(AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval())
+        _copy_without_weights(src, dest)
+        torch.save(model.state_dict(), dest / INT8_WEIGHTS)
+    else:
+        raise ValueError(f"variant {variant!r} is not built for a generator; one of {', '.join(GENERATOR_VARIANTS)}")
+    (dest / VARIANT_FILE).write_text(json.dumps({"variant": variant}) + "\n")
 
 
 def _export_onnx(model, path: Path) -> None:
@@ -109,11 +123,6 @@ def _export_onnx(model, path: Path) -> None:
         warnings.simplefilter("ignore")  # the TorchScript exporter's tracer warnings on transformers' masks
         torch.onnx.export(model, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
-
-
-def variant_of(model_dir: Path) -> str:
-    meta = Path(model_dir) / VARIANT_FILE
-    return json.loads(meta.read_text())["variant"] if meta.is_file() else "fp32"
 
 
 class Classifier:
@@ -135,9 +144,7 @@ class Classifier:
             opts.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch variants
             self.session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
         elif self.variant == "int8_dynamic":
-            model = _quantize(AutoModelForSequenceClassification.from_config(self.config).eval())
-            model.load_state_dict(torch.load(self.dir / "model_int8.pt", weights_only=True))
-            self.model = model.eval()
+            self.model = load_int8(AutoModelForSequenceClassification, self.dir)
         else:
             self.model = load_finetuned(self.dir).eval().to(self.device)
 

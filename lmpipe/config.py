@@ -540,6 +540,9 @@ class Deploy(Section):
     """finetune.head lm: quality gate on the generator's exact match (the task-derived test prompts)."""
     max_perplexity: float = Field(gt=0)
     """finetune.head lm: quality gate on the generator's response perplexity (held-out responses)."""
+    max_perplexity_increase: float = Field(ge=0)
+    """finetune.head lm: the int8_dynamic variant is refused when its response perplexity exceeds fp32's by more
+    than this share (0.05 = 5%)."""
     model_name: str
     """MLflow registered model name."""
     alias: str

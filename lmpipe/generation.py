@@ -28,7 +28,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from lmpipe import chat
 from lmpipe.errors import ConfigError, DataError
-from lmpipe.modeling import PACKAGE_PREFIX, from_pretrained, load_tokenizer, max_positions, resolve_model_ref
+from lmpipe.modeling import (PACKAGE_PREFIX, from_pretrained, load_int8, load_tokenizer, max_positions, resolve_model_ref,
+                             variant_of)
 
 
 class Sampling(BaseModel):
@@ -97,7 +98,10 @@ def load_generator(path: Path, device: str = "cpu") -> tuple[PreTrainedModel, Pr
         raise ConfigError(f"{path}: a {config.model_type} model without a causal LM head "
                           f"({', '.join(config.architectures or ['?'])}) cannot generate text; give a causal LM "
                           "(pretrain.objective: clm)")
-    model = from_pretrained(AutoModelForCausalLM, path).to(device).eval()
+    if variant_of(path) == "int8_dynamic":  # deploy's quantised variant: CPU only
+        model = load_int8(AutoModelForCausalLM, path)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, path).to(device).eval()
     tokenizer = load_tokenizer(path)
     return model, tokenizer
 

@@ -8,6 +8,7 @@ random-init twin) with a classification head.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,3 +326,27 @@ def device(common: Common) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("common.device: cuda requested but torch sees no CUDA device")
     return choice
+
+
+VARIANT_FILE = "lmpipe_variant.json"
+"""Written into every deploy variant's directory (lmpipe/compress.py): {"variant": ..., ...}."""
+INT8_WEIGHTS = "model_int8.pt"
+"""The int8_dynamic variant's weights: the quantised model's state dict (no safetensors form exists for it)."""
+
+
+def variant_of(model_dir: Path) -> str:
+    meta = Path(model_dir) / VARIANT_FILE
+    return json.loads(meta.read_text())["variant"] if meta.is_file() else "fp32"
+
+
+def quantize_int8(model: PreTrainedModel) -> PreTrainedModel:
+    """PyTorch dynamic quantisation of every nn.Linear (int8 weights, activations quantised per batch)."""
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_int8(auto, model_dir: Path) -> PreTrainedModel:
+    """An int8_dynamic variant: the architecture from its config, quantised, then its quantised weights."""
+    model = quantize_int8(auto.from_config(AutoConfig.from_pretrained(model_dir)).eval())
+    model.load_state_dict(torch.load(Path(model_dir) / INT8_WEIGHTS, weights_only=True))
+    return model.eval()
+

@@ -102,3 +102,14 @@ def response_loss(model, tokenizer, ds, batch_size: int, device: str) -> dict[st
             count += int((target != IGNORE).sum())
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count}
+
+
+def score_responses(model, tokenizer, frame: pd.DataFrame, batch_size: int, device: str) -> dict[str, float]:
+    """response_loss over the conversations of `frame`, encoded as training encoded them: cut at the length the
+    model was fine-tuned at (evaluate scores the generator this way, deploy its int8 variant)."""
+    from lmpipe.modeling import stored_max_length
+
+    tokenizer.padding_side = "right"
+    ds, _ = dataset(tokenizer, frame, stored_max_length(tokenizer, model.config))
+    return response_loss(model, tokenizer, ds, batch_size, device)
+

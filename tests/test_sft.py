@@ -176,7 +176,8 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
     (tiny_data / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     raw = tiny_generative_params(yaml.safe_load((workdir / "params.yaml").read_text()))
     raw["clean"]["sft"]["sources"] = [{"path": "chat.jsonl"}]
-    raw["deploy"].update(min_exact_match=0.0, max_perplexity=1e9, model_name="tiny-generator")  # a tiny model passes
+    raw["deploy"].update(min_exact_match=0.0, max_perplexity=1e9, model_name="tiny-generator",  # a tiny model passes
+                         variants=["fp32", "int8_dynamic", "onnx"], max_perplexity_increase=10.0)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in ("clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy"):
         res = run_module(f"stages.{stage}", workdir)
@@ -193,6 +194,9 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
     deploy = json.loads((workdir / "metrics" / "deploy.json").read_text())
     assert deploy["head"] == "lm" and deploy["registered"] is True and deploy["promoted"] is True
     assert deploy["model_uri"] == "models:/tiny-generator/1" and (workdir / "models" / "deploy" / "model").is_dir()
+    assert deploy["versions"] == {"fp32": "1", "int8_dynamic": "2"} and deploy["variants"]["onnx"]["status"] == \
+        "unsupported"
+    assert deploy["variants"]["fp32"]["response_perplexity"] == pytest.approx(ev["generator"]["response_perplexity"])
     runs = {r.data.tags.get("mlflow.runName"): r for r in mlflow_runs(f"sqlite:///{workdir / 'mlflow.db'}")}
     ev_run = runs["evaluate"]
     import mlflow
@@ -212,6 +216,9 @@ def test_generative_pipeline_end_to_end(workdir: Path, tiny_data: Path):
     predictor = load_predictor("models:/tiny-generator@champion")
     [out] = predictor.generate(["Say the word number 3."], Sampling(max_new_tokens=4, temperature=0))
     assert out.new_tokens >= 1
+    [out8] = load_predictor("models:/tiny-generator/2").generate(["Say the word number 3."],
+                                                                 Sampling(max_new_tokens=4, temperature=0))
+    assert out8.new_tokens >= 1  # the int8_dynamic version loads quantised and writes too
     pipeline = [r for r in runs.values() if "exact_match" in r.data.metrics]
     assert pipeline and pipeline[0].data.metrics["response_perplexity"] == pytest.approx(
         ev["generator"]["response_perplexity"])

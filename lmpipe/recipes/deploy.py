@@ -12,8 +12,9 @@
    variant was refused); the served variant is exported to deploy.out_dir/model.
 
 finetune.head lm (`_gate_generator`): the generator is gated on deploy.min_exact_match and deploy.max_perplexity
-(evaluate's generator.exact_match and response_perplexity); when it passes it is registered as the generator
-pyfunc (lmpipe/package.py) under deploy.model_name and the alias moves as for a classifier, by exact match.
+(evaluate's generator.exact_match and response_perplexity); when it passes, its variants (fp32, int8_dynamic:
+gated on deploy.max_perplexity_increase) are registered as the generator pyfunc (lmpipe/package.py) under
+deploy.model_name and the alias moves to deploy.serve_variant's version as for a classifier, by exact match.
 `lmpipe serve` on it answers POST /generate.
 """
 
@@ -27,9 +28,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import compress, tasks
+from lmpipe import compress, conversations, sft, tasks
 from lmpipe.config import Params
 from lmpipe.errors import DataError
+from lmpipe.generation import load_generator
 from lmpipe.io import atomic_dir, read_json, write_json
 from lmpipe.lineage import PARENT_TAG, PipelineRun
 from lmpipe.monitoring import REFERENCE_FILE
@@ -191,8 +193,7 @@ def _gate_generator(params: Params, root: Path, run, ev: dict) -> None:
         elif not cfg.publish:
             (out / "NOT_REGISTERED").write_text("deploy.publish is false (e.g. a sweep trial)\n")
         else:
-            shutil.copytree(root / params.finetune.out_dir, out / "model")  # export first
-            result.update(_register_generator(params, out / "model", em, ppl, run))
+            result.update(_register_generator(params, root, out, em, ppl, run))
     mlflow.set_tags({"deploy.gate": "failed" if failed else "passed",
                      "deploy.registered": str(bool(result.get("version"))).lower()})
     write_json(root / cfg.metrics, result)
@@ -202,19 +203,62 @@ def _gate_generator(params: Params, root: Path, run, ev: dict) -> None:
         print("deploy: generator gate passed; deploy.publish is false: nothing registered")
 
 
-def _register_generator(params: Params, model_dir: Path, em: float | None, ppl: float, run) -> dict:
-    """Register the generator (lmpipe.package's generator pyfunc) under deploy.model_name; the alias moves to it
-    when its exact match beats the holder's (a generator without task-derived prompts has none: it takes the
-    alias when it passes the gate)."""
+def _register_generator(params: Params, root: Path, out: Path, em: float | None, ppl: float, run) -> dict:
+    """Build the generator's variants (deploy.variants that apply to a causal LM: fp32, int8_dynamic), refuse an
+    int8 variant whose response perplexity on the held-out conversations rises more than
+    deploy.max_perplexity_increase over fp32's (both measured here, alike), register the rest under
+    deploy.model_name, export the served one to `out`/model and move the alias to it when its exact match beats
+    the holder's (a generator without task-derived prompts has none: it takes the alias when it passes)."""
     cfg = params.deploy
-    figures = {"response_perplexity": ppl, **({"exact_match": em, "accuracy": em} if em is not None else {})}
-    version = log_generator(model_dir, cfg.model_name, figures, run)
-    result = {"registered": True, "registered_model": cfg.model_name, "version": version,
-              "model_uri": model_uri(cfg.model_name, version=version)}
-    result.update(promote(mlflow.MlflowClient(), cfg.model_name, cfg.alias, version, em if em is not None else 1.0))
-    mlflow.set_tags({"deploy.version": version, "deploy.promoted": str(result["promoted"])})
-    verdict = (f"{cfg.alias} -> v{version}" if result["promoted"]
+    wanted = [v for v in ("fp32", *cfg.variants) if v in compress.GENERATOR_VARIANTS]
+    test = conversations.load_split(root / params.clean.out_dir,
+                                    conversations.sources_for(params.finetune, params.clean), "test")
+    rows: dict[str, dict] = {v: {"status": "unsupported", "reason": "a generator's variants are "
+                                 + ", ".join(compress.GENERATOR_VARIANTS)}
+                             for v in cfg.variants if v not in compress.GENERATOR_VARIANTS}
+    versions: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="lmpipe-variants-") as work:
+        for variant in dict.fromkeys(wanted):
+            dest = Path(work) / variant
+            compress.build_generator(variant, root / params.finetune.out_dir, dest)
+            model, tokenizer = load_generator(dest)
+            row = {"response_perplexity": sft.score_responses(model, tokenizer, test, params.evaluate.batch_size,
+                                                              "cpu")["perplexity"], "size_mb": compress.size_mb(dest)}
+            del model
+            base = rows.get("fp32", row)["response_perplexity"]
+            row["perplexity_increase"] = row["response_perplexity"] / base - 1
+            passed = variant == "fp32" or row["perplexity_increase"] <= cfg.max_perplexity_increase
+            row["status"] = "passed" if passed else "refused"
+            if not passed:
+                row["reason"] = (f"response perplexity +{row['perplexity_increase']:.2%} > "
+                                 f"deploy.max_perplexity_increase {cfg.max_perplexity_increase:.2%}")
+            rows[variant] = row
+            mlflow.log_metrics({f"variant.{variant}.{k}": v for k, v in row.items() if isinstance(v, float)})
+            mlflow.set_tag(f"deploy.variant.{variant}", row["status"] + (f": {row['reason']}" if not passed else ""))
+            if passed and variant in cfg.variants:
+                figures = {"response_perplexity": row["response_perplexity"], "size_mb": row["size_mb"],
+                           **({"exact_match": em, "accuracy": em} if em is not None else {})}
+                versions[variant] = row["version"] = log_generator(dest, cfg.model_name, figures, run, variant)
+            print(f"deploy: generator variant {variant}: response perplexity {row['response_perplexity']:.3f} "
+                  f"({row['perplexity_increase']:+.2%}), {row['size_mb']:.1f} MiB: {row['status']}"
+                  + (f" ({row['reason']})" if not passed else ""))
+        served = cfg.serve_variant if cfg.serve_variant in versions else next(iter(versions), None)
+        if served is None:
+            raise DataError("deploy: no generator variant of deploy.variants passed (" + "; ".join(
+                f"{v}: {r['status']}" for v, r in rows.items()) + ")")
+        if served != cfg.serve_variant:
+            print(f"deploy: deploy.serve_variant {cfg.serve_variant} was not registered (see its row); serving {served}")
+        shutil.copytree(Path(work) / served, out / "model")
+    result = {"registered": True, "registered_model": cfg.model_name, "served_variant": served,
+              "version": versions[served], "versions": versions, "variants": rows,
+              "model_uri": model_uri(cfg.model_name, version=versions[served])}
+    result.update(promote(mlflow.MlflowClient(), cfg.model_name, cfg.alias, versions[served],
+                          em if em is not None else 1.0))
+    mlflow.set_tags({"deploy.version": versions[served], "deploy.served_variant": served,
+                     "deploy.promoted": str(result["promoted"])})
+    verdict = (f"{cfg.alias} -> v{versions[served]}" if result["promoted"]
                else f"{cfg.alias} stays v{result['previous_champion']}")
-    print(f"deploy: registered generator {cfg.model_name} v{version} (exact match "
-          f"{'n/a' if em is None else f'{em:.4f}'}, response perplexity {ppl:.2f}); {verdict}")
+    print(f"deploy: registered generator {cfg.model_name} " + ", ".join(f"{v} v{n}" for v, n in versions.items())
+          + f"; serving {served} (exact match {'n/a' if em is None else f'{em:.4f}'}, response perplexity "
+          f"{ppl:.2f}); {verdict}")
     return result

@@ -251,9 +251,7 @@ def _generators(params: Params, root: Path, run, lm_metrics: dict | None, dev: s
         model, tokenizer = load_generator(path, dev)
         limit = stored_max_length(tokenizer, model.config)  # the length it was fine-tuned at
         # 1) response perplexity: the assistant tokens of every held-out conversation, as training encodes them
-        tokenizer.padding_side = "right"
-        ds, _ = sft.dataset(tokenizer, test, limit)
-        out = {f"response_{k}": v for k, v in sft.response_loss(model, tokenizer, ds, cfg.batch_size, dev).items()}
+        out = {f"response_{k}": v for k, v in sft.score_responses(model, tokenizer, test, cfg.batch_size, dev).items()}
         # 2) greedy answers to the task prompts: exact match to the gold label word
         answers: dict[str, list[str]] = {}
         for t in task_names:
