@@ -299,7 +299,7 @@ def test_a_second_compiled_run_loads_its_graphs_from_the_cache_and_a_new_shape_c
     def run(*args: str) -> dict:
         for out in ("models/pretrain", "checkpoints"):  # a fresh training run each time, same shapes
             shutil.rmtree(workdir / out, ignore_errors=True)
-        res = run_module("stages.pretrain", workdir, *args, env=env)
+        res = run_module("stages.pretrain", workdir, *args, env=env, process=True)  # a cache across processes
         assert res.returncode == 0, res.stderr[-3000:]
         assert "torch.compile cache" in res.stdout
         return json.loads((workdir / "metrics" / "pretrain.json").read_text())
