@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import STAGES, make_repo, mlflow_runs, sh, tiny_params
+from helpers import STAGES, make_repo, mlflow_runs, sh, tiny_generative_params, tiny_params
 
 
 def _runs(repo: Path):
@@ -79,6 +79,38 @@ def test_flow_experiment_reuses_the_workspace_then_all_cached(tmp_path, tiny_dat
         first_id = next(r["mlflow_run_id"] for r in first["stages"] if r["stage"] == stage)
         assert parent2.data.tags[f"stage.{stage}.run_id"] == first_id
     assert parent2.data.metrics["accuracy"] == parent.data.metrics["accuracy"]  # figures even when all cached
+
+
+def test_the_generative_profile_through_the_flow_ends_with_a_registered_generator(tmp_path, tiny_data, harness, flow_env,
+                                                                               capsys, monkeypatch):
+    """finetune.head lm as an experiment of the flow: six stages, the generator registered, its headline metrics in
+    `dvc exp show` and on the pipeline run, and `lmpipe generate` writing from the registered champion."""
+    from flows.pipeline import pipeline
+    from lmpipe import cli
+
+    raw = tiny_generative_params(tiny_params())
+    raw["deploy"].update(min_exact_match=0.0, max_perplexity=1e9)  # a tiny model passes the gates
+    repo = make_repo(tmp_path / "repo", raw, tiny_data)
+    res = pipeline(overrides={"deploy.model_name": "tiny-generator"}, workspace=str(repo))
+    assert [r["stage"] for r in res["stages"]] == STAGES and all(r["ran"] for r in res["stages"])
+    assert res["metrics"]["head"] == "lm" and 0 <= res["metrics"]["generator"]["exact_match"] <= 1
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exp = next(r for rev in shown for e in rev.get("experiments") or [] for r in e.get("revs") or []
+               if r.get("name") == res["exp_name"])
+    ev = exp["data"]["metrics"]["metrics/eval.json"]["data"]
+    assert ev["generator"]["exact_match"] == res["metrics"]["generator"]["exact_match"]
+    assert exp["data"]["metrics"]["metrics/deploy.json"]["data"]["registered"] is True
+    parent = next(r for r in _runs(repo) if r.info.run_id == res["parent_run_id"])
+    assert parent.data.metrics["exact_match"] == pytest.approx(ev["generator"]["exact_match"])
+    assert parent.data.metrics["response_perplexity"] == pytest.approx(ev["generator"]["response_perplexity"])
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    capsys.readouterr()  # the flow's own log lines
+    code = cli.main(["generate", "models:/tiny-generator@champion", "--prompt", "a gem", "--temperature", "0",
+                     "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith("a gem\n"), err  # the fine-tune's chat template: the answer on its own line
+
 
 
 def test_flow_stage_failure_stops_pipeline(tmp_path, tiny_data, harness, flow_env):
