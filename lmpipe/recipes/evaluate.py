@@ -141,15 +141,7 @@ def evaluate(params: Params, root: Path, run) -> None:
                                 label_names=default_names)
     write_json(root / cfg.reference_profile, profile)
     # 5) the pipeline run this execution's stage runs nest under: the flow's / experiment's, or a new one
-    pipeline, opened = PipelineRun.for_stage(mlflow.MlflowClient(), run, params, root)
-    metrics["mlflow_run_id"] = run.info.run_id
-    metrics["pipeline_run_id"] = pipeline.run_id
-    write_json(root / cfg.metrics, metrics)
-
-    flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    log_metrics_bounded(flat)
-    mlflow.log_artifact(str(root / cfg.confusion_png))
-    mlflow.log_artifact(str(root / cfg.confusion))
+    pipeline, opened = _record(params, root, run, metrics)
     mlflow.log_artifact(str(root / cfg.reference_profile))
     mlflow.log_dict({"confusion_matrix": confusion, "labels": names}, "confusion_matrix.json")
     for t in task_names[1:]:  # the other tasks' confusion matrices, as artifacts
@@ -182,6 +174,21 @@ def evaluate(params: Params, root: Path, run) -> None:
     if "original_baseline" in metrics:
         line += f" vs original checkpoint {metrics['original_baseline']['accuracy']:.4f}"
     print(line)
+
+
+def _record(params: Params, root: Path, run, metrics: dict):
+    """Join (or open) the execution's pipeline run, write evaluate.metrics with both run ids, log every number and
+    the confusion plot and table; returns (pipeline run, whether this stage opened it)."""
+    cfg = params.evaluate
+    pipeline, opened = PipelineRun.for_stage(mlflow.MlflowClient(), run, params, root)
+    metrics["mlflow_run_id"] = run.info.run_id
+    metrics["pipeline_run_id"] = pipeline.run_id
+    write_json(root / cfg.metrics, metrics)
+    log_metrics_bounded({k: v for k, v in flatten(metrics).items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.log_artifact(str(root / cfg.confusion_png))
+    mlflow.log_artifact(str(root / cfg.confusion))
+    return pipeline, opened
 
 
 PROBE_TRAIN = 2000
@@ -325,15 +332,7 @@ def _generators(params: Params, root: Path, run, lm_metrics: dict | None, dev: s
         plot_confusion([[0]], [NO_LABEL], root / cfg.confusion_png, "generator: no task-derived test prompts")
     write_json(root / cfg.reference_profile, {"head": "lm", "drift_reference": None,
                                               "reason": "a generator's answers are free text, not classes"})
-    pipeline, opened = PipelineRun.for_stage(mlflow.MlflowClient(), run, params, root)
-    metrics["mlflow_run_id"] = run.info.run_id
-    metrics["pipeline_run_id"] = pipeline.run_id
-    write_json(root / cfg.metrics, metrics)
-
-    flat = {k: v for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    log_metrics_bounded(flat)
-    mlflow.log_artifact(str(root / cfg.confusion_png))
-    mlflow.log_artifact(str(root / cfg.confusion))
+    pipeline, opened = _record(params, root, run, metrics)
     if seen["generator"]["rows"]:
         mlflow.log_table(pd.DataFrame(seen["generator"]["rows"]), artifact_file="sampled_answers.json")
     mlflow.log_input(mlflow.data.from_pandas(test, source=str(Path(params.clean.out_dir) / "sft"), name="sft_test"),

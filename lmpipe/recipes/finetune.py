@@ -50,6 +50,23 @@ from lmpipe.training import encode_labeled, finetune as train_classifier, finetu
 from lmpipe.names import missing
 
 
+def _finish(name: str, res, trainable: int, total: int, tokenizer, cfg, ckpt: Path, run):
+    """A variant that trained here (classifier or generator): its record logged to MLflow and saved with its
+    finished model (checkpoints.save_finished); returns what save_finished returns."""
+    training = {"trainable_params": trainable, "total_params": total,
+                "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
+                "stopped_early": res.metrics.pop("stopped_early")}
+    record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
+              "mlflow_run_id": run.info.run_id}
+    _log_variant(name, record)
+    done = checkpoints.save_finished(ckpt, name, lambda out: strategies.save(
+        res.model, tokenizer, cfg.max_length, out, cfg.strategy), record)
+    _log_adapter(name, done.path)
+    print(f"finetune[{name}]: {cfg.strategy}: {trainable:,} of {total:,} parameters trained "
+          f"({training['trainable_percent']:.2f}%)")
+    return done
+
+
 def _log_variant(name: str, record: dict) -> None:
     """A finished variant's best metrics, its trainable share, its curve (PNG) and its optimizer's parameter
     groups (learning rate, weight decay, parameter names) in the active MLflow run."""
@@ -153,17 +170,7 @@ def finetune(params: Params, root: Path, run) -> None:
             res = train_classifier(plan.model, tokenizer, run_train, run_val, run_cfg, dev, seed, ckpt / name,
                                    prefix=f"{name}.", plan=plan, layout=run_layout,
                                    ordered=run_layout.multi)
-            training = {"trainable_params": trainable, "total_params": total,
-                        "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
-                        "stopped_early": res.metrics.pop("stopped_early")}
-            record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
-                      "mlflow_run_id": run.info.run_id}
-            _log_variant(name, record)
-            done = checkpoints.save_finished(ckpt, name, lambda out: strategies.save(
-                res.model, tokenizer, cfg.max_length, out, cfg.strategy), record)
-            _log_adapter(name, done.path)
-            print(f"finetune[{name}]: {cfg.strategy}: {trainable:,} of {total:,} parameters trained "
-                  f"({training['trainable_percent']:.2f}%)")
+            done = _finish(name, res, trainable, total, tokenizer, cfg, ckpt, run)
         else:
             print(f"finetune[{name}]: finished by an earlier attempt; reusing {done.path}")
             if done.record["mlflow_run_id"] != run.info.run_id:  # that attempt logged to another run
@@ -247,17 +254,7 @@ def finetune_generator(params: Params, root: Path, run) -> None:
             trainable, total = strategies.parameter_counts(plan.model)
             res = train_generator(plan.model, tokenizer, train, val, cfg, dev, seed, ckpt / name, prefix=f"{name}.",
                                   collator=sft.collator(tokenizer), plan=plan)
-            training = {"trainable_params": trainable, "total_params": total,
-                        "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
-                        "stopped_early": res.metrics.pop("stopped_early")}
-            record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
-                      "mlflow_run_id": run.info.run_id}
-            _log_variant(name, record)
-            done = checkpoints.save_finished(ckpt, name, lambda out: strategies.save(
-                res.model, tokenizer, cfg.max_length, out, cfg.strategy), record)
-            _log_adapter(name, done.path)
-            print(f"finetune[{name}]: {cfg.strategy}: {trainable:,} of {total:,} parameters trained "
-                  f"({training['trainable_percent']:.2f}%)")
+            done = _finish(name, res, trainable, total, tokenizer, cfg, ckpt, run)
         else:
             print(f"finetune[{name}]: finished by an earlier attempt; reusing {done.path}")
             if done.record["mlflow_run_id"] != run.info.run_id:
