@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lmpipe.chat import template_issues
-from lmpipe.names import Head, Objective, Strategy, Variant
+from lmpipe.names import Head, Objective, Optimizer, Sampler, Scheduler, Strategy, Variant
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 
@@ -267,8 +267,13 @@ class Pretrain(Section):
     """Share of tokens masked per batch (mlm only)."""
     learning_rate: float = Field(gt=0)
     """Peak AdamW learning rate."""
+    optimizer: Optimizer
+    """Trainer's `optim`: adamw_torch_fused (AdamW, one fused kernel), adamw_torch, adafactor, sgd, adagrad, rmsprop."""
+    lr_scheduler: Scheduler
+    """Trainer's `lr_scheduler_type` after the warmup: cosine_with_min_lr decays to min_lr_ratio of the peak;
+    linear, cosine, constant, constant_with_warmup, ... as Trainer names them."""
     min_lr_ratio: float = Field(ge=0, le=1)
-    """Cosine decay floor as a share of the peak."""
+    """Cosine decay floor as a share of the peak (lr_scheduler cosine_with_min_lr only)."""
     warmup_steps: int = Field(ge=0)
     """Linear warmup steps."""
     max_steps: int = Field(ge=1)
@@ -453,11 +458,32 @@ class Finetune(Section):
     max_length: int = Field(ge=2)
     """Truncate inputs to this many tokens."""
     learning_rate: float = Field(gt=0)
-    """Peak AdamW learning rate."""
+    """Peak learning rate."""
+    optimizer: Optimizer
+    """Trainer's `optim`: adamw_torch_fused (AdamW, one fused kernel), adamw_torch, adafactor, sgd, adagrad, rmsprop."""
+    lr_scheduler: Scheduler
+    """Trainer's `lr_scheduler_type` after the warmup: linear (to 0 at the last step), cosine, constant,
+    constant_with_warmup, ... as Trainer names them."""
     warmup_ratio: float = Field(ge=0, lt=1)
-    """Share of steps spent in linear warmup."""
+    """Share of steps spent in linear warmup (when warmup_steps is null)."""
+    warmup_steps: int | None = Field(ge=0)
+    """Linear warmup in steps; null = warmup_ratio of the steps."""
     weight_decay: float = Field(ge=0)
-    """AdamW weight decay."""
+    """Weight decay (decoupled for AdamW)."""
+    max_grad_norm: float = Field(gt=0)
+    """Gradient clipping norm."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    """auto = bf16 on CUDA that supports it, fp32 on CPU; bf16 = autocast (on CPU worth it with native bf16:
+    avx512_bf16/AMX); fp16 needs CUDA."""
+    sampler: Sampler
+    """Training batches: random, or group_by_length (Trainer's LengthGroupedSampler: batches of similar
+    length padded to their longest, so a step costs what its tokens cost; evaluation too)."""
+    gradient_accumulation_steps: int = Field(ge=1)
+    """Micro-batches of batch_size per optimizer step (a larger batch in the same memory)."""
+    rdrop_alpha: float = Field(ge=0)
+    """R-Drop (classifier head): each batch runs twice with different dropout masks and the loss adds
+    alpha x the symmetric KL between the two predictions (lmpipe/regularization.py); 0 = off. Needs dropout
+    in the model."""
     label_smoothing: float = Field(ge=0, lt=1)
     """Label smoothing of the training cross-entropy (Trainer's label_smoothing_factor); 0 = off."""
     dropout: float | None = Field(ge=0, lt=1)
@@ -687,11 +713,29 @@ class Params(Section):
         if self.finetune.init == "scratch" and self.finetune.scratch_baseline:
             issues.append("finetune.scratch_baseline: true with finetune.init: scratch trains the same random-init "
                           "model twice (a benefit of 0); set finetune.scratch_baseline: false or another init")
+        issues.extend(self._rdrop_issues())
         issues.extend(self._task_issues())
         issues.extend(self._head_issues())
         if issues:
             raise ValueError("\n".join(issues))
         return self
+
+    def _rdrop_issues(self) -> list[str]:
+        """finetune.rdrop_alpha: two dropout passes need dropout, and one plain classification loss to add to."""
+        ft = self.finetune
+        if ft.rdrop_alpha == 0 or ft.head != "classifier":
+            return []
+        where, issues = f"finetune.rdrop_alpha: {ft.rdrop_alpha}", []
+        if ft.dropout == 0:
+            issues.append(f"{where} with finetune.dropout: 0: R-Drop compares two dropout masks; set dropout > 0 "
+                          "(or null for the checkpoint's own)")
+        if ft.strategy == "distill":
+            issues.append(f"{where} with strategy distill: the teacher's soft labels already regularise; set 0")
+        if ft.adversarial.method != "none":
+            issues.append(f"{where} with finetune.adversarial.method: {ft.adversarial.method}: use one of the two")
+        if len(ft.tasks or []) > 1:
+            issues.append(f"{where} with several finetune.tasks: R-Drop is built for the single-task loss; set 0")
+        return issues
 
     def _head_issues(self) -> list[str]:
         """finetune.head lm: what generative fine-tuning needs and what applies to a classifier only."""
@@ -720,7 +764,8 @@ class Params(Section):
                 issues.append(f"finetune.{flag}: {why} is measured for the classifier head only; set it false with "
                               f"{where}")
         for key, value, off in (("label_smoothing", ft.label_smoothing, 0.0), ("adversarial.method", ft.adversarial.method,
-                                "none"), ("augment.copies", ft.augment.copies, 0), ("loss_weights", ft.loss_weights, None)):
+                                "none"), ("augment.copies", ft.augment.copies, 0), ("loss_weights", ft.loss_weights, None),
+                                ("rdrop_alpha", ft.rdrop_alpha, 0.0)):
             if value != off:
                 issues.append(f"finetune.{key}: {value} applies to the classifier head only; set "
                               f"{'null' if off is None else off} with {where}")
@@ -746,6 +791,9 @@ class Params(Section):
             why = ("the teacher is a single-task classifier" if ft.strategy == "distill" else
                    "virtual tokens shared by every task are not prompt learning (one prompt per task is)")
             issues.append(f"finetune.strategy: {ft.strategy} with several tasks: {why}; use full, freeze, llrd or lora")
+        if len(tasks) > 1 and ft.sampler != "random":
+            issues.append(f"finetune.sampler: {ft.sampler} with several tasks: the task schedule (finetune.sampling) "
+                          "orders the batches; use random")
         if ft.single_task_baselines and len(tasks) < 2:
             issues.append("finetune.single_task_baselines: true needs two or more finetune.tasks (it measures transfer)")
         return issues

@@ -38,6 +38,19 @@ Head = Literal["classifier", "lm"]
 HEADS: tuple[str, ...] = get_args(Head)
 """finetune.head: a classification head, or the causal LM itself fine-tuned on conversations (generative)."""
 
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+"""pretrain.optimizer / finetune.optimizer: Trainer's own `optim` names (those that need no extra package)."""
+
+Scheduler = Literal["linear", "cosine", "cosine_with_min_lr", "cosine_with_restarts", "polynomial", "constant",
+                    "constant_with_warmup", "inverse_sqrt"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+"""pretrain.lr_scheduler / finetune.lr_scheduler: Trainer's own `lr_scheduler_type` names."""
+
+Sampler = Literal["random", "group_by_length"]
+"""finetune.sampler: Trainer's `train_sampling_strategy` (group_by_length: batches of similar length, padded
+to their longest, so a step costs what its tokens cost)."""
+
 Variant = Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 """Deploy variants (lmpipe/compress.py builds them); fp32 is the reference every other one is gated against."""

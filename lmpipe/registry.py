@@ -38,13 +38,14 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in SERVING_PACKAGES]
 
 
-def champion(client, name: str, alias: str) -> tuple[str | None, float | None]:
-    """(version, accuracy) of the alias holder, (None, None) when the alias is unset."""
+def champion(client, name: str, alias: str, key: str = "accuracy") -> tuple[str | None, float | None]:
+    """(version, its `key` tag) of the alias holder; (None, None) when the alias is unset, (version, None) when
+    the holder has no such tag."""
     try:
         mv = client.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException:
         return None, None
-    acc = mv.tags.get("accuracy")
+    acc = mv.tags.get(key)
     return str(mv.version), float(acc) if acc is not None else None
 
 
@@ -120,15 +121,18 @@ def _move(client, name: str, alias: str, version: str, history: list[dict[str, A
     return entry
 
 
-def promote(client, name: str, alias: str, version: str, accuracy: float) -> dict[str, Any]:
-    """Move the alias to `version` when it beats the holder's accuracy (or nobody holds it)."""
-    old_version, old_acc = champion(client, name, alias)
-    promoted = old_acc is None or accuracy > old_acc
+def promote(client, name: str, alias: str, version: str, score: float, key: str = "accuracy") -> dict[str, Any]:
+    """Move the alias to `version` when its `key` tag (`score`) beats the holder's, or nobody holds the alias, or
+    the holder has no `key` tag (registered before selection used it: the history says so)."""
+    old_version, old_score = champion(client, name, alias, key)
+    promoted = old_score is None or score > old_score
     if promoted:
         history = _history(client, name, alias)
-        _move(client, name, alias, version, history, f"deploy: accuracy {accuracy:.4f} beats "
-              + (f"v{old_version} ({old_acc:.4f})" if old_version else "no holder"))
-    return {"promoted": promoted, "previous_champion": old_version, "previous_champion_accuracy": old_acc}
+        beaten = ("no holder" if old_version is None else f"v{old_version} (no {key})" if old_score is None
+                  else f"v{old_version} ({old_score:.4f})")
+        _move(client, name, alias, version, history, f"deploy: {key} {score:.4f} beats {beaten}")
+    return {"promoted": promoted, "promoted_by": key, "previous_champion": old_version,
+            "previous_champion_score": old_score}
 
 
 def rollback(client, name: str, alias: str, to: str | None = None, reason: str | None = None) -> dict[str, Any]:

@@ -8,7 +8,9 @@ lmpipe/training.py). What Trainer lacks lives here:
 - `augment`: seeded random deletion / swap / insertion of in-vocabulary words (Wei & Zou 2019, EDA, without
   its WordNet synonyms, which would need a download), applied to the training split only;
 - `EmbeddingAdversary`: FGM (Miyato et al. 2017) and PGD (Madry et al. 2018, on embeddings as in FreeLB)
-  perturbations of the word embeddings' output, used by FinetuneTrainer.training_step.
+  perturbations of the word embeddings' output, used by FinetuneTrainer.training_step;
+- `rdrop_loss` / `check_rdrop`: R-Drop (Liang et al. 2021), two dropout passes of one batch pulled together by
+  a symmetric KL, used by FinetuneTrainer.compute_loss (finetune.rdrop_alpha).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Iterator
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from lmpipe.config import Adversarial, Augment
@@ -147,3 +150,22 @@ class EmbeddingAdversary:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def check_rdrop(model: torch.nn.Module, alpha: float) -> None:
+    """R-Drop compares two dropout masks: refuse a model whose dropout layers all have p = 0 (both passes would
+    be the same, the KL term 0, and the step twice the cost for nothing)."""
+    if alpha > 0 and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise ConfigError(f"finetune.rdrop_alpha: {alpha} needs dropout in the model, and every dropout of this one is "
+                          "0; set finetune.dropout (e.g. 0.1)")
+
+
+def rdrop_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float, smoothing: float = 0.0) -> torch.Tensor:
+    """R-Drop's loss, summed over the examples (the caller divides): `logits` (2B, C) are the batch's two dropout
+    passes stacked, `labels` (B,). Per example: mean of the two cross-entropies + alpha x half the symmetric KL
+    between the two predicted distributions."""
+    first, second = logits.float().chunk(2)  # (B, C) each
+    ce = F.cross_entropy(logits.float(), torch.cat([labels, labels]), reduction="sum", label_smoothing=smoothing) / 2
+    lp, lq = F.log_softmax(first, -1), F.log_softmax(second, -1)
+    kl = (F.kl_div(lp, lq, log_target=True, reduction="sum") + F.kl_div(lq, lp, log_target=True, reduction="sum")) / 2
+    return ce + alpha * kl

@@ -25,6 +25,7 @@ from lmpipe.compile_cache import check_compile, compile_cache, compile_cache_cou
 from lmpipe.config import Finetune, Pretrain
 from lmpipe.errors import ConfigError
 from lmpipe.names import checkpoint_step, perplexity
+from lmpipe.regularization import check_rdrop, rdrop_loss
 from lmpipe.tasks import classification_metrics
 from lmpipe.metric_log import flush_metrics
 from lmpipe.trial import TRIAL_ENV, TrialReporter
@@ -76,7 +77,8 @@ def cpu_has_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def precision_flags(precision: str, device: str, compiled: bool = False) -> dict[str, bool]:
+def precision_flags(precision: str, device: str, compiled: bool = False,
+                    field: str = "pretrain.precision") -> dict[str, bool]:
     """auto: bf16 on a CUDA device that supports it; on CPU bf16 only for a compiled model on a CPU with
     native bf16, where it measured faster (docs/results.md); eager bf16 autocast gained nothing because its
     casts are separate kernels. fp32 elsewhere."""
@@ -86,8 +88,13 @@ def precision_flags(precision: str, device: str, compiled: bool = False) -> dict
         else:
             precision = "bf16" if compiled and cpu_has_bf16() else "fp32"
     if precision == "fp16" and device != "cuda":
-        raise ConfigError("pretrain.precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        raise ConfigError(f"{field}: fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _scheduler_kwargs(scheduler: str, min_lr_ratio: float = 0.0) -> dict[str, Any]:
+    """What Trainer's cosine_with_min_lr needs beyond warmup and steps: its floor (0 = decay to 0)."""
+    return {"min_lr_rate": min_lr_ratio} if scheduler == "cosine_with_min_lr" else {}
 
 
 def pretrain_arguments(cfg: Pretrain, ckpt_dir: Path, device: str, seed: int,
@@ -102,8 +109,8 @@ def pretrain_arguments(cfg: Pretrain, ckpt_dir: Path, device: str, seed: int,
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps, optim=cfg.optimizer,
+        lr_scheduler_type=cfg.lr_scheduler, lr_scheduler_kwargs=_scheduler_kwargs(cfg.lr_scheduler, cfg.min_lr_ratio),
         eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps", save_steps=cfg.checkpoint_every,
         save_total_limit=cfg.keep_last, logging_steps=cfg.log_every, report_to="none", seed=seed, data_seed=seed,
         use_cpu=device == "cpu", dataloader_num_workers=0, dataloader_pin_memory=device == "cuda",
@@ -211,7 +218,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                                                                 mlm_probability=cfg.mlm_probability)
     block = train_blocks.shape[1]
     # 2) Trainer owns optimizer, schedule, accumulation, clipping, precision, compile and checkpoints
-    args, cache = pretrain_arguments(cfg, ckpt_dir, device, seed, fsdp=cfg.fsdp, optim="adamw_torch_fused")
+    args, cache = pretrain_arguments(cfg, ckpt_dir, device, seed, fsdp=cfg.fsdp)
     logger = MlflowCallback(tokens_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * block
                             * max(1, args.world_size))
     timer = StepTimer()
@@ -279,9 +286,11 @@ class FinetuneTrainer(GuardedTrainer):
 
     def __init__(self, *args, lr_scale: dict[str, float] | None = None, teacher=None, adversarial=None,
                  layout=None, loss_weights: dict[str, float] | None = None, ordered: bool = False,
-                 **kwargs) -> None:
+                 rdrop_alpha: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lr_scale, self.teacher = lr_scale, teacher
+        self.lr_scale, self.teacher, self.rdrop_alpha = lr_scale, teacher, rdrop_alpha
+        if rdrop_alpha > 0:
+            check_rdrop(self.model, rdrop_alpha)
         # multi-task (lmpipe/tasks.py): each example's loss within its task's head; batches in schedule order
         self.layout = layout if layout is not None and layout.multi else None
         self.loss_weights, self.ordered = loss_weights, ordered
@@ -349,13 +358,30 @@ class FinetuneTrainer(GuardedTrainer):
             return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
         return super()._get_train_sampler(train_dataset)
 
+    def _per_item(self, loss: torch.Tensor, examples: int, num_items_in_batch) -> torch.Tensor:
+        """A loss computed here (a mean over this micro-batch's `examples`) in the unit Trainer expects: with
+        gradient accumulation Trainer divides the model's own loss by nothing more when the model takes
+        num_items_in_batch (it is then the sum over the whole accumulated batch / its size), so ours must be too."""
+        if not self.model_accepts_loss_kwargs or num_items_in_batch is None or int(num_items_in_batch) == examples:
+            return loss  # Trainer divides by the accumulation steps itself, or there is nothing to rescale
+        return loss * examples / num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.rdrop_alpha > 0 and model.training:
+            # R-Drop: the batch twice in one forward (two dropout masks), (2B, C) logits
+            labels = inputs.pop("labels")
+            outputs = model(**{k: torch.cat([v, v]) for k, v in inputs.items()})
+            summed = rdrop_loss(outputs.logits, labels, self.rdrop_alpha, self.args.label_smoothing_factor)
+            loss = self._per_item(summed / len(labels), len(labels), num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         if self.layout is not None:
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             # label smoothing is a training loss: evaluation keeps the plain cross-entropy
             smoothing = self.args.label_smoothing_factor if model.training else 0.0
             loss = self.layout.loss(outputs.logits, labels, self.loss_weights, smoothing)
+            if model.training:
+                loss = self._per_item(loss, len(labels), num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
         teacher_inputs = {k[len("teacher_"):]: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
         if not model.training and self.label_smoother is not None:
@@ -373,7 +399,7 @@ class FinetuneTrainer(GuardedTrainer):
         outputs = model(**inputs)
         with torch.no_grad():  # the teacher is fixed: eval mode (set at load), no graph
             teacher_logits = self.teacher.model(**teacher_inputs).logits  # (B, num_labels)
-        loss = self.teacher.loss(outputs.logits, teacher_logits, labels)
+        loss = self._per_item(self.teacher.loss(outputs.logits, teacher_logits, labels), len(labels), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -406,14 +432,20 @@ def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | No
 
 def finetune_arguments(cfg: Finetune, ckpt_dir: Path, device: str, seed: int, stopped_at: int | None, best: str,
                        **extra: Any) -> TrainingArguments:
-    """The one place the `finetune` section becomes Trainer's arguments (both heads): steps, batch, AdamW, linear
-    warmup/decay, an evaluation and a checkpoint every eval_every steps, the best checkpoint by `best` (accuracy,
-    higher is better; loss, lower is better) loaded at the end. `extra`: the head's own."""
+    """The one place the `finetune` section becomes Trainer's arguments (both heads): steps, batch and
+    accumulation, the optimizer and its schedule after warmup, clipping, precision, the batch sampler, an
+    evaluation and a checkpoint every eval_every steps, the best checkpoint by `best` (accuracy, higher is
+    better; loss, lower is better) loaded at the end. `extra`: the head's own."""
     return TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=stopped_at or cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
-        label_smoothing_factor=cfg.label_smoothing, lr_scheduler_type="linear", eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        optim=cfg.optimizer, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        # Trainer reads a float < 1 as a share of the steps, an int as steps
+        warmup_steps=cfg.warmup_ratio if cfg.warmup_steps is None else cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler, lr_scheduler_kwargs=_scheduler_kwargs(cfg.lr_scheduler),
+        train_sampling_strategy=cfg.sampler, **precision_flags(cfg.precision, device, field="finetune.precision"),
+        label_smoothing_factor=cfg.label_smoothing, eval_strategy="steps", eval_steps=cfg.eval_every, save_strategy="steps",
         save_steps=cfg.eval_every, save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model=best, greater_is_better=best != "loss", logging_steps=max(1, cfg.eval_every // 5),
         report_to="none", seed=seed, data_seed=seed, use_cpu=device == "cpu", dataloader_num_workers=0,
@@ -452,7 +484,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                               compute_metrics=_task_metrics(layout) if multi else _compute_metrics,
                               callbacks=callbacks, lr_scale=getattr(plan, "lr_scale", None), teacher=teacher,
                               adversarial=cfg.adversarial, layout=layout, loss_weights=cfg.loss_weights,
-                              ordered=ordered)
+                              ordered=ordered, rdrop_alpha=cfg.rdrop_alpha)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0

@@ -7,9 +7,11 @@
    same test split as evaluate (accuracy, macro-F1) and timed on the same inputs (batch 1 and 32), its size
    measured; a variant that loses more than deploy.max_accuracy_drop against fp32 is refused (recorded in
    metrics/deploy.json and on the MLflow run, not an error);
-3) every variant that passed is registered under deploy.model_name with its figures as version tags; the
-   alias (champion) moves to the deploy.serve_variant version when it beats the holder (fp32 when that
-   variant was refused); the served variant is exported to deploy.out_dir/model.
+3) every variant that passed is registered under deploy.model_name with its figures as version tags, and
+   the fine-tuned model's validation accuracy (`val_accuracy`, the figure fine-tuning selected its checkpoint
+   on); the alias (champion) moves to the deploy.serve_variant version (fp32 when that variant was refused)
+   when its val_accuracy beats the holder's: choosing among experiments is selection, so it uses validation
+   data, and the test split stays a report; the served variant is exported to deploy.out_dir/model.
 
 finetune.head lm (`_gate_generator`): the generator is gated on deploy.min_exact_match and deploy.max_perplexity
 (evaluate's generator.exact_match and response_perplexity); when it passes, its variants (fp32, int8_dynamic:
@@ -127,7 +129,9 @@ def deploy(params: Params, root: Path, run) -> None:
             rows = measure_variants(params, model_dir, Path(work), tests, reference)
             served = _served(cfg, rows)
             shutil.copytree(next(r for r in rows if r["variant"] == served)["dir"], out / "model")  # export first
-            result.update(_register(params, rows, served, run))
+            # the selected checkpoint's validation accuracy, shared by every variant built from it
+            val_acc = float(read_json(need(root / params.finetune.metrics, "finetune"))["classifier"]["val_accuracy"])
+            result.update(_register(params, rows, served, run, val_acc))
             result["variants"] = {r.pop("variant"): {k: v for k, v in r.items() if k != "dir"} for r in rows}
             (out / "deploy.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     write_json(root / cfg.metrics, result)
@@ -142,14 +146,16 @@ def _served(cfg, rows: list[dict]) -> str:
     return next(v for v in (cfg.serve_variant, "fp32", *passed) if v in passed)
 
 
-def _register(params: Params, rows: list[dict], served: str, run) -> dict:
-    """Register the variants that passed, log their figures, move the alias to the served one when it wins."""
+def _register(params: Params, rows: list[dict], served: str, run, val_acc: float) -> dict:
+    """Register the variants that passed, log their figures, move the alias to the served one when its
+    validation accuracy `val_acc` (the fine-tuned model's) wins."""
     cfg = params.deploy
     client = mlflow.MlflowClient()
+    mlflow.log_metric("val_accuracy", val_acc)
     versions = {}
     for r in rows:
         figures = {k: r[k] for k in ("accuracy", "f1_macro", "accuracy_drop", "latency_b1_ms", "latency_b32_ms",
-                                     "size_mb") if k in r}
+                                     "size_mb") if k in r} | {"val_accuracy": val_acc}
         mlflow.log_metrics({f"variant.{r['variant']}.{k}": v for k, v in figures.items()})
         mlflow.set_tag(f"deploy.variant.{r['variant']}", r["status"] + (f": {r['reason']}" if "reason" in r else ""))
         if r["status"] == "passed":
@@ -161,14 +167,14 @@ def _register(params: Params, rows: list[dict], served: str, run) -> dict:
         result["serve_variant_refused"] = cfg.serve_variant
         print(f"deploy: deploy.serve_variant {cfg.serve_variant} was not registered (see its row); serving {served}")
     served_row = next(r for r in rows if r["variant"] == served)
-    result.update(promote(client, cfg.model_name, cfg.alias, versions[served], served_row["accuracy"]))
+    result.update(promote(client, cfg.model_name, cfg.alias, versions[served], val_acc, key="val_accuracy"))
     mlflow.set_tags({"deploy.gate": "passed", "deploy.version": versions[served], "deploy.served_variant": served,
                      "deploy.promoted": str(result["promoted"])})
-    old_version, old_acc = result["previous_champion"], result["previous_champion_accuracy"]
+    old_version, old_score = result["previous_champion"], result["previous_champion_score"]
     verdict = (f"{cfg.alias} -> v{versions[served]}" if result["promoted"]
-               else f"{cfg.alias} stays v{old_version} ({old_acc:.4f})")
+               else f"{cfg.alias} stays v{old_version} (val accuracy {old_score:.4f})")
     print(f"deploy: registered {cfg.model_name} " + ", ".join(f"{v} v{n}" for v, n in versions.items())
-          + f"; serving {served} (accuracy {served_row['accuracy']:.4f}); {verdict}")
+          + f"; serving {served} (val accuracy {val_acc:.4f}, test accuracy {served_row['accuracy']:.4f}); {verdict}")
     return result
 
 
