@@ -215,6 +215,20 @@ CASES = {
                                      "tokenize.block_size (16)"),
     "vocab-too-small": Case(TOKENIZE, params(tokenize__vocab_size=4), 2,
                             "params.yaml: tokenize.vocab_size: 4 must exceed the 5 special tokens"),
+    "unknown-optimizer": Case(CLEAN, params(finetune__optimizer="adam"), 2,
+                              "params.yaml: finetune.optimizer: Input should be 'adamw_torch', 'adamw_torch_fused', "
+                              "'adafactor', 'sgd', 'adagrad' or 'rmsprop' (got 'adam')"),
+    "unknown-scheduler": Case(CLEAN, params(pretrain__lr_scheduler="onecycle"), 2,
+                              "params.yaml: pretrain.lr_scheduler: Input should be 'linear', 'cosine', "),
+    "rdrop-with-dropout-off": Case(CLEAN, params(finetune__rdrop_alpha=1.0, finetune__dropout=0.0), 2,
+                                   "params.yaml: finetune.rdrop_alpha: 1.0 with finetune.dropout: 0: R-Drop compares "
+                                   "two dropout masks; set dropout > 0"),
+    # the tiny pretrained model has no dropout (pretrain.dropout 0) and finetune.dropout null keeps it
+    "rdrop-on-a-model-without-dropout": Case(FINETUNE, params(finetune__rdrop_alpha=1.0), 2,
+                                             "finetune.rdrop_alpha: 1.0 needs dropout in the model, and every dropout "
+                                             "of this one is 0; set finetune.dropout", resumable=True),
+    "fp16-on-cpu": Case(FINETUNE, params(finetune__precision="fp16"), 2,
+                        "finetune.precision: fp16 needs a CUDA device (use bf16 or fp32 on CPU)", resumable=True),
     "params-file-missing": Case((*CLEAN, "--params", "nope.yaml"), nothing, 2, "nope.yaml: params file not found"),
     # input data
     "data-dir-missing": Case(CLEAN, env(LMPIPE_DATA_DIR="{wd}/no-such-dir"), 2,
