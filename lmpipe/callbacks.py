@@ -1,5 +1,5 @@
 """Trainer callbacks every training recipe shares: metrics to MLflow, steady-state step timing, the optimizer's
-parameter groups as training starts."""
+parameter groups as training starts, a wall-clock cap on training."""
 
 from __future__ import annotations
 
@@ -96,10 +96,32 @@ class OptimizerRecord(TrainerCallback):
 
     groups: list[dict[str, Any]] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    kind: str = ""
+    """The optimizer's class (torch's or transformers'), e.g. AdamW, SGD, Adafactor."""
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.kind = type(getattr(optimizer, "optimizer", optimizer)).__name__  # inside accelerate's wrapper
         names = {id(p): n for n, p in model.named_parameters()}
         self.groups = [{"lr": float(g.get("initial_lr", g["lr"])), "weight_decay": float(g["weight_decay"]),
                         "numel": int(sum(p.numel() for p in g["params"])),
                         "params": [names.get(id(p), "?") for p in g["params"]]} for g in optimizer.param_groups]
         self.frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+@dataclass
+class TimeCap(TrainerCallback):
+    """Ends training once `minutes` of wall clock have passed since this process started training: the step
+    that crosses the cap is evaluated and saved like an evaluation step, so the best checkpoint is chosen among
+    everything that trained. `hit` says whether it ended training."""
+
+    minutes: float
+    hit: bool = False
+    _start: float = 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if not self.hit and time.perf_counter() - self._start >= self.minutes * 60:
+            self.hit = True
+            control.should_training_stop = control.should_evaluate = control.should_save = True

@@ -501,6 +501,10 @@ class Finetune(Section):
     """Passes over the training split (fractions allowed)."""
     max_steps: int = Field(ge=-1)
     """If > 0, overrides epochs: the fixed step budget for every model."""
+    max_minutes: float | None = Field(gt=0)
+    """Wall-clock cap on each model's training in one process: the step that crosses it is evaluated and saved,
+    and training ends there (metrics: stopped_by_time_cap). A guard, not the budget (steps are, so runs
+    reproduce): the schedule still plans for max_steps. null = no cap."""
     eval_every: int = Field(ge=1)
     """Validation accuracy every N steps; the best checkpoint is kept."""
     tasks: list[str] | None

@@ -153,9 +153,12 @@ class EmbeddingAdversary:
 
 
 def check_rdrop(model: torch.nn.Module, alpha: float) -> None:
-    """R-Drop compares two dropout masks: refuse a model whose dropout layers all have p = 0 (both passes would
-    be the same, the KL term 0, and the step twice the cost for nothing)."""
-    if alpha > 0 and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+    """R-Drop compares two dropout masks: refuse a model without dropout (both passes would be the same, the KL
+    term 0, and the step twice the cost for nothing). Dropout is a Dropout module with p > 0, or a dropout
+    setting of the config above 0 (Llama applies its attention dropout as a function, not a module)."""
+    config = getattr(model, "config", None)
+    configured = any(isinstance(v := getattr(config, k, None), float) and v > 0 for k in DROPOUT_KEYS)
+    if alpha > 0 and not configured and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         raise ConfigError(f"finetune.rdrop_alpha: {alpha} needs dropout in the model, and every dropout of this one is "
                           "0; set finetune.dropout (e.g. 0.1)")
 

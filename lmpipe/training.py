@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, EarlyStoppingCallback, PreTrainedModel,
                           PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
 
-from lmpipe.callbacks import MlflowCallback, OptimizerRecord, StepTimer
+from lmpipe.callbacks import MlflowCallback, OptimizerRecord, StepTimer, TimeCap
 from lmpipe.checkpoints import checkpoint_write_error, resume_point
 from lmpipe.compile_cache import check_compile, compile_cache, compile_cache_counts
 from lmpipe.config import Finetune, Pretrain
@@ -286,9 +287,9 @@ class FinetuneTrainer(GuardedTrainer):
 
     def __init__(self, *args, lr_scale: dict[str, float] | None = None, teacher=None, adversarial=None,
                  layout=None, loss_weights: dict[str, float] | None = None, ordered: bool = False,
-                 rdrop_alpha: float = 0.0, **kwargs) -> None:
+                 rdrop_alpha: float = 0.0, classifier: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lr_scale, self.teacher, self.rdrop_alpha = lr_scale, teacher, rdrop_alpha
+        self.lr_scale, self.teacher, self.rdrop_alpha, self.classifier = lr_scale, teacher, rdrop_alpha, classifier
         if rdrop_alpha > 0:
             check_rdrop(self.model, rdrop_alpha)
         # multi-task (lmpipe/tasks.py): each example's loss within its task's head; batches in schedule order
@@ -359,9 +360,10 @@ class FinetuneTrainer(GuardedTrainer):
         return super()._get_train_sampler(train_dataset)
 
     def _per_item(self, loss: torch.Tensor, examples: int, num_items_in_batch) -> torch.Tensor:
-        """A loss computed here (a mean over this micro-batch's `examples`) in the unit Trainer expects: with
-        gradient accumulation Trainer divides the model's own loss by nothing more when the model takes
-        num_items_in_batch (it is then the sum over the whole accumulated batch / its size), so ours must be too."""
+        """A loss computed here (a mean over this micro-batch's `examples`) in the unit Trainer expects. With
+        gradient accumulation, Trainer divides by the accumulation steps only when the model's forward takes no
+        **kwargs; otherwise it hands the model num_items_in_batch and expects the sum over the whole accumulated
+        batch / its size back, so a mean here must be rescaled to that."""
         if not self.model_accepts_loss_kwargs or num_items_in_batch is None or int(num_items_in_batch) == examples:
             return loss  # Trainer divides by the accumulation steps itself, or there is nothing to rescale
         return loss * examples / num_items_in_batch
@@ -392,6 +394,14 @@ class FinetuneTrainer(GuardedTrainer):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 self.label_smoother = smoother
+        if self.classifier and model.training and self.args.gradient_accumulation_steps > 1 and self.teacher is None:
+            # accumulated: the cross-entropy computed here, whatever the model does with num_items_in_batch
+            # (Llama's classifier divides by it, BERT's ignores it: its gradients came out k times too large)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = F.cross_entropy(outputs.logits.float(), labels, label_smoothing=self.args.label_smoothing_factor)
+            loss = self._per_item(loss, len(labels), num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
         if self.teacher is None or not model.training or not teacher_inputs:
             # evaluation keeps the plain cross-entropy, so val_loss compares across strategies
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -428,6 +438,10 @@ def _early_stopped_at(checkpoint: Path | None, patience: int | None) -> int | No
     saved = saved[0] if isinstance(saved, list) and saved else saved
     counter = (saved.get("attributes") or {}).get("early_stopping_patience_counter", 0) if isinstance(saved, dict) else 0
     return int(state["global_step"]) if counter >= patience else None
+
+
+def _time_cap(cfg: Finetune) -> TimeCap | None:
+    return TimeCap(cfg.max_minutes) if cfg.max_minutes is not None else None
 
 
 def finetune_arguments(cfg: Finetune, ckpt_dir: Path, device: str, seed: int, stopped_at: int | None, best: str,
@@ -470,8 +484,8 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     stopped_at = _early_stopped_at(resume, cfg.patience)
     args = finetune_arguments(cfg, ckpt_dir, device, seed, stopped_at, best="accuracy",
                               remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns
-    logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
-    callbacks: list[TrainerCallback] = [logger, timer, record]
+    logger, timer, record, cap = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord(), _time_cap(cfg)
+    callbacks: list[TrainerCallback] = [logger, timer, record] + ([cap] if cap else [])
     if cfg.patience is not None:  # stops after `patience` evaluations without a better val accuracy
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
     reporter = None
@@ -484,7 +498,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                               compute_metrics=_task_metrics(layout) if multi else _compute_metrics,
                               callbacks=callbacks, lr_scale=getattr(plan, "lr_scale", None), teacher=teacher,
                               adversarial=cfg.adversarial, layout=layout, loss_weights=cfg.loss_weights,
-                              ordered=ordered, rdrop_alpha=cfg.rdrop_alpha)
+                              ordered=ordered, rdrop_alpha=cfg.rdrop_alpha, classifier=True)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
@@ -500,6 +514,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                "val_loss": best["eval_loss"], "train_seconds": seconds, "steps": steps,
                # early stopping ended it before its budget
                "stopped_early": float(stopped_at is not None or steps < trainer.state.max_steps),
+               "stopped_by_time_cap": float(cap is not None and cap.hit),
                # steady state (evaluations and checkpoint saves left out); the whole run's rate without them
                "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
                else trained / max(seconds, 1e-9)}
@@ -507,7 +522,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
         for t in layout.names:
             metrics[f"val_{t}_accuracy"], metrics[f"val_{t}_f1_macro"] = best[f"eval_{t}_accuracy"], best[f"eval_{t}_f1_macro"]
     return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint,
-                          {"groups": record.groups, "frozen": record.frozen})
+                          {"optimizer": record.kind, "groups": record.groups, "frozen": record.frozen})
 
 
 def finetune_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, validation, cfg: Finetune,
@@ -521,8 +536,8 @@ def finetune_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trai
     stopped_at = _early_stopped_at(resume, cfg.patience)
     # prediction_loss_only: evaluation keeps no (B, T, vocab) logits, only the loss
     args = finetune_arguments(cfg, ckpt_dir, device, seed, stopped_at, best="loss", prediction_loss_only=True)
-    logger, timer, record = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord()
-    callbacks: list[TrainerCallback] = [logger, timer, record]
+    logger, timer, record, cap = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord(), _time_cap(cfg)
+    callbacks: list[TrainerCallback] = [logger, timer, record] + ([cap] if cap else [])
     if cfg.patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
     trainer = FinetuneTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
@@ -538,7 +553,8 @@ def finetune_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trai
     metrics = {"val_loss": best["eval_loss"], "val_response_perplexity": perplexity(best["eval_loss"]),
                "train_seconds": seconds, "steps": steps,
                "stopped_early": float(stopped_at is not None or steps < trainer.state.max_steps),
+               "stopped_by_time_cap": float(cap is not None and cap.hit),
                "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
                else trained / max(seconds, 1e-9)}
     return FinetuneResult(trainer.model, metrics, history_curve(history), history, trainer.state.best_model_checkpoint,
-                          {"groups": record.groups, "frozen": record.frozen})
+                          {"optimizer": record.kind, "groups": record.groups, "frozen": record.frozen})

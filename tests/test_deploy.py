@@ -111,10 +111,31 @@ def three_deploys(tmp_path_factory):
             res = run_module(f"stages.{stage}", wd, "--set", f"finetune.max_steps={steps}", env=env)
             assert res.returncode == 0, res.stderr[-3000:]
         dep = json.loads((wd / "metrics" / "deploy.json").read_text())
-        assert dep["promoted"], dep
+        assert dep["promoted"] and dep["promoted_by"] == "val_accuracy", dep
         accuracies.append(dep["accuracy"])
     assert accuracies == sorted(set(accuracies)), accuracies  # strictly better each time
     return wd, env
+
+
+def test_promotion_compares_validation_accuracy_and_never_the_test_split(tmp_path):
+    """Choosing a champion among experiments is selection: deploy promotes by the version's val_accuracy tag; a
+    challenger with the better test accuracy but the worse validation accuracy stays out."""
+    import mlflow
+
+    from lmpipe.registry import champion, promote
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client.create_registered_model("m")
+    for version, (val, test) in enumerate([(0.80, 0.70), (0.79, 0.95), (0.81, 0.60)], start=1):
+        client.create_model_version("m", f"file://{tmp_path}/v{version}", tags={"val_accuracy": str(val),
+                                                                                 "accuracy": str(test)})
+    assert promote(client, "m", "champion", "1", 0.80, key="val_accuracy")["promoted"]
+    second = promote(client, "m", "champion", "2", 0.79, key="val_accuracy")
+    assert not second["promoted"] and second["previous_champion_score"] == 0.80
+    assert champion(client, "m", "champion", "val_accuracy") == ("1", 0.80)
+    assert promote(client, "m", "champion", "3", 0.81, key="val_accuracy")["promoted"]
+    history = json.loads(client.get_registered_model("m").tags["lmpipe.alias_history.champion"])
+    assert history[-1]["why"] == "deploy: val_accuracy 0.8100 beats v1 (0.8000)"
 
 
 def _lmpipe(wd: Path, env: dict, *args: str):

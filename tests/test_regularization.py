@@ -268,7 +268,7 @@ def test_rdrop_loss_is_the_mean_ce_of_two_dropout_passes_plus_alpha_times_their_
     ce = (torch.nn.functional.cross_entropy(p, batch["labels"]) + torch.nn.functional.cross_entropy(q, batch["labels"])) / 2
     lp, lq = p.log_softmax(-1), q.log_softmax(-1)
     kl = ((lp.exp() * (lp - lq)).sum(-1) + (lq.exp() * (lq - lp)).sum(-1)).mean() / 2
-    assert float(got) == pytest.approx(float(ce + 2.0 * kl), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(ce + 2.0 * kl), rel=1e-5)
     assert float(kl) > 0
     # evaluation keeps the plain cross-entropy of one pass
     model.eval()
@@ -289,28 +289,74 @@ def test_rdrop_refuses_a_model_without_dropout(tmp_path):
 
 @pytest.mark.parametrize("rdrop_alpha", [0.0, 1.0])
 def test_gradient_accumulation_trains_as_the_whole_batch_would(tmp_path, monkeypatch, rdrop_alpha):
-    """One optimizer step over 8 examples: batch 8, or batches of 4 accumulated twice, give the same weights,
-    for the model's own loss and for R-Drop's (computed in FinetuneTrainer; dropout 1e-7 keeps its two passes
-    practically equal while the model still has dropout)."""
+    """One optimizer step over 8 examples: batch 8, or batches of 4 accumulated twice, give the same step, for
+    the model's own loss and for R-Drop's (both computed in FinetuneTrainer; dropout 1e-7 keeps R-Drop's two
+    passes practically equal while the model still has dropout). SGD: the step is the gradient itself (Adam's
+    first step is about lr x its sign, which would hide a scale error)."""
+    import copy
+
     import mlflow
 
     from lmpipe.training import finetune
 
-    weights = []
+    model, tok, data, cfg, *_ = _finetune_setup(tmp_path, monkeypatch, max_steps=1, eval_every=1,
+                                               rdrop_alpha=rdrop_alpha, dropout=1e-7 if rdrop_alpha else None)
+    if rdrop_alpha:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 1e-7
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    steps = []
     for batch, accumulate in ((8, 1), (4, 2)):
-        (tmp_path / f"{batch}").mkdir()
-        model, tok, data, cfg, *_ = _finetune_setup(
-            tmp_path / f"{batch}", monkeypatch, max_steps=1, eval_every=1, learning_rate=0.05,
-            rdrop_alpha=rdrop_alpha, gradient_accumulation_steps=accumulate, dropout=1e-7 if rdrop_alpha else None)
-        cfg = cfg.model_copy(update={"batch_size": batch})
-        if rdrop_alpha:
-            for m in model.modules():
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 1e-7
+        run_cfg = cfg.model_copy(update={"batch_size": batch, "gradient_accumulation_steps": accumulate,
+                                         "learning_rate": 1.0, "optimizer": "sgd", "weight_decay": 0.0})
         with mlflow.start_run():
-            res = finetune(model, tok, data, data, cfg, "cpu", 0, tmp_path / f"ckpt{batch}", prefix="")
+            res = finetune(copy.deepcopy(model), tok, data, data, run_cfg, "cpu", 0, tmp_path / f"ckpt{batch}", prefix="")
         assert res.metrics["steps"] == 1
-        weights.append({n: p.detach().clone() for n, p in res.model.named_parameters()})
-    assert len(data) >= 8
-    for name, w in weights[0].items():
-        assert torch.allclose(w, weights[1][name], atol=1e-5), name
+        steps.append({n: p.detach() - start[n] for n, p in res.model.named_parameters()})
+    assert sum(float(w.abs().sum()) for w in steps[0].values()) > 0
+    for name, w in steps[0].items():
+        assert torch.allclose(w, steps[1][name], rtol=1e-3, atol=1e-6), name
+
+
+def test_group_by_length_batches_examples_of_similar_length(tmp_path, monkeypatch):
+    """finetune.sampler group_by_length reaches Trainer: 60 examples in batches of 3 make megabatches of 15
+    (Trainer's LengthGroupedSampler), each sorted by length, so the first five batches' length ranges never
+    interleave (a random split almost always does)."""
+    import mlflow
+    from transformers import DataCollatorWithPadding
+
+    import lmpipe.training as training
+
+    widths: list[list[int]] = []
+
+    class Recording(DataCollatorWithPadding):
+        def __call__(self, features):
+            widths.append(sorted(len(f["input_ids"]) for f in features))
+            return super().__call__(features)
+
+    monkeypatch.setattr(training, "DataCollatorWithPadding", Recording)
+    model, tok, _, cfg, texts, labels = _finetune_setup(tmp_path, monkeypatch, sampler="group_by_length",
+                                                        max_steps=5, eval_every=100)
+    data = training.encode_labeled(tok, texts * 5, labels * 5, 16)
+    cfg = cfg.model_copy(update={"batch_size": 3})
+    with mlflow.start_run():
+        training.finetune(model, tok, data, data, cfg, "cpu", 0, tmp_path / "ckpt", prefix="")
+    train = widths[:5]  # the first megabatch's batches (evaluation's come after training)
+    assert all(len(w) == 3 for w in train) and len({n for w in train for n in w}) > 2
+    for i, a in enumerate(train):
+        for b in train[i + 1:]:
+            assert a[-1] <= b[0] or b[-1] <= a[0], train
+
+
+def test_time_cap_ends_training_at_the_step_that_crosses_it_and_evaluates_it(tmp_path, monkeypatch):
+    import mlflow
+
+    from lmpipe.training import finetune
+
+    model, tok, data, cfg, *_ = _finetune_setup(tmp_path, monkeypatch, max_minutes=1e-9, max_steps=50, eval_every=20)
+    with mlflow.start_run():
+        res = finetune(model, tok, data, data, cfg, "cpu", 0, tmp_path / "ckpt", prefix="")
+    assert res.metrics["steps"] == 1 and res.metrics["stopped_by_time_cap"] == 1.0
+    assert res.best_checkpoint.endswith("checkpoint-1")  # evaluated and saved, though eval_every is 20
+    assert any("eval_accuracy" in h and h["step"] == 1 for h in res.log_history)

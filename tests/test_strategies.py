@@ -368,6 +368,20 @@ def test_regularisation_reaches_the_trainer_and_the_saved_model(work):
     assert run.data.params["finetune.label_smoothing"] == "0.2"
 
 
+def test_optimizer_schedule_sampler_accumulation_and_rdrop_reach_the_trainer(work):
+    got = _finetune(work, "finetune.optimizer=sgd", "finetune.lr_scheduler=constant", "finetune.learning_rate=0.01",
+                    "finetune.sampler=group_by_length", "finetune.gradient_accumulation_steps=2",
+                    "finetune.rdrop_alpha=1.0", "finetune.dropout=0.1", "finetune.max_minutes=60")
+    run_id = got["mlflow_run_id"]
+    record = json.loads(_artifact(work, run_id, "finetune_classifier_optimizer.json").read_text())
+    assert record["optimizer"] == "SGD" and {g["lr"] for g in record["groups"]} == {0.01}
+    lrs = [m.value for m in _client(work).get_metric_history(run_id, "classifier.lr")]
+    assert lrs and set(lrs) == {0.01}  # constant: no warmup, no decay
+    assert got["classifier"]["steps"] == 6 and got["classifier"]["stopped_by_time_cap"] == 0
+    params = _client(work).get_run(run_id).data.params
+    assert (params["finetune.rdrop_alpha"], params["finetune.gradient_accumulation_steps"]) == ("1.0", "2")
+
+
 @pytest.mark.parametrize("method", ["fgm", "pgd"])
 def test_adversarial_training_logs_a_higher_loss_on_perturbed_embeddings(work, method):
     got = _finetune(work, f"finetune.adversarial.method={method}", "finetune.adversarial.epsilon=0.5",

@@ -55,7 +55,8 @@ def _finish(name: str, res, trainable: int, total: int, tokenizer, cfg, ckpt: Pa
     finished model (checkpoints.save_finished); returns what save_finished returns."""
     training = {"trainable_params": trainable, "total_params": total,
                 "trainable_percent": 100.0 * trainable / total, "steps_per_s": res.metrics.pop("steps_per_s"),
-                "stopped_early": res.metrics.pop("stopped_early")}
+                "stopped_early": res.metrics.pop("stopped_early"),
+                "stopped_by_time_cap": res.metrics.pop("stopped_by_time_cap")}
     record = {"metrics": res.metrics, "training": training, "curve": res.curve, "optimizer": res.optimizer,
               "mlflow_run_id": run.info.run_id}
     _log_variant(name, record)
