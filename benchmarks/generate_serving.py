@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lmpipe.processes import free_port  # noqa: E402
+
 CACHE = ROOT / ".lmpipe" / "bench" / "generate_serving"
 LEVELS = (1, 4, 16)
 
@@ -189,12 +191,6 @@ def drive(port: int, prompts: list[str], clients: int, per_client: int, new_toke
     made = sum(n for _, n in results)
     return {"clients": clients, "requests": len(results), "new_tokens": made, "wall_s": wall,
             "tokens_per_s": made / wall, **_percentiles([t for t, _ in results])}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(model_dir: Path, port: int, log: Path) -> subprocess.Popen:

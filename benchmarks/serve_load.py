@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,18 +32,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lmpipe.processes import free_port  # noqa: E402
+
 CACHE = ROOT / ".lmpipe" / "bench" / "serve_load"
 STAGES = ("clean", "tokenize", "pretrain", "finetune")
 # the smoke profile's data and step budget, params.yaml's architecture and lengths
 OVERRIDES = {"pretrain.compile": False, "pretrain.max_steps": 30, "pretrain.warmup_steps": 5, "pretrain.eval_every": 15,
              "pretrain.checkpoint_every": 15, "pretrain.batch_size": 16, "finetune.max_steps": 60,
              "finetune.eval_every": 30, "finetune.max_length": 64, "finetune.scratch_baseline": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(dest: Path) -> Path:

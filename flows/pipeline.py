@@ -42,6 +42,7 @@ from lmpipe.names import DVC  # noqa: E402
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.experiments import prepare, resolve_profile
 from lmpipe.params import flatten, parse_override
+from lmpipe.processes import stop_group
 from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,14 +123,7 @@ def stop_stage(proc: subprocess.Popen, stage: str) -> None:
     if proc.poll() is None:
         print(f"lmpipe: stopping stage {stage} (its last checkpoint stays; a re-run resumes from it)",
               file=sys.stderr, flush=True)
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_group(proc.pid, STOP_GRACE_S, alive=lambda: proc.poll() is None)
 
 
 _deadline_started = threading.Event()

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import requests
 import yaml
+
+from lmpipe.processes import free_port  # noqa: F401 (the tests' one name for it)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -184,12 +185,6 @@ def _run_stage_here(module: str, cwd: Path, args: list[str], env: dict) -> subpr
         os.environ.update(saved_env)
         signal.signal(signal.SIGTERM, saved_term)
     return subprocess.CompletedProcess([sys.executable, "-m", module, *args], code or 0, out.getvalue(), err.getvalue())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mlflow_runs(tracking_uri: str, experiment: str = "lmpipe"):

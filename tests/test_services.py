@@ -45,9 +45,9 @@ def alive(pid: int) -> bool:
 
 
 def group_alive(pgid: int) -> list[int]:
-    from lmpipe.team.services import _group_members
+    from lmpipe.processes import group_members
 
-    return _group_members(pgid)
+    return group_members(pgid)
 
 
 @pytest.fixture

@@ -23,8 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,9 +33,11 @@ from typing import Iterator
 import psycopg2
 import requests
 
+from lmpipe import processes
 from lmpipe.config import Services
 from lmpipe.errors import ServiceError
 from lmpipe.io import write_json
+from lmpipe.processes import free_port, port_free
 
 STATE_ENV = "LMPIPE_SERVICES_DIR"
 PG_USER = "lmpipe"  # the cluster's superuser, made by initdb; MLflow and Prefect connect as it
@@ -108,19 +108,6 @@ def _proc_cmdline(pid: int) -> list[str] | None:
     return raw.decode(errors="replace").split("\0")[:-1]
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (a server and the workers it forked)."""
-    found = []
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            found.append(int(stat.split("/")[2]))
-    return found
-
-
 def read_pid(path: Path) -> int | None:
     """The pid in a pid file written by `spawn`, if that very process still runs: same start time and same
     command line (a pid reused by another program is never taken for ours)."""
@@ -151,17 +138,7 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], lay: Layout) -> int:
 
 def stop_group(pid: int, timeout: float = 20.0) -> None:
     """SIGTERM the process group `pid` leads (the session spawn started), SIGKILL what is left after `timeout`."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _group_members(pid):
-                return
-            time.sleep(0.2)
-    if _group_members(pid):
+    if not processes.stop_group(pid, timeout):
         raise ServiceError(f"process group {pid} survived SIGKILL")
 
 
@@ -170,26 +147,6 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str, avoid: set[int] = frozenset()) -> int:
-    """A port nothing listens on and not in `avoid` (ports picked for servers that have not bound yet)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in avoid:
-            return port
 
 
 def _pick_port(key: str, host: str, configured: int, recorded: int | None, avoid: set[int] = frozenset()) -> int:
