@@ -133,21 +133,37 @@ def plain_loop_steps_per_s(model_dir: Path, work: Path, batch: int, max_length: 
 
 
 def speed_only(work: Path, env: dict, logs: Path, minilm_dir: Path, args) -> None:
-    """Steps/s of the stage (full, lora) and of the plain loop, measured back to back; prints one JSON line."""
+    """Steps/s of the stage (full, lora, and full with the faster steps of profiles/sst2-best.yaml: batches
+    grouped by length, bf16 autocast on a CPU with native bf16) and of the plain loop, measured back to back;
+    prints one JSON line."""
+    from lmpipe.training import cpu_has_bf16
+
     n = args.speed_steps
     out = {"plain_full": plain_loop_steps_per_s(minilm_dir, work, args.batch, args.max_length, steps=n)}
-    for strategy, lr in (("full", MINILM_ROWS["full"]), ("lora", MINILM_ROWS["lora"])):
+    fast = ["finetune.sampler=group_by_length", f"finetune.precision={'bf16' if cpu_has_bf16() else 'fp32'}"]
+    for row, strategy, extra in (("full", "full", []), ("lora", "lora", []), ("full_fast", "full", fast)):
         sets = [f"common.experiment={EXPERIMENT}-speed", f"finetune.max_steps={n}", f"finetune.eval_every={n}",
                 f"finetune.batch_size={args.batch}", f"finetune.max_length={args.max_length}",
                 "finetune.scratch_baseline=false", "common.device=cpu", f"finetune.init={MINILM}",
-                f"finetune.strategy={strategy}", f"finetune.learning_rate={lr}",
-                f"finetune.checkpoint_dir=checkpoints/speed-{strategy}"]
-        run_stage(work, "finetune", sets, env, logs / f"speed-{strategy}.log")
-        out[strategy] = json.loads((work / "metrics" / "finetune.json").read_text())["classifier"]["steps_per_s"]
+                f"finetune.strategy={strategy}", f"finetune.learning_rate={MINILM_ROWS[strategy]}",
+                f"finetune.checkpoint_dir=checkpoints/speed-{row}", *extra]
+        run_stage(work, "finetune", sets, env, logs / f"speed-{row}.log")
+        out[row] = json.loads((work / "metrics" / "finetune.json").read_text())["classifier"]["steps_per_s"]
+    print(f"cpu: {cpu_model()}")
     print(f"steps/s over {n} steps, batch {args.batch}: plain loop (full) {out['plain_full']:.3f}, stage full "
           f"{out['full']:.3f} (ratio {out['full'] / out['plain_full']:.2f}, target >= 0.9), stage lora {out['lora']:.3f} "
           f"({out['lora'] / out['full']:.2f}x full)")
+    print(f"faster steps ({' '.join(fast)}): full {out['full']:.3f} -> {out['full_fast']:.3f} steps/s, "
+          f"{out['full'] * args.batch:.1f} -> {out['full_fast'] * args.batch:.1f} examples/s "
+          f"({out['full_fast'] / out['full']:.2f}x)")
     print(json.dumps(out))
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 def log_dev_metrics(run_id: str, row: dict) -> None:

@@ -241,3 +241,11 @@ def test_sweep_flow_runs_trials_as_tasks_two_at_a_time(tmp_path, tiny_data, harn
     assert spans["trial-0"][1] <= min(spans["trial-1"][0], spans["trial-2"][0])
     assert max(spans["trial-1"][0], spans["trial-2"][0]) < min(spans["trial-1"][1], spans["trial-2"][1])
     assert sh(repo, "git", "status", "--porcelain", "--untracked-files=no").stdout.strip() == ""
+
+
+@pytest.mark.parametrize("sweep", sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml")))
+def test_shipped_sweeps_validate_against_params_and_their_profile(sweep):
+    """Every bound and choice of a shipped sweep is a valid value with its profile and fixed keys applied."""
+    from lmpipe.sweep import load_sweep
+
+    assert load_sweep(ROOT / "sweeps" / sweep, ROOT).space
