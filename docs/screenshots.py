@@ -1,6 +1,9 @@
 """Regenerate the README's screenshots: docs/mlflow-compare.png, docs/dvc-plots-diff.png, docs/mlflow-sweep-sorted.png.
 
-    .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR] [--only compare|sweep]
+    .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR] [--only compare|sweep] [--from-run CHECKOUT]
+
+With --from-run CHECKOUT (a checkout where `make run` ran), the compare and plots-diff pictures show that real run
+against `dvc exp run -S finetune.learning_rate=0.001` of a copy of it, instead of the tiny repos below.
 
 Builds the same temporary repos as tests/test_mlflow_ui.py, with the same helpers (tests/helpers.py), then in
 headless Chromium (Debian's chromium + chromium-driver, apt-installed when missing and root):
@@ -39,6 +42,7 @@ import pytest  # noqa: E402  (ensure_chromium skips through pytest)
 import helpers as ui  # noqa: E402  (tests/helpers.py)
 from helpers import sh  # noqa: E402
 
+FROM_RUN_PARAM, FROM_RUN_VALUE = "finetune.learning_rate", "0.001"  # params.yaml has 0.0005
 CDN = re.compile(r'<script src="https://cdn\.jsdelivr\.net/npm/(vega(?:-lite|-embed)?)@([0-9.]+)"></script>')
 
 
@@ -76,8 +80,23 @@ def plots_diff_screenshot(driver, html: Path, shot: Path) -> None:
     driver.save_screenshot(str(shot))
 
 
-def compare_and_plots(work: Path, out: Path, chromium: str, chromedriver: str) -> None:
-    repo = ui.two_executions(work)
+def from_make_run(src: Path, work: Path, param: str, value: str) -> Path:
+    """A copy of a checkout where `make run` ran (its outputs, dvc.lock, DVC cache and MLflow store; MLflow keeps
+    writing artifacts where the source's store says), committed, then `dvc exp run -S param=value`: two executions of
+    the default pipeline on the real data."""
+    repo = work / "repo"
+    if not (src / "dvc.lock").is_file() or not (src / "mlflow.db").is_file():
+        raise SystemExit(f"screenshots: error: {src}: no dvc.lock and mlflow.db; run `make run` there first")
+    shutil.copytree(src, repo, symlinks=True, ignore=shutil.ignore_patterns(".venv", ".lmpipe", "checkpoints"))
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "make run", "--allow-empty")
+    sh(repo, "dvc", "exp", "run", "-S", f"{param}={value}", timeout=3600)
+    return repo
+
+
+def compare_and_plots(work: Path, out: Path, chromium: str, chromedriver: str, source: Path | None = None) -> None:
+    param = ui.PARAM if source is None else FROM_RUN_PARAM
+    repo = ui.two_executions(work) if source is None else from_make_run(source, work, param, FROM_RUN_VALUE)
     runs = ui.summary_runs(repo)
     import mlflow
 
@@ -87,7 +106,7 @@ def compare_and_plots(work: Path, out: Path, chromium: str, chromedriver: str) -
     offline_vega(html, work)
     with ui.mlflow_ui(repo, work / "mlflow-ui.log") as base, \
             ui.chrome(chromium, chromedriver, work / "chromedriver.log") as driver:
-        result = ui.compare_in_ui(driver, base, exp_id, runs, ui.PARAM, work)
+        result = ui.compare_in_ui(driver, base, exp_id, runs, param, work)
         plots_diff_screenshot(driver, html, work / "dvc-plots-diff.png")
     small_png(result["screenshot"], out / "mlflow-compare.png")
     small_png(work / "dvc-plots-diff.png", out / "dvc-plots-diff.png")
@@ -111,6 +130,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--keep", type=Path, help="build the repos here and keep them (default: a temp dir, removed)")
     ap.add_argument("--only", choices=["compare", "sweep"], help="just the compare + plots-diff pair, or the sweep")
+    ap.add_argument("--from-run", type=Path, help="a checkout where `make run` ran: the compare and plots-diff "
+                    f"pictures show it against `dvc exp run -S {FROM_RUN_PARAM}={FROM_RUN_VALUE}` of it")
     args = ap.parse_args()
     try:
         chromium, chromedriver = ui.ensure_chromium()
@@ -122,7 +143,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         if args.only in (None, "compare"):
-            compare_and_plots(work, args.out, chromium, chromedriver)
+            compare_and_plots(work, args.out, chromium, chromedriver, args.from_run)
         if args.only in (None, "sweep"):
             sweep_sorted(work, args.out, chromium, chromedriver)
     finally:
