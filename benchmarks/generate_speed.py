@@ -43,18 +43,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from nanogpt_reference import GPT  # noqa: E402
 from lmpipe.datasource import data_dir  # noqa: E402
+from lmpipe.host import cpu_model  # noqa: E402
 from lmpipe.generation import Sampling, encode_prompt, generate, load_generator  # noqa: E402
 from lmpipe.tokenizer import train_tokenizer  # noqa: E402
 
 LAYERS, HEADS, HIDDEN, POSITIONS, PROFILE_POSITIONS = 4, 4, 128, 512, 64
 PROMPT, TEMPERATURE, TOP_K = "\n", 0.8, 200
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def to_transformers(nano: GPT, tok, folder: Path) -> Path:

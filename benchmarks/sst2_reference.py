@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import time
@@ -30,15 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmpipe.datasource import data_dir  # noqa: E402
+from lmpipe.host import cpu_model  # noqa: E402
 from lmpipe.modeling import resolve_model_ref  # noqa: E402
 from lmpipe.training import cpu_has_bf16  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def grouped_batches(lengths: list[int], batch: int, rng: random.Random) -> list[list[int]]:
