@@ -1,9 +1,12 @@
 """Regenerate the README's screenshots: docs/mlflow-compare.png, docs/dvc-plots-diff.png, docs/mlflow-sweep-sorted.png.
 
     .venv/bin/python docs/screenshots.py [--out docs] [--keep DIR] [--only compare|sweep] [--from-run CHECKOUT]
+                                         [--sweep-run CHECKOUT]
 
 With --from-run CHECKOUT (a checkout where `make run` ran), the compare and plots-diff pictures show that real run
-against `dvc exp run -S finetune.learning_rate=0.001` of a copy of it, instead of the tiny repos below.
+against `dvc exp run -S finetune.learning_rate=0.001` of a copy of it, instead of the tiny repos below. With
+--sweep-run CHECKOUT (a checkout where `make sweep` ran the shipped sweeps/finetune-lr-strategy.yaml), the sweep
+picture shows that sweep's complete trials (read from its mlflow.db; nothing runs) instead of the tiny sweep.
 
 Builds the same temporary repos as tests/test_mlflow_ui.py, with the same helpers (tests/helpers.py), then in
 headless Chromium (Debian's chromium + chromium-driver, apt-installed when missing and root):
@@ -38,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import pytest  # noqa: E402  (ensure_chromium skips through pytest)
+import yaml  # noqa: E402
 
 import helpers as ui  # noqa: E402  (tests/helpers.py)
 from helpers import sh  # noqa: E402
@@ -112,16 +116,35 @@ def compare_and_plots(work: Path, out: Path, chromium: str, chromedriver: str, s
     small_png(work / "dvc-plots-diff.png", out / "dvc-plots-diff.png")
 
 
-def sweep_sorted(work: Path, out: Path, chromium: str, chromedriver: str) -> None:
-    repo = ui.swept(work / "sweep")
-    parent, trials = ui.sweep_runs(repo)
+def made_sweep(repo: Path) -> tuple:
+    """(the newest sweep run, its complete trials, the sweep's direction, its varied params) of a checkout where
+    `make sweep` ran: every figure the picture shows is that sweep's own."""
+    runs = ui.mlflow_runs(f"sqlite:///{repo / 'mlflow.db'}")
+    sweeps = [r for r in runs if r.data.tags.get("lmpipe.kind") == "sweep"]
+    if not sweeps:
+        raise SystemExit(f"screenshots: error: {repo}: no sweep run in mlflow.db; run `make sweep` there first")
+    parent = max(sweeps, key=lambda r: r.info.start_time)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and r.data.tags.get("optuna.state") == "COMPLETE"]
+    spec = yaml.safe_load((repo / "sweeps" / f"{parent.info.run_name.removeprefix('sweep ')}.yaml").read_text())
+    return parent, trials, spec["direction"], tuple(spec["space"])
+
+
+def sweep_sorted(work: Path, out: Path, chromium: str, chromedriver: str, source: Path | None = None) -> None:
+    if source is None:
+        repo = ui.swept(work / "sweep")
+        (parent, trials), direction, params = ui.sweep_runs(repo), ui.SWEEP["direction"], ("finetune.learning_rate",)
+    else:
+        repo = source
+        parent, trials, direction, params = made_sweep(repo)
     import mlflow
 
     exp_id = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_experiment_by_name("lmpipe").experiment_id
-    # 480 px high: three rows, no empty page below them
+    # 480 px high: three rows, no empty page below them; 40 px a further row
     with ui.mlflow_ui(repo, work / "mlflow-ui-sweep.log") as base, \
-            ui.chrome(chromium, chromedriver, work / "chromedriver-sweep.log", height=480) as driver:
-        result = ui.sweep_sorted_in_ui(driver, base, exp_id, parent, trials, work)
+            ui.chrome(chromium, chromedriver, work / "chromedriver-sweep.log",
+                      height=480 + 40 * max(0, len(trials) - 3)) as driver:
+        result = ui.sweep_sorted_in_ui(driver, base, exp_id, parent, trials, work, direction, params)
     small_png(result["screenshot"], out / "mlflow-sweep-sorted.png")
 
 
@@ -132,6 +155,8 @@ def main() -> int:
     ap.add_argument("--only", choices=["compare", "sweep"], help="just the compare + plots-diff pair, or the sweep")
     ap.add_argument("--from-run", type=Path, help="a checkout where `make run` ran: the compare and plots-diff "
                     f"pictures show it against `dvc exp run -S {FROM_RUN_PARAM}={FROM_RUN_VALUE}` of it")
+    ap.add_argument("--sweep-run", type=Path, help="a checkout where `make sweep` ran: the sweep picture shows "
+                    "that sweep's complete trials")
     args = ap.parse_args()
     try:
         chromium, chromedriver = ui.ensure_chromium()
@@ -145,7 +170,7 @@ def main() -> int:
         if args.only in (None, "compare"):
             compare_and_plots(work, args.out, chromium, chromedriver, args.from_run)
         if args.only in (None, "sweep"):
-            sweep_sorted(work, args.out, chromium, chromedriver)
+            sweep_sorted(work, args.out, chromium, chromedriver, args.sweep_run)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.workers.process import ProcessWorker
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "prefect.yaml"
@@ -41,8 +46,6 @@ def pool_template(env: dict[str, str], existing: dict[str, Any] | None = None) -
 
     An existing pool's template is kept (other edits to it survive); only the env defaults are set.
     """
-    from prefect.workers.process import ProcessWorker
-
     template = copy.deepcopy(existing) if existing and existing.get("variables", {}).get("properties", {}).get("env") \
         else ProcessWorker.get_default_base_job_template()
     env_var = template["variables"]["properties"]["env"]
@@ -51,8 +54,6 @@ def pool_template(env: dict[str, str], existing: dict[str, Any] | None = None) -
 
 
 def api_url() -> str:
-    from prefect.settings import PREFECT_API_URL
-
     url = PREFECT_API_URL.value()
     if not url:
         raise DeployError("PREFECT_API_URL is not set: start `prefect server start` and "
@@ -69,9 +70,6 @@ def check_api(client, url: str) -> None:
 
 def ensure_pools(client) -> list[str]:
     """Create or update the process pools; a pool of another type (e.g. kubernetes) is left alone."""
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound
-
     lines = []
     for name, env in POOLS.items():
         try:
@@ -110,8 +108,6 @@ def run_prefect_deploy(workspace: Path, url: str) -> None:
 
 
 def describe(client, full: str) -> str:
-    from prefect.exceptions import ObjectNotFound
-
     try:
         dep = client.read_deployment_by_name(full)
     except ObjectNotFound:
@@ -123,8 +119,6 @@ def describe(client, full: str) -> str:
 
 
 def deploy(workspace: Path) -> list[str]:
-    from prefect.client.orchestration import get_client
-
     if not PREFECT_FILE.is_file():
         raise DeployError(f"{PREFECT_FILE} not found")
     if not (workspace / "flows" / "pipeline.py").is_file() or not (workspace / "dvc.yaml").is_file():

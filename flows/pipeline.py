@@ -19,6 +19,7 @@ the flow's process group does not take it down before the run's state is recorde
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -30,17 +31,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+# Imported inside functions (start-up cost, docs/results.md#start-up): prefect.server where used: only a flow started
+# without PREFECT_API_URL starts a temporary server.
 
 # The ephemeral API's telemetry heartbeat only phones home (often offline here) and, racing the flow's
 # own writes to Prefect's SQLite database, logged "database is locked" tracebacks; set it to true to keep it.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from filelock import FileLock  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.runtime import deployment, flow_run  # noqa: E402
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED  # noqa: E402
 
-from lmpipe.names import DVC  # noqa: E402
+from lmpipe import experiments
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.experiments import prepare, resolve_profile
+from lmpipe.names import DVC  # noqa: E402
 from lmpipe.params import flatten, parse_override
 from lmpipe.processes import stop_group
 from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, tracking_uri
@@ -160,7 +167,6 @@ def _session_ephemeral_api() -> None:
     prefect.testing.utilities.prefect_test_harness does). A SIGTERM to the flow's process group (`timeout`,
     a terminal) then stops the flow while the API stays up to record the run as Crashed."""
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
@@ -169,8 +175,6 @@ def _session_ephemeral_api() -> None:
 
     def die_with_parent() -> None:
         try:
-            import ctypes
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):  # not Linux: the server still stops at exit (atexit)
             pass
@@ -237,11 +241,6 @@ def check_inputs(root: Path, overrides: dict[str, Any], profile: str | None, sta
 def pipeline(overrides: dict[str, Any] | None = None, profile: str | None = None, stages: list[str] | None = None,
              force: bool = False, workspace: str | None = None, retries: int = 1) -> dict[str, Any]:
     """clean -> tokenize -> pretrain -> finetune -> evaluate -> deploy, each a DVC stage."""
-    from filelock import FileLock
-    from prefect.runtime import deployment, flow_run
-
-    from lmpipe import experiments
-
     root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
     overrides = dict(overrides or {})
     profile_path = experiments.resolve_profile(root, profile)

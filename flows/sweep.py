@@ -24,7 +24,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as flows/p
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.futures import as_completed  # noqa: E402
+from prefect.runtime import deployment, flow_run
+
 from lmpipe.errors import LmpipeError
+from lmpipe.sweep import load_sweep, open_study, resolve_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,10 +46,6 @@ def sweep_trial(study: Any, slot: int) -> dict[str, Any] | None:
 def sweep(sweep: str, workspace: str | None = None, parallel: int | None = None,
           apply_best: bool = False) -> dict[str, Any]:
     """An Optuna sweep (sweeps/<sweep>.yaml or a path), every trial a DVC experiment run as a task."""
-    from prefect.runtime import deployment, flow_run
-
-    from lmpipe.sweep import open_study, resolve_sweep
-
     root = Path(workspace or os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
     tags = {"prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or ""}
     if deployment.get_name():
@@ -88,8 +87,6 @@ def sweep(sweep: str, workspace: str | None = None, parallel: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmpipe.sweep import load_sweep, resolve_sweep
-
     parser = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="sweeps/<name>.yaml or a sweep name")

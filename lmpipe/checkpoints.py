@@ -29,6 +29,8 @@ from lmpipe.errors import ConfigError, DataError, LmpipeError
 from lmpipe.io import atomic_dir, atomic_path, file_md5, read_json, write_failure, write_json
 from lmpipe.names import STRATEGIES, checkpoint_step, model_uri, parse_model_uri
 from lmpipe.tracking import tracking_uri
+# Imported inside functions (start-up cost, docs/results.md#start-up): modeling (torch, transformers) and mlflow where
+# used: stage.py imports this module, and the clean stage and `lmpipe validate` never load either.
 
 RESUME_KEY_FILE = "lmpipe_resume_key.json"
 RUN_ID_FILE = "mlflow_run_id"

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-from lmpipe.params import load_params, parse_override, repo_root
 from lmpipe.errors import LmpipeError
+from lmpipe.params import load_params, parse_override, repo_root
+# Imported inside functions (start-up cost, docs/results.md#start-up): each subcommand imports its module where it
+# runs: `lmpipe validate` or a usage error answers without torch, mlflow or prefect.
 
 
 def _tracking(root: Path):
@@ -59,9 +64,6 @@ def _newest_causal_lm(params, root: Path) -> str:
 def _generate(args, root: Path) -> int:
     """`lmpipe generate`: every bad argument (settings, MODEL, a prompt the model cannot take) is a ConfigError
     before anything is generated."""
-    import logging
-    import os
-    import tempfile
 
     # the terminal shows the text, or one error line: no loading or download progress bars
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

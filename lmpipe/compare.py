@@ -12,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmpipe.params import flatten, load_raw
+import dvc.api
+
 from lmpipe.errors import LmpipeError
 from lmpipe.names import HEADLINE
+from lmpipe.params import flatten, load_raw
 
 HEADLINE_COLUMNS = {name: f"{section}.{key}" for name, (section, key) in HEADLINE.items()}
 
@@ -60,8 +62,6 @@ def table(rows: list[dict[str, Any]], param_keys: list[str], wanted: list[str] |
 
 def collect(root: Path, wanted: list[str] | None = None) -> dict[str, Any]:
     """The comparison table of root's experiments (DVC's exp show records, params.yaml's keys)."""
-    import dvc.api
-
     records = dvc.api.exp_show(repo=str(root))
     return table(records, list(flatten(load_raw(root / "params.yaml"))), wanted)
 

@@ -6,14 +6,18 @@ cache, the vector-ISA record) in one folder per machine, ~/.cache/lmpipe/torch-c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import shutil
 from pathlib import Path
 
 import torch
 
 from lmpipe.errors import ConfigError
+# Imported inside functions (start-up cost, docs/results.md#start-up): torch._inductor / torch._dynamo where used:
+# their config reads TORCHINDUCTOR_CACHE_DIR when first imported, so compile_cache() sets it first.
 
 
 def check_compile(compiled: bool, device: str) -> None:
@@ -60,8 +64,6 @@ def compile_cache() -> Path:
 
 def _claimed_vec_isas() -> list[str] | None:
     """The vector ISAs inductor would use on this x86 CPU, by its flags; None off x86 or when unknown."""
-    import platform
-
     try:
         from torch._inductor import cpu_vec_isa
 
@@ -78,8 +80,6 @@ def _vec_isa_record(folder: Path, claimed: list[str]) -> Path | None:
     Python, in every process (about a second on 2 cores). This file records that every check passed on this
     machine with this compiler and torch (its name hashes the claimed ISAs, the compiler binary and the torch
     version); when present, the checks are skipped (inductor's own vec_isa_ok)."""
-    import hashlib
-
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     compiler = shutil.which(get_cpp_compiler())

@@ -31,13 +31,23 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.utils.prune as prune
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lmpipe.embeddings import encode
 from lmpipe.evaluation import length_batches, predict_proba
+from lmpipe.modeling import (
+    ADAPTER_CONFIG,
+    INT8_WEIGHTS,
+    VARIANT_FILE,
+    load_finetuned,
+    load_int8,
+    load_tokenizer,
+    quantize_int8,
+    stored_max_length,
+    variant_of,
+)
 from lmpipe.names import VARIANTS
-from lmpipe.modeling import (ADAPTER_CONFIG, INT8_WEIGHTS, VARIANT_FILE, load_finetuned, load_int8, load_tokenizer,
-                             quantize_int8, stored_max_length, variant_of)
 from lmpipe.tasks import Layout
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", INT8_WEIGHTS, "model.onnx", "model.int8.onnx")
@@ -82,8 +92,6 @@ def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
         if variant == "onnx_int8":
             # here, not at the top: the quantiser (it imports onnx) costs 1.0-1.2 s (measured on 2 cores after
             # torch), and only this one variant's build needs it, never a load
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             quantize_dynamic(str(dest / "model.onnx"), str(dest / "model.int8.onnx"), weight_type=QuantType.QInt8)
             (dest / "model.onnx").unlink()
     else:
@@ -103,8 +111,6 @@ def build_generator(variant: str, src: Path, dest: Path) -> None:
     if variant == "fp32":
         shutil.copytree(src, dest)
     elif variant == "int8_dynamic":
-        from transformers import AutoModelForCausalLM
-
         model = quantize_int8(AutoModelForCausalLM.from_pretrained(src, local_files_only=True).eval())
         _copy_without_weights(src, dest)
         torch.save(model.state_dict(), dest / INT8_WEIGHTS)

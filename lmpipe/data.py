@@ -18,6 +18,8 @@ import pandas as pd
 
 from lmpipe.config import LabeledSource, TextSource
 from lmpipe.errors import DataError
+# Imported inside functions (start-up cost, docs/results.md#start-up): datasets where used: the clean stage reads CSV
+# and text without it.
 
 _WS = re.compile(r"\s+")
 

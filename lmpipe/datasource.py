@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 from lmpipe.errors import ConfigError
+# Imported inside functions (start-up cost, docs/results.md#start-up): dvc.config where used: `lmpipe data link` needs
+# it, the other datasource calls do not.
 
 REMOTE = "lmpipe-data"
 DEP = f"remote://{REMOTE}"

@@ -10,11 +10,18 @@ pooling in its config.json (`lmpipe_pooling`), so every path pools it the way it
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoModel
+
+from lmpipe.evaluation import length_batches
+from lmpipe.modeling import load_tokenizer, stored_max_length
+# Imported inside functions (start-up cost, docs/results.md#start-up): scikit-learn where used: only the linear probe
+# needs it.
 
 POOLING_KEY = "lmpipe_pooling"
 
@@ -39,8 +46,6 @@ def encode(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int,
            pooling: str = "mean", max_length: int = 128) -> np.ndarray:
     """(N, H) L2-normalised embeddings of `texts`, rows in their order (eval mode: no dropout; length-sorted
     batches, lmpipe.evaluation.length_batches)."""
-    from lmpipe.evaluation import length_batches
-
     encoder = encoder_of(model).eval().to(device)
     out = np.zeros((len(texts), int(encoder.config.hidden_size)), dtype=np.float32)
     for idx, enc in length_batches(tokenizer, texts, batch_size, max_length):
@@ -100,10 +105,6 @@ class Encoder:
     variant = "fp32"
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
-        from transformers import AutoConfig, AutoModel
-
-        from lmpipe.modeling import load_tokenizer, stored_max_length
-
         self.model_dir = Path(model_dir)
         self.config = AutoConfig.from_pretrained(self.model_dir)
         self.model = AutoModel.from_pretrained(self.model_dir).eval().to(device)
@@ -127,8 +128,6 @@ class Encoder:
 
 def is_encoder_only(model_dir: Path) -> bool:
     """A model directory whose architecture has no head (BertModel, ...): served for /embed only."""
-    import json
-
     cfg = Path(model_dir) / "config.json"
     archs = json.loads(cfg.read_text()).get("architectures") or [] if cfg.is_file() else []
     return bool(archs) and all(a.endswith("Model") and not a.endswith("LMHeadModel") for a in archs)

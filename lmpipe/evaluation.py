@@ -15,6 +15,7 @@ from lmpipe import names
 from lmpipe.io import atomic_path
 from lmpipe.modeling import stored_max_length
 from lmpipe.tasks import Layout
+# Imported inside functions (start-up cost, docs/results.md#start-up): matplotlib where used: only the plots need it.
 
 
 @torch.inference_mode()

@@ -23,22 +23,25 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
+from filelock import FileLock
 
 from lmpipe import datasource
 from lmpipe.config import Params
-from lmpipe.params import flatten, load_raw, merge, validate
 from lmpipe.errors import ConfigError, LmpipeError
-from lmpipe.names import DVC
-from lmpipe.params_file import update_params_file
 from lmpipe.lineage import PipelineRun
+from lmpipe.names import DVC
+from lmpipe.params import flatten, load_raw, merge, validate
+from lmpipe.params_file import update_params_file
 from lmpipe.tracking import PARENT_ENV, git_info, setup, tracking_uri
-
+# Imported inside functions (start-up cost, docs/results.md#start-up): mlflow and dvc's internals where used: sweep
+# imports this module, and a bad profile or sweep file is reported before they load.
 
 
 def _last_line(text: str, fallback: str) -> str:
@@ -100,8 +103,6 @@ def save(wt: Path, name: str, run_env: dict[str, str]) -> None:
     """Record the worktree's state as the DVC experiment `name` (metrics and plots are git-tracked files).
     Saves of parallel experiments (the sweep flow's `parallel`) take turns: they write the shared git
     repository's experiment refs, which two `dvc exp save` at once corrupt for one of them."""
-    from filelock import FileLock
-
     root = wt.parents[2]  # <root>/.lmpipe/worktrees/<name>
     with FileLock(str(root / ".lmpipe" / "exp-save.lock")):
         res = subprocess.run([*DVC, "exp", "save", "-n", name, "--force"], cwd=wt, capture_output=True, text=True,
@@ -254,8 +255,6 @@ def dvc_exp_run(root: Path, profile: Path, dvc_args: list[str]) -> int:
     ...). The params DVC will write (profile and your -S applied by DVC's own parser) are validated first:
     every problem one line, nothing runs. The experiment is DVC's own (without --temp/--queue DVC runs it in
     the workspace, which then holds its params and results, as `dvc exp run` always does)."""
-    import tempfile
-
     from dvc.exceptions import DvcException
     from dvc.utils.hydra import apply_overrides
 

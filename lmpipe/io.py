@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 from lmpipe.errors import DataError, LmpipeError
 from lmpipe.names import missing
+# Imported inside functions (start-up cost, docs/results.md#start-up): pandas where used: read_parquet is the only
+# caller, and the light CLI path imports this module.
 
 
 def _umask_mode(base: int) -> int:

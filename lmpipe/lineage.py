@@ -24,6 +24,8 @@ from lmpipe.params import flatten
 from lmpipe.errors import LmpipeError
 from lmpipe.names import HEADLINE, STAGES, parse_model_uri
 from lmpipe.tracking import PARENT_ENV
+# Imported inside functions (start-up cost, docs/results.md#start-up): mlflow and pandas where used: experiments and
+# sweep import this module, and a bad profile or sweep file is reported before they load.
 
 KIND_TAG, KIND = "lmpipe.kind", "summary"
 PARENT_TAG = "mlflow.parentRunId"

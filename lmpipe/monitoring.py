@@ -19,10 +19,18 @@ deploy stage ships it in the registered model directory as `drift_reference.json
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from tokenizers import Tokenizer
+
 from lmpipe.errors import LmpipeError
 
 FORMAT = "lmpipe-drift-reference/1"
@@ -57,8 +65,6 @@ def length_counter(tokenizer) -> Callable[[Sequence[str]], list[int]]:
     """texts -> tokens per text before truncation (special tokens included). Counts with a private copy of
     the fast tokenizer's backend, truncation and padding off: the model's own tokenizer changes those settings
     on every call, and the server uses it on its inference thread at the same time."""
-    from tokenizers import Tokenizer
-
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
@@ -140,13 +146,6 @@ def check_profile(profile: Any, source: str) -> dict[str, Any]:
 
 def fetch_report(url: str, token: str | None = None, timeout: float = 10) -> dict[str, Any]:
     """GET <url>/drift of a running `lmpipe serve` (token: the argument, else $LMPIPE_API_TOKEN)."""
-    import json
-    import os
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise LmpipeError(f"--url {url}: expected http(s)://HOST:PORT")

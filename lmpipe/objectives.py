@@ -27,12 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
+from transformers import AutoModel, BertForPreTraining, DataCollatorForLanguageModeling, DataCollatorWithPadding
 
+from lmpipe.checkpoints import resume_point
 from lmpipe.config import Pretrain
 from lmpipe.embeddings import POOLING_KEY, pool
 from lmpipe.errors import DataError
+from lmpipe.modeling import build_lm_config
 from lmpipe.names import checkpoint_step, perplexity
+# Imported inside functions (start-up cost, docs/results.md#start-up): training (datasets) and callbacks where used:
+# the evaluate stage imports this module for perplexity and never trains.
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 MIN_WORDS = 3
@@ -173,10 +177,6 @@ def _trainer_class():
 
 def build_model(cfg: Pretrain, tokenizer, init_dir: Path | None, attention: str):
     """The encoder (simcse: AutoModel) or BertForPreTraining (mlm_nsp), from params or the init checkpoint."""
-    from transformers import AutoModel, BertForPreTraining
-
-    from lmpipe.modeling import build_lm_config
-
     if init_dir is None:
         config = build_lm_config(cfg, tokenizer)
         if cfg.objective == "mlm_nsp":
@@ -193,7 +193,6 @@ def build_model(cfg: Pretrain, tokenizer, init_dir: Path | None, attention: str)
 def train(model, tokenizer, train_docs: list[str], val_docs: list[str], cfg: Pretrain, block_size: int,
           device: str, seed: int, ckpt_dir: Path):
     """Train `model` with cfg.objective (simcse | mlm_nsp) on the corpus documents; resumes from ckpt_dir."""
-    from lmpipe.checkpoints import resume_point
     from lmpipe.callbacks import MlflowCallback, StepTimer
     from lmpipe.training import PretrainResult, history_curve, pretrain_arguments
 

@@ -26,6 +26,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from lmpipe.errors import LmpipeError
+# Imported inside functions (start-up cost, docs/results.md#start-up): package (torch, transformers) where used:
+# `lmpipe rollback` moves an alias without them.
 
 HISTORY_TAG = "lmpipe.alias_history.{alias}"
 HISTORY_MAX_CHARS = 5000  # MLflow's registered-model tag values are VARCHAR(5000): the oldest entries go first

@@ -13,10 +13,16 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorForSeq2Seq
 
 from lmpipe import chat
 from lmpipe.errors import DataError
 from lmpipe.generation import encode_prompts, keep_last
+from lmpipe.modeling import stored_max_length
+# Imported inside functions (start-up cost, docs/results.md#start-up): datasets where used: the prompt templates and
+# `lmpipe generate` need none of it.
 
 IGNORE = -100
 """Label of a token the loss skips (PyTorch's cross-entropy ignore_index)."""
@@ -76,17 +82,12 @@ def dataset(tokenizer, frame: pd.DataFrame, max_length: int):
 
 def collator(tokenizer):
     """Right-pads a batch: input_ids with the pad id, labels with -100 (transformers' own collator)."""
-    from transformers import DataCollatorForSeq2Seq
-
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding=True)
 
 
 def response_loss(model, tokenizer, ds, batch_size: int, device: str) -> dict[str, float]:
     """Mean cross-entropy per assistant token over `ds` (the sum over tokens / their count, not a mean of batch
     means) and its perplexity."""
-    import torch
-    import torch.nn.functional as F
-
     pad = collator(tokenizer)
     total, count = 0.0, 0
     model.eval()
@@ -107,8 +108,6 @@ def response_loss(model, tokenizer, ds, batch_size: int, device: str) -> dict[st
 def score_responses(model, tokenizer, frame: pd.DataFrame, batch_size: int, device: str) -> dict[str, float]:
     """response_loss over the conversations of `frame`, encoded as training encoded them: cut at the length the
     model was fine-tuned at (evaluate scores the generator this way, deploy its int8 variant)."""
-    from lmpipe.modeling import stored_max_length
-
     tokenizer.padding_side = "right"
     ds, _ = dataset(tokenizer, frame, stored_max_length(tokenizer, model.config))
     return response_loss(model, tokenizer, ds, batch_size, device)

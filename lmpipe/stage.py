@@ -16,9 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from lmpipe.checkpoints import remember_run_id, resumable_run_id, run_id_file
 from lmpipe.config import Params
-from lmpipe.params import load_params, parse_override, repo_root
 from lmpipe.errors import LmpipeError
+from lmpipe.metric_log import PENDING_FILE, metric_log
+from lmpipe.params import load_params, parse_override, repo_root
+from lmpipe.tracking import check_reachable, setup, stage_run, tracking_uri
+# Imported inside functions (start-up cost, docs/results.md#start-up): numpy, torch and mlflow where used: the clean
+# and tokenize stages start without torch.
 
 
 def seed_everything(seed: int, with_torch: bool = True) -> None:
@@ -101,12 +106,9 @@ def run_stage(name: str, body: Body, argv: list[str] | None = None, resumable: b
             seed_everything(params.common.seed, uses_torch)
             body(params, root, None)
             return 0
-        from lmpipe.metric_log import PENDING_FILE, metric_log
-        from lmpipe.tracking import check_reachable, setup, stage_run, tracking_uri
 
         check_reachable(tracking_uri(root))  # a tracking server that is down: refused before any compute
         seed_everything(params.common.seed, uses_torch)
-        from lmpipe.checkpoints import remember_run_id, resumable_run_id, run_id_file
 
         id_file = run_id_file(name, params, root) if resumable else None
         if id_file is not None:

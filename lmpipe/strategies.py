@@ -18,16 +18,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch
 import torch.nn.functional as F
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig,
-                          PreTrainedTokenizerBase)
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
 
 from lmpipe.config import Finetune
 from lmpipe.errors import ConfigError, DataError
+from lmpipe.modeling import (
+    ADAPTER_CONFIG,
+    accept_past_key_values,
+    load_finetuned,
+    load_tokenizer,
+    max_positions,
+    save_classifier,
+    stored_max_length,
+)
 from lmpipe.names import STRATEGIES
-from lmpipe.modeling import (ADAPTER_CONFIG, accept_past_key_values, load_finetuned, load_tokenizer, max_positions,
-                             save_classifier, stored_max_length)
 
 ADAPTER_SUBDIR = "adapter"
 """LoRA: where the adapter is kept next to the merged model."""
@@ -49,8 +65,6 @@ class Teacher:
         return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
 
     def collator(self, student_collator: Any) -> "DistillCollator":
-        from transformers import DataCollatorWithPadding
-
         return DistillCollator(student_collator, DataCollatorWithPadding(self.tokenizer))
 
 
@@ -127,8 +141,6 @@ def _skeleton(config: PretrainedConfig, head: str = "classifier") -> torch.nn.Mo
 
 def _adaptable_names(model: torch.nn.Module) -> list[str]:
     """Distinct short names of the modules LoRA can adapt (linear, embedding, GPT-2's Conv1D)."""
-    from transformers.pytorch_utils import Conv1D
-
     kinds = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, kinds)})
 
@@ -149,8 +161,6 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 def _trained_heads(peft_model) -> torch.nn.Module:
     """The base model of a prompt-learning peft model with each wrapped head (modules_to_save) replaced by its
     trained copy: a plain module tree whose state dict loads into the architecture."""
-    from peft.utils import ModulesToSaveWrapper
-
     base = peft_model.get_base_model()
     for name, module in list(base.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
@@ -233,8 +243,6 @@ class Adapter(Strategy):
         raise NotImplementedError
 
     def prepare(self, model, cfg, teacher):
-        from peft import get_peft_model
-
         try:
             peft_model = get_peft_model(model, self.peft_config(cfg))
         except ValueError as e:  # e.g. target_modules auto on an architecture peft has no default for
@@ -258,8 +266,6 @@ class Lora(Adapter):
                 f"its adaptable modules: {', '.join(_adaptable_names(model))}"] if unknown else []
 
     def peft_config(self, cfg):
-        from peft import LoraConfig, TaskType
-
         targets = None if cfg.lora.target_modules == "auto" else cfg.lora.target_modules
         # head lm: the causal LM's own output layer (tied to the embeddings) stays frozen; only the adapter trains
         task = TaskType.CAUSAL_LM if cfg.head == "lm" else TaskType.SEQ_CLS
@@ -284,8 +290,6 @@ class PromptLearning(Adapter):
         return []
 
     def peft_config(self, cfg):
-        from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
-
         config_cls = PrefixTuningConfig if self.name == "prefix" else PromptTuningConfig
         return config_cls(task_type=TaskType.SEQ_CLS, num_virtual_tokens=getattr(cfg, self.name).num_virtual_tokens)
 
@@ -357,8 +361,6 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def _registry_model_dir(uri: str, dest: Path) -> Path:
     """The HF model dir inside a registered pyfunc model (the artifact lmpipe.registry logs as model_dir)."""
-    import mlflow
-
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except Exception as e:  # unknown name, alias or version; unreachable store

@@ -24,17 +24,24 @@ params and objective on the sweep run, and Optuna's plots as artifacts.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import random
 import subprocess
+import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import yaml
+from filelock import FileLock, Timeout
 from pydantic import Field, ValidationError, model_validator
 
+from lmpipe import experiments
 from lmpipe.config import Section
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.experiments import resolve_profile, resolve_yaml
@@ -42,6 +49,8 @@ from lmpipe.names import DVC
 from lmpipe.params import flatten, load_raw, merge, validate
 from lmpipe.params_file import update_params_file
 from lmpipe.tracking import TAGS_ENV, git_info, setup
+# Imported inside functions (start-up cost, docs/results.md#start-up): optuna, mlflow and matplotlib where used: a bad
+# sweep file is reported before they load.
 
 STORAGE_ENV = "LMPIPE_SWEEP_STORAGE"
 """An Optuna storage URL for every sweep (default: a SQLite file per sweep under .lmpipe/sweeps/)."""
@@ -131,9 +140,6 @@ def resolve_sweep(root: Path, ref: str) -> Path:
 
 def load_sweep(path: Path, root: Path) -> SweepFile:
     """The sweep file, validated, and checked against params.yaml + its profile; ConfigError lists every problem."""
-    import yaml
-
-
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
     try:
@@ -209,9 +215,6 @@ def _suggest(trial, sweep: SweepFile) -> dict[str, Any]:
 def _next_grid_point(study, sweep: SweepFile) -> dict[str, Any] | None:
     """The first point of the seeded grid order that no trial has finished or is running (failed ones count
     as not done, so a killed trial's point runs again)."""
-    import itertools
-    import random
-
     import optuna
 
     keys = list(sweep.space)
@@ -278,7 +281,6 @@ class Study:
         A failed trial raises LmpipeError (the study stays resumable)."""
         import optuna
 
-        from lmpipe import experiments
         from lmpipe.trial import TRIAL_ENV
 
         sweep, name, client = self.sweep, self.name, self.client
@@ -377,10 +379,6 @@ def open_study(root: Path, path: Path, tags: dict[str, str] | None = None) -> St
     flow run)."""
     sweep = load_sweep(path, root)  # every problem in one go, before the heavy imports below
 
-    from filelock import FileLock, Timeout
-
-    from lmpipe import experiments
-
     name = path.stem
     profile = experiments.resolve_profile(root, sweep.profile)
     params = validate(merge(load_raw(root / "params.yaml"), profile, sweep.fixed))
@@ -453,9 +451,6 @@ def _objective(wt: Path, params, objective: str) -> dict[str, Any]:
 
 def _log_plots(client, run_id: str, study) -> None:
     """Optimisation history, parameter importances, parallel coordinates: HTML (plotly) and PNG (matplotlib)."""
-    import tempfile
-    import warnings
-
     import optuna.visualization as vis
     import optuna.visualization.matplotlib as vis_mpl
 
@@ -481,9 +476,6 @@ def _log_plots(client, run_id: str, study) -> None:
 
 def apply(root: Path, exp_name: str) -> None:
     """`dvc exp apply` the experiment into the workspace and print the params diff against HEAD."""
-    import yaml
-
-
     res = subprocess.run([*DVC, "exp", "apply", exp_name], cwd=root, capture_output=True, text=True)
     if res.returncode != 0:
         raise LmpipeError(f"dvc exp apply {exp_name}: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")

@@ -27,6 +27,8 @@ import pandas as pd
 from lmpipe.config import Clean, Finetune
 from lmpipe.io import read_parquet
 from lmpipe.names import need
+# Imported inside functions (start-up cost, docs/results.md#start-up): scikit-learn and torch where used: the tokenize
+# stage imports this module for the task data.
 
 CONFIG_KEY = "lmpipe_tasks"
 """config.json key of a multi-task model: [{"name": ..., "labels": [...]}, ...] in output order."""

@@ -19,6 +19,8 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmpipe.config import SPECIAL_TOKENS
 from lmpipe.errors import DataError
+# Imported inside functions (start-up cost, docs/results.md#start-up): AutoTokenizer (transformers' auto classes)
+# where used: only a pretrained tokenizer needs it.
 
 PAD, BOS, EOS, UNK, MASK = SPECIAL_TOKENS
 

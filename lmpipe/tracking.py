@@ -19,13 +19,17 @@ import os
 import re
 import subprocess
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
+from filelock import FileLock
+
 from lmpipe.config import Params
-from lmpipe.params import flatten
 from lmpipe.errors import ServiceError
+from lmpipe.params import flatten
+# Imported inside functions (start-up cost, docs/results.md#start-up): requests, mlflow and dvc's internals where
+# used: tracking_uri() is on the light CLI path.
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +108,6 @@ def _first_use_lock(db: Path | None):
     """A file lock beside a SQLite store while a process opens it: two stages starting at once (`dvc queue
     start -j 2`, two flows) otherwise both run MLflow's schema migrations on a new mlflow.db and break it
     (`table _alembic_tmp_model_versions already exists`). Server stores need none."""
-    from contextlib import nullcontext
-
-    from filelock import FileLock
-
     if db is None:
         return nullcontext()
     db.parent.mkdir(parents=True, exist_ok=True)

@@ -14,23 +14,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, EarlyStoppingCallback, PreTrainedModel,
-                          PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments)
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from lmpipe.callbacks import MlflowCallback, OptimizerRecord, StepTimer, TimeCap
 from lmpipe.checkpoints import checkpoint_write_error, resume_point
 from lmpipe.compile_cache import check_compile, compile_cache, compile_cache_counts
 from lmpipe.config import Finetune, Pretrain
 from lmpipe.errors import ConfigError
-from lmpipe.names import checkpoint_step, perplexity
-from lmpipe.regularization import check_rdrop, rdrop_loss
-from lmpipe.tasks import classification_metrics
-from lmpipe.metric_log import flush_metrics
-from lmpipe.trial import TRIAL_ENV, TrialReporter
 from lmpipe.io import atomic_path
+from lmpipe.metric_log import flush_metrics
+from lmpipe.names import checkpoint_step, perplexity
+from lmpipe.regularization import EmbeddingAdversary, check_rdrop, rdrop_loss
+from lmpipe.tasks import classification_metrics
+from lmpipe.trial import TRIAL_ENV, TrialReporter
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -272,8 +281,6 @@ def _task_metrics(layout):
 
 
 def encode_labeled(tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: list[int], max_length: int):
-    import datasets
-
     ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
     return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
                   remove_columns=["text"], desc="tokenize")
@@ -298,8 +305,6 @@ class FinetuneTrainer(GuardedTrainer):
         self.adversary = None
         self._adversarial_losses: list[float] = []
         if adversarial is not None and adversarial.method != "none":
-            from lmpipe.regularization import EmbeddingAdversary
-
             if self.args.n_gpu > 1:  # DataParallel replicas would share one embedding hook
                 raise ConfigError(f"finetune.adversarial.method: {adversarial.method} needs one device per process; "
                                   f"{self.args.n_gpu} GPUs are visible (set CUDA_VISIBLE_DEVICES or use torchrun)")

@@ -10,6 +10,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lmpipe.errors import LmpipeError
+# Imported inside functions (start-up cost, docs/results.md#start-up): optuna where used: every finetune imports this
+# module, and only a sweep trial needs optuna.
 
 TRIAL_ENV = "LMPIPE_TRIAL"
 """Set by lmpipe/sweep.py for a trial's stages: JSON {storage, study, trial_id, objective, pruner}."""

@@ -751,7 +751,6 @@ def compare_in_ui(driver, base: str, experiment_id: str, runs: list, param: str,
 
 OBJECTIVE_COL = "metrics.`objective`"
 TRIAL_COL = "tags.`sweep.trial`"
-LR_COL = "params.`finetune.learning_rate`"
 
 # the runs table's rows top to bottom (ag-grid's row-index, not DOM order): run id + the text of the given
 # columns' cells (the center part of the grid; the run name sits in the pinned-left part)
@@ -838,22 +837,24 @@ def _toggle_columns(driver, titles: list[str]) -> None:
         By.CSS_SELECTOR, "[data-component-id='mlflow.experiment_page.runs_table.column_selector']"))
 
 
-def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: list, shots: Path) -> dict:
-    """The trials of a sweep in the runs table, sorted by `objective` both ways; screenshot, best trial on top.
+def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: list, shots: Path,
+                       direction: str = SWEEP["direction"], params: tuple = ("finetune.learning_rate",)) -> dict:
+    """The complete trials of a sweep in the runs table, sorted by `objective` both ways; screenshot, best on top.
 
+    trials: the sweep's complete trials (pruned ones carry no objective; the search filters them out).
     Returns {"rows": the rows as the page showed them best first, "screenshot": path}.
     """
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    parent_id, trial_ids = parent.info.run_id, {r.info.run_id for r in trials}
+    parent_id, trial_ids, name = parent.info.run_id, {r.info.run_id for r in trials}, parent.info.run_name
     driver.get(f"{base}/#/experiments/{experiment_id}/runs")
     wait = browser_wait(driver)
-    # 1) the default view (newest first) nests runs under their parent: expand `sweep tiny` to see its trials
+    # 1) the default view (newest first) nests runs under their parent: expand the sweep's run to see its trials
     row = f"div[role=row][row-id='{parent_id}']"
-    wait.until(lambda d: [r[1] for r in _table_rows(d, []) if r[0] == parent_id] == ["sweep tiny"],
-               "the runs table never showed the `sweep tiny` run")
+    wait.until(lambda d: [r[1] for r in _table_rows(d, []) if r[0] == parent_id] == [name],
+               f"the runs table never showed the `{name}` run")
     for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
         if button.is_displayed():  # the assistant panel: it takes a third of the width
             button.click()
@@ -861,36 +862,37 @@ def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: li
     expander = f".ag-pinned-left-cols-container {row} [col-id='attributes.`Run Name`'] button"
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, expander)).click()
     nested = wait.until(lambda d: (rows := _table_rows(d, [])) and {r[0] for r in rows} >= trial_ids and rows,
-                        "expanding `sweep tiny` did not show its three trials")
+                        f"expanding `{name}` did not show its trials")
     order = [r[0] for r in nested]
     assert all(order.index(t) > order.index(parent_id) for t in trial_ids), order
     trial_names = {r.info.run_id: r.info.run_name for r in trials}
     assert all(r[1] == trial_names[r[0]] for r in nested if r[0] in trial_ids), nested
 
     # 2) Sort: objective. MLflow nests child runs only when sorted by Created, so the table turns flat; the
-    # search box keeps this sweep's trials (its run id is the trials' mlflow.parentRunId tag)
+    # search box keeps this sweep's complete trials (its run id is the trials' mlflow.parentRunId tag)
     _sort_by(driver, "objective", descending=True)
     search = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[data-testid='search-box']"))
-    search.send_keys(f"tags.mlflow.parentRunId = '{parent_id}'")
+    query = f"tags.mlflow.parentRunId = '{parent_id}' and tags.`optuna.state` = 'COMPLETE'"
+    search.send_keys(query)
     search.send_keys(Keys.ENTER)
-    wait.until(lambda d: _url_query(d).get("searchFilter") == f"tags.mlflow.parentRunId = '{parent_id}'")
-    wait.until(lambda d: d.find_element(By.XPATH, "//*[normalize-space()='3 matching runs']"),
-               "the parent-run filter did not leave 3 runs")
+    wait.until(lambda d: _url_query(d).get("searchFilter") == query)
+    wait.until(lambda d: d.find_element(By.XPATH, f"//*[normalize-space()='{len(trials)} matching runs']"),
+               f"the filter did not leave the {len(trials)} complete trials")
     # 3) columns: objective (added by the sort) next to the trial number and learning rate, no clutter
-    _toggle_columns(driver, ["Dataset", "Source", "Models", "finetune.learning_rate", "sweep.trial"])
+    _toggle_columns(driver, ["Dataset", "Source", "Models", *params, "sweep.trial"])
 
     # 4) the rows, descending then ascending, against the MLflow API's values
-    cols = [OBJECTIVE_COL, TRIAL_COL, LR_COL]
+    cols = [OBJECTIVE_COL, TRIAL_COL, *(f"params.`{p}`" for p in params)]
 
     def expected(descending: bool) -> list[list]:
         ranked = sorted(trials, key=lambda r: r.data.metrics["objective"], reverse=descending)
         return [[r.info.run_id, r.info.run_name, js_number(r.data.metrics["objective"]), r.data.tags["sweep.trial"],
-                 r.data.params["finetune.learning_rate"]] for r in ranked]
+                 *(r.data.params[p] for p in params)] for r in ranked]
 
     def shown() -> list[list]:
         return [r for r in _table_rows(driver, cols) if r[0] != parent_id]
 
-    best_on_top = SWEEP["direction"] == "maximize"  # descending puts the best trial first
+    best_on_top = direction == "maximize"  # descending puts the best trial first
     for descending in (not best_on_top, best_on_top):  # the best-first order last, for the screenshot
         _sort_by(driver, "objective", descending=descending)
         want = expected(descending)

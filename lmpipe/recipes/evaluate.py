@@ -23,20 +23,29 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from lmpipe import chat, conversations, sft, tasks
+from lmpipe import chat, conversations, embeddings, objectives, sft, tasks
 from lmpipe.config import Augment, Params
-from lmpipe.params import flatten
 from lmpipe.evaluation import perplexity, plot_confusion, predict_proba
 from lmpipe.generation import Sampling, generate, load_generator
 from lmpipe.io import atomic_path, read_parquet, write_json
 from lmpipe.lineage import PipelineRun
-from lmpipe.modeling import device, from_pretrained, load_finetuned, load_tokenizer, stored_max_length
+from lmpipe.metric_log import log_metrics_bounded
+from lmpipe.modeling import (
+    device,
+    from_pretrained,
+    load_finetuned,
+    load_tokenizer,
+    resolve_model_ref,
+    stored_max_length,
+)
 from lmpipe.monitoring import length_counter, reference_profile, vocabulary
 from lmpipe.names import MASKED_OBJECTIVES, need
+from lmpipe.params import flatten
+from lmpipe.regularization import augment
 from lmpipe.tokenizer import load_blocks
-from lmpipe.metric_log import log_metrics_bounded
 
 
 def evaluate(params: Params, root: Path, run) -> None:
@@ -202,13 +211,6 @@ def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -
     same architecture's seeded random init): alignment and uniformity on held-out corpus sentences (the positive
     pair of a sentence: itself with a tenth of its words deleted), and frozen linear-probe / k-NN accuracy on
     clean.labeled (SST-2 by default; its test split)."""
-    import torch
-    from transformers import AutoModel
-
-    from lmpipe import embeddings, objectives
-    from lmpipe.modeling import resolve_model_ref, stored_max_length
-    from lmpipe.regularization import augment
-
     seed, clean_dir = params.common.seed, root / params.clean.out_dir
     after = AutoModel.from_pretrained(encoder_dir)
     tokenizer = load_tokenizer(encoder_dir)

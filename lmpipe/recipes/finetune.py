@@ -34,6 +34,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from lmpipe import chat, checkpoints, conversations, metric_log, sft, strategies, tasks
 from lmpipe.config import Params
@@ -41,13 +42,23 @@ from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
 from lmpipe.generation import is_causal_lm
 from lmpipe.io import atomic_dir, write_json
-from lmpipe.modeling import (check_vocab, device, from_pretrained, load_classifier, load_tokenizer, max_positions,
-                             resolve_init, resolve_model_ref)
+from lmpipe.metric_log import log_metrics_bounded
+from lmpipe.modeling import (
+    check_vocab,
+    device,
+    from_pretrained,
+    load_classifier,
+    load_tokenizer,
+    max_positions,
+    resolve_init,
+    resolve_model_ref,
+)
+from lmpipe.names import missing
 from lmpipe.regularization import augment, dropout_overrides
 from lmpipe.stage import seed_everything
-from lmpipe.metric_log import log_metrics_bounded
-from lmpipe.training import encode_labeled, finetune as train_classifier, finetune_lm as train_generator
-from lmpipe.names import missing
+from lmpipe.training import encode_labeled
+from lmpipe.training import finetune as train_classifier
+from lmpipe.training import finetune_lm as train_generator
 
 
 def _finish(name: str, res, trainable: int, total: int, tokenizer, cfg, ckpt: Path, run):
@@ -96,8 +107,6 @@ def finetune(params: Params, root: Path, run) -> None:
     if not (base / "config.json").is_file():
         raise missing(base, "pretrain", "no pretrained model to take the architecture from")
     tokenizer = load_tokenizer(base if (base / "tokenizer.json").is_file() else root / params.tokenize.tokenizer_dir)
-
-    from transformers import AutoConfig
 
     base_config = AutoConfig.from_pretrained(base)
     check_vocab(base_config, tokenizer, "finetune")
@@ -200,8 +209,6 @@ def _mark_untrained(params: Params, root: Path) -> None:
 def finetune_generator(params: Params, root: Path, run) -> None:
     """finetune.head lm: the causal LM fine-tuned on conversations (the selected tasks' instruction versions and
     clean.sft.sources), and with finetune.scratch_baseline its random-init twin with the same budget."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     cfg, seed = params.finetune, params.common.seed
     clean_dir = root / params.clean.out_dir
     # 1) the model it starts from and its tokenizer with a chat template, checked before anything is written

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import mlflow
+import torch
 from transformers import AutoConfig
 
 from lmpipe import checkpoints, metric_log, objectives, samples
@@ -26,12 +27,25 @@ from lmpipe.config import Params
 from lmpipe.errors import ConfigError
 from lmpipe.evaluation import curve_figure
 from lmpipe.io import atomic_dir, read_parquet, write_json
-from lmpipe.modeling import (attention_implementation, build_lm, build_lm_config, check_checkpoint, check_vocab, device,
-                             load_continued_lm, load_tokenizer, max_positions, resolve_model_ref, save_lm)
-from lmpipe.tokenizer import load_blocks
 from lmpipe.metric_log import log_metrics_bounded
-from lmpipe.training import pretrain as train_lm, write_curve
+from lmpipe.modeling import (
+    attention_implementation,
+    build_lm,
+    build_lm_config,
+    check_checkpoint,
+    check_vocab,
+    device,
+    load_continued_lm,
+    load_tokenizer,
+    max_positions,
+    resolve_model_ref,
+    save_lm,
+)
 from lmpipe.names import SENTENCE_OBJECTIVES, need
+from lmpipe.tokenizer import load_blocks
+from lmpipe.training import pretrain as train_lm
+from lmpipe.training import write_curve
+
 
 def pretrain(params: Params, root: Path, run) -> None:
     cfg = params.pretrain
@@ -142,7 +156,5 @@ def processes(params: Params) -> int:
     """How many training processes pretrain.nproc_per_node asks for; more than one runs DDP under torchrun."""
     n = params.pretrain.nproc_per_node
     if n == "auto":
-        import torch
-
         n = torch.cuda.device_count() or os.cpu_count() or 1
     return int(n)

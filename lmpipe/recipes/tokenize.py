@@ -23,6 +23,8 @@ from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, read_parquet, write_json
 from lmpipe.metric_log import log_metrics_bounded
+# Imported inside functions (start-up cost, docs/results.md#start-up): transformers and modeling where used: the
+# tokenize stage with its own BPE tokenizer never loads transformers' model classes.
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
