@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-# Imported inside functions (start-up cost, docs/results.md#start-up): prefect.server where used: only a flow started
-# without PREFECT_API_URL starts a temporary server.
 
 # The ephemeral API's telemetry heartbeat only phones home (often offline here) and, racing the flow's
 # own writes to Prefect's SQLite database, logged "database is locked" tracebacks; set it to true to keep it.
@@ -44,13 +42,15 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED  # noqa: E402
 
-from lmpipe import experiments
-from lmpipe.errors import ConfigError, LmpipeError
-from lmpipe.experiments import prepare, resolve_profile
+from lmpipe import experiments  # noqa: E402
+from lmpipe.errors import ConfigError, LmpipeError  # noqa: E402
+from lmpipe.experiments import prepare, resolve_profile  # noqa: E402
 from lmpipe.names import DVC  # noqa: E402
-from lmpipe.params import flatten, parse_override
-from lmpipe.processes import stop_group
-from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, tracking_uri
+from lmpipe.params import flatten, parse_override  # noqa: E402
+from lmpipe.processes import stop_group  # noqa: E402
+from lmpipe.tracking import PARENT_ENV, TAGS_ENV, check_health, check_reachable, git_info, tracking_uri  # noqa: E402
+# Imported inside functions (start-up cost, docs/results.md#start-up): prefect.server where used: only a flow started
+# without PREFECT_API_URL starts a temporary server.
 
 ROOT = Path(__file__).resolve().parents[1]
 
