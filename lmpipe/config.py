@@ -624,7 +624,13 @@ class Serve(Section):
     """A batch is sorted by text length and run in forward passes of this many texts: less padding (measured in
     docs/results.md)."""
     max_wait_ms: float = Field(ge=0)
-    """Micro-batching: how long the first request of a batch waits for others to join (ms)."""
+    """Micro-batching: how long the first request of a batch waits for others to join (ms). /generate waits only
+    when the last generate call had company (more than one row, or requests queued behind it): a lone client pays
+    no wait; after a call ends, the wait counts from its end, so the clients it answered can join the next one."""
+    stream_interval_ms: float = Field(ge=0)
+    """/generate streaming: each request's new text goes out at most this often (one event with the text of the
+    steps since), its first text and its end at once; 0 = an event per token. Fewer hand-offs from the generating
+    thread to the event loop (measured in docs/results.md)."""
     max_queue: int = Field(ge=1)
     """Texts (/generate: requests) waiting for a batch at most; beyond it a request is refused at once (503)."""
     request_timeout_s: float = Field(gt=0)

@@ -50,8 +50,10 @@ def _app(model_dir: Path, **serve):
     from lmpipe.serving import reload
     from lmpipe.serving.app import create_app
 
-    # a batch waits up to 300 ms for company, so requests sent together surely share one generate call
-    return create_app(reload.load(str(model_dir)), cfg=section("serve", **{"max_wait_ms": 300, **serve}))
+    # after a call with company, a batch waits up to 300 ms for more, so requests sent together surely share a call;
+    # an event per token, so a stream comes in many chunks
+    return create_app(reload.load(str(model_dir)),
+                      cfg=section("serve", **{"max_wait_ms": 300, "stream_interval_ms": 0, **serve}))
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +157,19 @@ def test_concurrent_requests_share_a_generate_call_and_each_gets_its_greedy_text
     assert ended == {"eos": sum(w.new_tokens < n for w, n in zip(want, limits)),
                      "length": sum(w.new_tokens == n for w, n in zip(want, limits)), "cancelled": 0, "error": 0}
     assert metric(after, "lmpipe_requests_total", route="/generate", status="200") >= len(PROMPTS)
+
+
+def test_a_lone_request_waits_for_no_company_and_the_stream_interval_merges_its_steps(generator_dir: Path):
+    want = alone(generator_dir, "a moving", max_new_tokens=40, temperature=0)
+    with TestClient(_app(generator_dir, max_wait_ms=120_000, stream_interval_ms=120_000)) as c:
+        r = c.post("/generate", json={"prompt": "a moving", "max_new_tokens": 40, "temperature": 0, "stream": True})
+    evs = events(r.text)
+    done = evs[-1][1]
+    assert evs[-1][0] == "done" and done["new_tokens"] == want.new_tokens > 2
+    assert done["total_s"] < 60  # no call ran before it: it did not wait max_wait_ms (two minutes) for company
+    # its first text at once, the rest (well inside the two-minute interval) with its end
+    assert [name for name, _ in evs] == ["message", "message", "done"]
+    assert "".join(d["text"] for _, d in evs[:-1]) == want.text
 
 
 def test_seeded_sampling_runs_alone_and_repeats(client: TestClient, generator_dir: Path):

@@ -1,14 +1,18 @@
 """Batching of /generate: requests that arrive together run as the rows of one `generate` call, each streamed.
 
 One collector task on the event loop takes the oldest queued request, lets it wait at most `serve.max_wait_ms`
-(from its arrival) for company, then runs it with up to `serve.max_batch_size` queued requests that share its
+for company, then runs it with up to `serve.max_batch_size` queued requests that share its
 model and sampling settings (lmpipe.generation.Sampling.batch_key: everything but max_new_tokens, each row stops
 at its own) as one lmpipe.generation.generate_rows call on the generating thread. Requests with other settings
 wait for a later call, in arrival order; a seeded sampling request runs alone. Requests arriving while a call
-runs wait for the next one (no joining mid-call: transformers' generate takes its batch once).
+runs wait for the next one (no joining mid-call: transformers' generate takes its batch once). The wait for
+company happens only when the last call had some (more than one row, or requests queued behind it), so a lone
+client's requests start at once; it counts from the request's arrival or the last call's end, whichever is later,
+so the clients a call answered can send again and join the requests that queued behind it.
 
-Each decoding step's new text comes back to the loop in one hop and is put on each request's queue: text chunks,
-then one `Done`. A request whose client went away is cancelled: its row stops at the next step (the whole call
+Each decoding step's new text is gathered on the generating thread and goes to the loop in one hop at most every
+`serve.stream_interval_ms` (a request's first text and its end at once), onto each request's queue: text
+chunks, then one `Done`. A request whose client went away is cancelled: its row stops at the next step (the whole call
 when it was the last row running). Every request ends in bounded time: more than `serve.max_queue` requests
 waiting -> Overloaded (503), still queued after `serve.request_timeout_s` -> QueueTimeout (503), and a run is
 bounded by its rows' max_new_tokens (capped by serve.max_new_tokens).
@@ -66,6 +70,7 @@ class Job:
     queued: bool = True
     # written on the generating thread only
     finished: bool = False
+    spoke: bool = False  # some text of it went to the loop
     new_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -81,6 +86,7 @@ class Job:
 class Generating:
     max_batch_size: int
     max_wait_ms: float
+    stream_interval_ms: float
     max_queue: int
     request_timeout_s: float
     metrics: Metrics
@@ -89,6 +95,8 @@ class Generating:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
+        self._company = False  # the last call had more than one row, or requests queued behind it
+        self._ended = 0.0  # when it ended (perf_counter)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="lmpipe-generate")
         self._task = asyncio.create_task(self._collect(), name="lmpipe-generating")
 
@@ -143,12 +151,14 @@ class Generating:
     async def _collect(self) -> None:
         loop = self._loop
         while True:
-            # 1) wait for a request, then until its max_wait_ms are up (or a full call is waiting)
+            # 1) wait for a request, then, when the last call had company, until max_wait_ms are up from its arrival
+            # or that call's end (or a full call is waiting)
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             first = self._queue[0]
-            deadline = loop.time() + self.max_wait_ms / 1000 - (time.perf_counter() - first.arrived)
+            wait = self.max_wait_ms / 1000 if self._company else 0.0
+            deadline = loop.time() + wait - (time.perf_counter() - max(first.arrived, self._ended))
             while (first.queued and first.key is not None and len(self._queue) < self.max_batch_size
                    and (left := deadline - loop.time()) > 0):
                 self._wakeup.clear()
@@ -159,6 +169,7 @@ class Generating:
             if not self._queue:  # the ones waiting were cancelled or timed out
                 continue
             jobs = self._take()
+            self._company = len(jobs) > 1
             for job in jobs:
                 job.started.set_result(None)
             self.metrics.batch_size.observe(len(jobs))
@@ -171,16 +182,23 @@ class Generating:
                     if not job.finished:
                         job.events.put_nowait(error)
                         self.metrics.generations.labels("error").inc()
+            self._company = self._company or bool(self._queue)
+            self._ended = time.perf_counter()
 
     def _run(self, jobs: list[Job]) -> None:
-        """On the generating thread: one generate_rows call; each step's events go to the loop in one hop."""
+        """On the generating thread: one generate_rows call; the rows' text since the last hop goes to the loop in one
+        hop every stream_interval_ms, at once for a row's first text or any row's end."""
         predictor = jobs[0].served.predictor
         rows = [Row(job.ids, job.sampling.max_new_tokens, job.cancel) for job in jobs]
         m = self.metrics
+        interval = self.stream_interval_ms / 1000
+        unsent, ends = [""] * len(jobs), [None] * len(jobs)
+        last_hop = time.perf_counter()
 
         def on_step(steps: list[RowStep]) -> None:
+            nonlocal last_hop
             now = time.perf_counter()
-            out: list[tuple[Job, str, Done | None]] = []
+            urgent = False
             for step in steps:
                 job = jobs[step.row]
                 if step.new_tokens > job.new_tokens:
@@ -191,14 +209,20 @@ class Generating:
                     else:
                         m.time_per_token.observe((now - job.last_token_at) / (step.new_tokens - job.new_tokens))
                     job.new_tokens, job.last_token_at = step.new_tokens, now
-                done = None
+                if step.text:
+                    urgent, job.spoke = urgent or not job.spoke, True
+                    unsent[step.row] += step.text
                 if step.finish is not None:
-                    job.finished = True
+                    job.finished, urgent = True, True
                     m.generations.labels(step.finish).inc()
                     ttft = None if job.first_token_at is None else job.first_token_at - job.arrived
-                    done = Done(len(job.ids), step.new_tokens, step.finish, ttft, now - job.arrived)
-                out.append((job, step.text, done))
-            self._loop.call_soon_threadsafe(_deliver, out)
+                    ends[step.row] = Done(len(job.ids), step.new_tokens, step.finish, ttft, now - job.arrived)
+            if urgent or now - last_hop >= interval:
+                last_hop = now
+                out = [(job, text, done) for job, text, done in zip(jobs, unsent, ends) if text or done is not None]
+                unsent[:], ends[:] = [""] * len(jobs), [None] * len(jobs)
+                if out:
+                    self._loop.call_soon_threadsafe(_deliver, out)
 
         generate_rows(predictor.model, predictor.tokenizer, rows, jobs[0].sampling, on_step)
 
