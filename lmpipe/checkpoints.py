@@ -66,8 +66,9 @@ def _pretrain_key(params: Params, root: Path) -> dict[str, Any]:
 
 def _model_files_md5(folder: Path) -> dict[str, str]:
     """md5 of a model dir's config and weights: a reference (package:, models:/ alias) can name other weights later."""
-    return {f.name: file_md5(f) for f in sorted(folder.iterdir())
-            if f.name == "config.json" or f.suffix in (".safetensors", ".bin")}
+    files = [*folder.iterdir(), *(folder / "members").rglob("*")]  # an ensemble variant's members, too
+    return {str(f.relative_to(folder)): file_md5(f) for f in sorted(files)
+            if f.is_file() and (f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".onnx"))}
 
 
 def _finetune_key(params: Params, root: Path) -> dict[str, Any]:

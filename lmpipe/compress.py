@@ -9,7 +9,10 @@ Variants (`deploy.variants`):
 - `onnx`          ONNX export (torch.onnx, opset 17, dynamic batch and sequence axes) run by ONNX Runtime;
 - `onnx_int8`     that graph through ONNX Runtime's dynamic quantiser (int8 weights);
 - `pruned`        L1 magnitude pruning (torch.nn.utils.prune) of `deploy.sparsity` of every encoder Linear's
-                  weights, made permanent (prune.remove) before saving: a plain transformers directory.
+                  weights, made permanent (prune.remove) before saving: a plain transformers directory;
+- `ensemble`      the fine-tuned model and the classifiers of `deploy.ensemble` (any variant each, the same tasks
+                  and labels), copied whole under `members/<i>/`; it predicts the mean of their probabilities
+                  (each member reads the text with its own tokenizer and length).
 
 Every variant directory holds the tokenizer, config.json and `lmpipe_variant.json`; `load(dir)` returns a
 classifier with `predict_proba(texts, batch_size)` for any of them, which evaluate's scoring, the deploy
@@ -35,6 +38,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from lmpipe.embeddings import encode
+from lmpipe.errors import DataError
 from lmpipe.evaluation import length_batches, predict_proba
 from lmpipe.modeling import (
     ADAPTER_CONFIG,
@@ -51,6 +55,8 @@ from lmpipe.names import VARIANTS
 from lmpipe.tasks import Layout
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", INT8_WEIGHTS, "model.onnx", "model.int8.onnx")
+MEMBERS = "members"
+"""An ensemble's member directories: members/0 (the fine-tuned model), members/1, ..."""
 GENERATOR_VARIANTS = ("fp32", "int8_dynamic")
 """The variants a generator (finetune.head lm) gets; the others export or prune a classifier's logits."""
 
@@ -64,14 +70,20 @@ def _copy_without_weights(src: Path, dest: Path) -> None:
 
 def supports(src: Path, variant: str) -> str | None:
     """Why `variant` cannot be built from the fine-tuned directory `src`, or None."""
-    if variant != "fp32" and (src / ADAPTER_CONFIG).is_file():
+    if variant not in ("fp32", "ensemble") and (src / ADAPTER_CONFIG).is_file():
         return "prefix/prompt adapters (virtual tokens) are not exported; only fp32 is served for them"
     return None
 
 
-def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
-    """Write the variant of the fine-tuned classifier in `src` to `dest` (a new directory)."""
-    if variant == "fp32":
+def build(variant: str, src: Path, dest: Path, sparsity: float, members: dict[str, Path] | None = None) -> None:
+    """Write the variant of the fine-tuned classifier in `src` to `dest` (a new directory). `members` (ensemble):
+    what deploy.ensemble named -> its local model directory."""
+    if variant == "ensemble":
+        check_members(src, members or {})
+        _copy_without_weights(src, dest)
+        for i, path in enumerate([src, *members.values()]):
+            shutil.copytree(path, dest / MEMBERS / str(i))
+    elif variant == "fp32":
         shutil.copytree(src, dest)
     elif variant == "pruned":
         model = load_finetuned(src).eval()
@@ -96,8 +108,28 @@ def build(variant: str, src: Path, dest: Path, sparsity: float) -> None:
             (dest / "model.onnx").unlink()
     else:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
-    meta = {"variant": variant, **({"sparsity": sparsity} if variant == "pruned" else {})}
+    meta = {"variant": variant, **({"sparsity": sparsity} if variant == "pruned" else {}),
+            **({"members": ["finetune.out_dir", *members]} if variant == "ensemble" else {})}
     (dest / VARIANT_FILE).write_text(json.dumps(meta) + "\n")
+
+
+def check_members(src: Path, members: dict[str, Path]) -> None:
+    """An ensemble's other members (what deploy.ensemble named -> its directory) against the fine-tuned model in
+    `src`: at least one, none itself an ensemble, each with the same tasks and labels; else one line naming it."""
+    if not members:
+        raise DataError("deploy.ensemble: the ensemble variant needs at least one other model")
+    own = Layout.from_config(AutoConfig.from_pretrained(src))
+    for source, path in members.items():
+        if variant_of(path) == "ensemble":
+            raise DataError(f"deploy.ensemble: {source} is itself an ensemble; name its members instead")
+        theirs = Layout.from_config(AutoConfig.from_pretrained(path))
+        if (theirs.names, theirs.labels) != (own.names, own.labels):
+            raise DataError(f"deploy.ensemble: {source} predicts {_described(theirs)}, the fine-tuned model "
+                            f"{_described(own)}")
+
+
+def _described(layout: Layout) -> str:
+    return "; ".join(f"{name}: {list(labels)}" for name, labels in zip(layout.names, layout.labels))
 
 
 def _head_names(model) -> set[str]:
@@ -142,9 +174,13 @@ class Classifier:
         self.layout = Layout.from_config(self.config)  # a multi-task model: one head (label block) per task
         self.tokenizer = load_tokenizer(self.dir)
         self.max_length = stored_max_length(self.tokenizer, self.config)
-        self.device = device if self.variant in ("fp32", "pruned") else "cpu"  # int8 and ONNX Runtime: CPU
+        self.device = device if self.variant in ("fp32", "pruned", "ensemble") else "cpu"  # int8, ONNX Runtime: CPU
         self.model = self.session = None
-        if self.variant in ("onnx", "onnx_int8"):
+        self.members: list[Classifier] = []
+        if self.variant == "ensemble":
+            self.members = [Classifier(d, device) for d in sorted((self.dir / MEMBERS).iterdir(),
+                                                                   key=lambda d: int(d.name))]
+        elif self.variant in ("onnx", "onnx_int8"):
             onnx = self.dir / ("model.int8.onnx" if self.variant == "onnx_int8" else "model.onnx")
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = torch.get_num_threads()  # the same threads as the torch variants
@@ -155,6 +191,9 @@ class Classifier:
             self.model = load_finetuned(self.dir).eval().to(self.device)
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        if self.members:  # within each task's head the members' probabilities, averaged
+            return np.mean([m.predict_proba(texts, batch_size) for m in self.members], axis=0, dtype=np.float64
+                           ).astype(np.float32)
         if self.model is not None:
             return predict_proba(self.model, self.tokenizer, texts, batch_size, self.device, self.max_length)
         out = np.zeros((len(texts), len(self.id2label)), dtype=np.float32)
@@ -165,6 +204,8 @@ class Classifier:
         return out
 
     def embed_unsupported(self) -> str | None:
+        if self.members:
+            return "the ensemble variant averages its members' probabilities and has no one encoder; serve fp32 for /embed"
         if self.model is None:
             return (f"the {self.variant} variant exports logits only; serve an fp32, int8_dynamic or pruned variant "
                     "for /embed")

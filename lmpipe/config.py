@@ -589,6 +589,10 @@ class Deploy(Section):
     """A variant losing more test accuracy than this against fp32 is refused (recorded, not an error)."""
     sparsity: float = Field(gt=0, lt=1)
     """`pruned`: share of each encoder Linear's weights zeroed by L1 magnitude."""
+    ensemble: list[str]
+    """`ensemble`: the other classifiers whose probabilities are averaged with this run's fine-tuned model's:
+    fine-tuned model dirs (relative to the checkout) or registered versions (models:/NAME/VERSION; an @alias is
+    read when deploy runs). Each must predict the same tasks and labels."""
     latency_repeats: int = Field(ge=1)
     """Timed forward passes per variant, at batch 1 and at batch 32 (the first 32 test sentences); medians."""
     out_dir: str
@@ -600,6 +604,9 @@ class Deploy(Section):
     def _served(self) -> "Deploy":
         if self.serve_variant not in self.variants:
             raise ValueError(f"serve_variant: {self.serve_variant} is not one of deploy.variants {self.variants}")
+        if "ensemble" in self.variants and not self.ensemble:
+            raise ValueError("ensemble: deploy.variants names ensemble but deploy.ensemble lists no other model "
+                             "(fine-tuned model dirs or models:/NAME/VERSION)")
         return self
 
 

@@ -51,7 +51,7 @@ Sampler = Literal["random", "group_by_length"]
 """finetune.sampler: Trainer's `train_sampling_strategy` (group_by_length: batches of similar length, padded
 to their longest, so a step costs what its tokens cost)."""
 
-Variant = Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
+Variant = Literal["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned", "ensemble"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 """Deploy variants (lmpipe/compress.py builds them); fp32 is the reference every other one is gated against."""
 

@@ -25,7 +25,7 @@ import mlflow
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from lmpipe.errors import LmpipeError
+from lmpipe.errors import DataError, LmpipeError
 # Imported inside functions (start-up cost, docs/results.md#start-up): package (torch, transformers) where used:
 # `lmpipe rollback` moves an alias without them.
 
@@ -38,6 +38,23 @@ pyproject.toml (the one home of the pins) installed."""
 
 def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in SERVING_PACKAGES]
+
+
+def model_dir(uri: str, dest: Path, field: str) -> Path:
+    """The model directory inside a registered version (models:/NAME/VERSION | @alias), downloaded under `dest`:
+    the artifact log_variant / log_generator logged as model_dir. `field` names the param in the one-line error
+    (an unknown name, alias or version, an unreachable store)."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; the user gets one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{field}: cannot load {uri} ({first[:200]})") from None
+    dirs = [p.parent for p in local.rglob("config.json")]
+    top = min((len(d.parts) for d in dirs), default=0)
+    found = [d for d in dirs if len(d.parts) == top]  # an ensemble's members lie below its own config.json
+    if len(found) != 1:
+        raise DataError(f"{field}: {uri} holds {len(found)} transformers model dirs, expected 1")
+    return found[0]
 
 
 def champion(client, name: str, alias: str, key: str = "accuracy") -> tuple[str | None, float | None]:

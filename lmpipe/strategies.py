@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
@@ -32,6 +32,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from lmpipe import registry
 from lmpipe.config import Finetune
 from lmpipe.errors import ConfigError, DataError
 from lmpipe.modeling import (
@@ -42,8 +43,11 @@ from lmpipe.modeling import (
     max_positions,
     save_classifier,
     stored_max_length,
+    variant_of,
 )
 from lmpipe.names import STRATEGIES
+# Imported inside functions (start-up cost, docs/results.md#start-up): compress (ONNX Runtime) for a teacher that is a
+# deploy variant, which only distillation from such a teacher needs.
 
 ADAPTER_SUBDIR = "adapter"
 """LoRA: where the adapter is kept next to the merged model."""
@@ -51,21 +55,26 @@ ADAPTER_SUBDIR = "adapter"
 
 @dataclass
 class Teacher:
-    """strategy distill: the teacher classifier, its own tokenizer (the student's may differ) and the loss mix."""
+    """strategy distill: the teacher classifier, its own tokenizer (the student's may differ) and the loss mix.
+    An fp32 teacher runs beside the student on each batch (`model`); any other deploy variant (an ensemble above
+    all: several models) is run once over the training texts before training (`predictor`), and its
+    log-probabilities are the soft labels."""
 
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module | None
+    tokenizer: PreTrainedTokenizerBase | None
     max_length: int
     temperature: float
     alpha: float
     source: str
     """What finetune.distill.teacher named (a dir or a models:/ URI)."""
+    predictor: Any = None
+    """lmpipe.compress.Classifier of a non-fp32 teacher (its soft labels are computed before training)."""
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
 
     def collator(self, student_collator: Any) -> "DistillCollator":
-        return DistillCollator(student_collator, DataCollatorWithPadding(self.tokenizer))
+        return DistillCollator(student_collator, self.tokenizer and DataCollatorWithPadding(self.tokenizer))
 
 
 @dataclass
@@ -359,46 +368,46 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * t * t * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
 
 
-def _registry_model_dir(uri: str, dest: Path) -> Path:
-    """The HF model dir inside a registered pyfunc model (the artifact lmpipe.registry logs as model_dir)."""
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    except Exception as e:  # unknown name, alias or version; unreachable store
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"finetune.distill.teacher: cannot load {uri} ({first[:200]})") from None
-    found = sorted(p.parent for p in local.rglob("config.json"))
-    if len(found) != 1:
-        raise DataError(f"finetune.distill.teacher: {uri} holds {len(found)} transformers model dirs, expected 1")
-    return found[0]
-
-
 def load_teacher(cfg: Finetune, labels: list[str], root: Path, device: str) -> Teacher:
     """The teacher named by finetune.distill.teacher (a fine-tuned model dir or models:/NAME@alias |
     models:/NAME/VERSION), in eval mode on `device`; refused when it predicts other labels than the task's."""
     ref = str(cfg.distill.teacher)
     with tempfile.TemporaryDirectory(prefix="lmpipe-teacher-") as tmp:
         if ref.startswith("models:/"):
-            path = _registry_model_dir(ref, Path(tmp))
+            path = registry.model_dir(ref, Path(tmp), "finetune.distill.teacher")
         else:
             path = Path(ref).expanduser()
             path = path if path.is_absolute() else root / path
             if not (path / "config.json").is_file():
                 raise DataError(f"finetune.distill.teacher: {path} is not a fine-tuned model dir (no config.json)")
+        if variant_of(path) != "fp32":  # an ensemble, int8, ONNX: predicted through lmpipe.compress, all in memory
+            from lmpipe import compress
+
+            clf = compress.load(path, device)
+            _same_labels([str(clf.id2label[i]) for i in sorted(clf.id2label)], labels, ref)
+            return Teacher(None, None, clf.max_length, cfg.distill.temperature, cfg.distill.alpha, ref, clf)
         model = load_finetuned(path)
         tokenizer = load_tokenizer(path)
     id2label = model.config.id2label
-    names = [str(id2label[i]) for i in sorted(id2label)]
-    if names != [str(x) for x in labels]:
-        raise ConfigError(f"finetune.distill.teacher: {ref} predicts labels {names}, the task's are {list(labels)}")
+    _same_labels([str(id2label[i]) for i in sorted(id2label)], labels, ref)
     max_length = stored_max_length(tokenizer, model.config)
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model.eval().to(device), tokenizer, max_length, cfg.distill.temperature, cfg.distill.alpha, ref)
 
 
-def with_teacher_inputs(dataset, texts: list[str], teacher: Teacher):
+def _same_labels(names: list[str], labels: list[str], ref: str) -> None:
+    if names != [str(x) for x in labels]:
+        raise ConfigError(f"finetune.distill.teacher: {ref} predicts labels {names}, the task's are {list(labels)}")
+
+
+def with_teacher_inputs(dataset, texts: list[str], teacher: Teacher, batch_size: int = 64):
     """The training split with the teacher's own encoding of each text (columns teacher_input_ids, ...): the
-    teacher reads the text with its tokenizer, whatever the student's is."""
+    teacher reads the text with its tokenizer, whatever the student's is. A variant teacher's soft labels
+    instead: its log-probabilities of each text (column teacher_log_probs), computed here once."""
+    if teacher.predictor is not None:
+        probs = teacher.predictor.predict_proba(texts, batch_size)
+        return dataset.add_column("teacher_log_probs", np.log(np.clip(probs, 1e-12, None)).tolist())
     enc = teacher.tokenizer(texts, truncation=True, max_length=teacher.max_length)
     for key, values in enc.items():
         dataset = dataset.add_column(f"teacher_{key}", values)
@@ -416,6 +425,8 @@ class DistillCollator:
         own = [{k: v for k, v in f.items() if not k.startswith("teacher_")} for f in features]
         theirs = [{k[len("teacher_"):]: v for k, v in f.items() if k.startswith("teacher_")} for f in features]
         batch = self.student(own)
-        if theirs and theirs[0]:
+        if theirs and "log_probs" in theirs[0]:  # soft labels computed before training: (B, num_labels)
+            batch["teacher_log_probs"] = torch.tensor([t["log_probs"] for t in theirs], dtype=torch.float32)
+        elif theirs and theirs[0]:
             batch.update({f"teacher_{k}": v for k, v in self.teacher(theirs).items()})
         return batch

@@ -412,8 +412,11 @@ class FinetuneTrainer(GuardedTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        with torch.no_grad():  # the teacher is fixed: eval mode (set at load), no graph
-            teacher_logits = self.teacher.model(**teacher_inputs).logits  # (B, num_labels)
+        if "log_probs" in teacher_inputs:  # a variant teacher's soft labels, computed before training
+            teacher_logits = teacher_inputs["log_probs"]
+        else:
+            with torch.no_grad():  # the teacher is fixed: eval mode (set at load), no graph
+                teacher_logits = self.teacher.model(**teacher_inputs).logits  # (B, num_labels)
         loss = self._per_item(self.teacher.loss(outputs.logits, teacher_logits, labels), len(labels), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 

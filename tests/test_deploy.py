@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import make_repo, run_module, sh, tiny_params
+from helpers import make_repo, run_module, section, sh, tiny_params
 
 LMPIPE = str(Path(sys.executable).parent / "lmpipe")
 ALL = ["fp32", "int8_dynamic", "onnx", "onnx_int8", "pruned"]
@@ -258,3 +258,113 @@ def test_a_server_on_the_champion_follows_a_rollback(three_deploys):
         local = mlflow.pyfunc.load_model(f"models:/lmpipe-sst2/{target}").predict(pd.DataFrame({"text": texts}))
         assert [p["label"] for p in served] == local["label"].tolist()
         assert [round(p["score"], 5) for p in served] == [round(s, 5) for s in local["score"]]
+
+
+@pytest.fixture(scope="module")
+def ensemble_work(tmp_path_factory):
+    """A workdir with a registered v1 (12 steps), a weaker model kept in a folder (2 steps), and the pipeline's
+    own fine-tuned model (30 steps) evaluated: deploy can ensemble all three."""
+    import shutil
+
+    from helpers import write_tiny_data
+
+    base = tmp_path_factory.mktemp("ensemble")
+    data = write_tiny_data(base / "data")
+    wd = base / "work"
+    wd.mkdir()
+    raw = tiny_params()
+    raw["finetune"].update(learning_rate=0.005, scratch_baseline=False)
+    (wd / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+
+    def stages(*names: str, steps: int, extra: tuple[str, ...] = ()):
+        for stage in names:
+            res = run_module(f"stages.{stage}", wd, "--set", f"finetune.max_steps={steps}", *extra, env=env)
+            assert res.returncode == 0, res.stderr[-3000:]
+
+    stages("clean", "tokenize", "pretrain", "finetune", "evaluate", "deploy", steps=12)  # v1
+    stages("finetune", steps=2)
+    shutil.copytree(wd / "models" / "finetune", wd / "weak")
+    stages("finetune", "evaluate", steps=30)
+    return wd, env
+
+
+ENSEMBLE = ("--set", "finetune.max_steps=30", "--set", "deploy.variants=[fp32, ensemble]")
+
+
+def test_the_ensemble_variant_averages_its_members_registers_serves_and_teaches(ensemble_work):
+    import mlflow
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from lmpipe import compress
+    from lmpipe.serving import reload
+    from lmpipe.serving.app import create_app
+
+    wd, env = ensemble_work
+    res = run_module("stages.deploy", wd, *ENSEMBLE, "--set", "deploy.ensemble=[weak, models:/lmpipe-sst2/1]",
+                     env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    dep = json.loads((wd / "metrics" / "deploy.json").read_text())
+    ens, fp32 = dep["variants"]["ensemble"], dep["variants"]["fp32"]
+    assert ens["status"] == "passed" and 0 <= ens["val_accuracy"] <= 1 and "val_accuracy" not in fp32
+    assert ens["size_mb"] > 2.5 * fp32["size_mb"]  # three models
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    version = dep["versions"]["ensemble"]
+    mv = client.get_model_version("lmpipe-sst2", version)
+    assert mv.tags["variant"] == "ensemble" and float(mv.tags["val_accuracy"]) == ens["val_accuracy"]
+
+    # its probabilities are the mean of its members', each predicting alone
+    test = pd.read_parquet(wd / "data" / "clean" / "labeled_test.parquet")["text"].tolist()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    v1 = Path(mlflow.artifacts.download_artifacts(f"models:/lmpipe-sst2/1", dst_path=str(wd / "v1")))
+    v1 = next(p.parent for p in v1.rglob("config.json"))
+    want = np.mean([compress.load(d).predict_proba(test) for d in (wd / "models" / "finetune", wd / "weak", v1)], 0)
+    got = mlflow.pyfunc.load_model(f"models:/lmpipe-sst2/{version}").predict(pd.DataFrame({"text": test}))
+    assert np.allclose(got["score"].to_numpy(), want.max(1), atol=1e-6)
+    assert (got["score"].to_numpy() != compress.load(wd / "weak").predict_proba(test).max(1)).any()
+
+    # lmpipe serve's loading path: /predict answers with the ensemble, /embed names what it cannot do
+    with TestClient(create_app(reload.load(f"models:/lmpipe-sst2/{version}", client),
+                               cfg=section("serve"))) as http:
+        r = http.post("/predict", json={"texts": test[:2]})
+        assert r.status_code == 200 and [p["score"] for p in r.json()["predictions"]] == pytest.approx(
+            list(want[:2].max(1)), abs=1e-6)
+        r = http.post("/embed", json={"texts": test[:1]})
+        assert r.status_code == 409 and "ensemble" in r.json()["detail"]
+
+    # a distillation teacher: run once over the training texts, its averaged log-probabilities the soft labels
+    res = run_module("stages.finetune", wd, "--set", "finetune.strategy=distill", "--set", "finetune.max_steps=4",
+                     "--set", f"finetune.distill.teacher=models:/lmpipe-sst2/{version}", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ft = json.loads((wd / "metrics" / "finetune.json").read_text())
+    assert ft["teacher"] == f"models:/lmpipe-sst2/{version}" and ft["teacher_variant"] == "ensemble"
+
+
+@pytest.mark.parametrize("members,line", [
+    ("[nowhere]", "deploy: error: deploy.ensemble: nowhere is not a fine-tuned model dir (no "),
+    ("[models:/lmpipe-sst2/99]", "deploy: error: deploy.ensemble: cannot load models:/lmpipe-sst2/99 ("),
+    ("[relabelled]", "deploy: error: deploy.ensemble: relabelled predicts default: ['x', 'y'], the fine-tuned model "
+                     "default: "),
+    ("[]", "deploy: error: params.yaml: deploy.ensemble: deploy.variants names ensemble but deploy.ensemble lists "
+           "no other model"),
+])
+def test_a_bad_ensemble_member_is_one_line_and_nothing_is_registered(ensemble_work, members, line):
+    import shutil
+
+    import mlflow
+
+    wd, env = ensemble_work
+    if not (wd / "relabelled").exists():
+        shutil.copytree(wd / "weak", wd / "relabelled")
+        config = json.loads((wd / "relabelled" / "config.json").read_text())
+        config.update(id2label={"0": "x", "1": "y"}, label2id={"x": 0, "y": 1})
+        (wd / "relabelled" / "config.json").write_text(json.dumps(config))
+    before = (wd / "metrics" / "deploy.json").read_text()
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    versions = len(client.search_model_versions("name='lmpipe-sst2'"))
+    res = run_module("stages.deploy", wd, *ENSEMBLE, "--set", f"deploy.ensemble={members}", env=env)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith(line), res.stderr[-2000:]
+    assert (wd / "metrics" / "deploy.json").read_text() == before
+    assert len(client.search_model_versions("name='lmpipe-sst2'")) == versions

@@ -30,7 +30,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from lmpipe import compress, conversations, sft, tasks
+from lmpipe import compress, conversations, registry, sft, tasks
 from lmpipe.config import Params
 from lmpipe.errors import DataError
 from lmpipe.generation import load_generator
@@ -42,11 +42,13 @@ from lmpipe.names import model_uri, need
 
 
 def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.DataFrame],
-                     reference: Path | None = None) -> list[dict]:
+                     reference: Path | None = None, members: dict[str, Path] | None = None,
+                     validation: dict[str, pd.DataFrame] | None = None) -> list[dict]:
     """Build, score, time and gate every variant of deploy.variants; rows in that order, fp32 first. `tests`:
     the test split of each task of the model (a multi-task model's accuracy is the mean over its tasks, each
     task's own in the row's `tasks`). Each variant directory gets evaluate's drift reference (`reference`) as
-    drift_reference.json."""
+    drift_reference.json. The ensemble (`members`: deploy.ensemble resolved) is other models than the one
+    fine-tuning selected, so it is also scored on `validation`, the figure its promotion compares."""
     cfg = params.deploy
     timing = next(iter(tests.values()))["text"].tolist()[:32]
     rows: list[dict] = []
@@ -59,10 +61,11 @@ def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.
             print(f"deploy: variant {variant}: not built ({why})")
             continue
         dest = work / variant
-        compress.build(variant, src, dest, cfg.sparsity)
+        compress.build(variant, src, dest, cfg.sparsity, members if variant == "ensemble" else None)
         clf = compress.load(dest)
-        m = tasks.score({t: clf.predict_proba(df["text"].tolist(), params.evaluate.batch_size) for t, df in tests.items()},
-                        {t: df["label"].to_numpy() for t, df in tests.items()}, clf.layout)
+        m = _score(clf, tests, params.evaluate.batch_size)
+        if variant == "ensemble":
+            row["val_accuracy"] = _score(clf, validation, params.evaluate.batch_size)["accuracy"]
         if len(tests) > 1:
             row["tasks"] = {t: round(tm["accuracy"], 6) for t, tm in m["tasks"].items()}
         row.update(accuracy=m["accuracy"], f1_macro=m["f1_macro"], dir=str(dest),
@@ -95,6 +98,27 @@ def measure_variants(params: Params, src: Path, work: Path, tests: dict[str, pd.
     return rows
 
 
+def _score(clf, splits: dict[str, pd.DataFrame], batch_size: int) -> dict:
+    return tasks.score({t: clf.predict_proba(df["text"].tolist(), batch_size) for t, df in splits.items()},
+                       {t: df["label"].to_numpy() for t, df in splits.items()}, clf.layout)
+
+
+def ensemble_members(refs: list[str], root: Path, work: Path) -> dict[str, Path]:
+    """deploy.ensemble -> {what it named: the model directory}: a directory (relative to `root`) as it is, a
+    registered version downloaded under `work`. Each must be a model directory; else one line naming it."""
+    out = {}
+    for i, ref in enumerate(refs):
+        if ref.startswith("models:/"):
+            out[ref] = registry.model_dir(ref, work / str(i), "deploy.ensemble")
+        else:
+            path = Path(ref).expanduser()
+            path = path if path.is_absolute() else root / path
+            if not (path / "config.json").is_file():
+                raise DataError(f"deploy.ensemble: {ref} is not a fine-tuned model dir (no {path / 'config.json'})")
+            out[ref] = path
+    return out
+
+
 def deploy(params: Params, root: Path, run) -> None:
     cfg = params.deploy
     ev = read_json(need(root / params.evaluate.metrics, "evaluate"))
@@ -123,10 +147,15 @@ def deploy(params: Params, root: Path, run) -> None:
             print(f"deploy: gate passed (accuracy {acc:.4f}); deploy.publish is false: nothing registered")
         else:
             clean_dir = root / params.clean.out_dir
-            tests = {t: tasks.load_split(clean_dir, t, params.clean, "test")
-                     for t in tasks.selected(params.finetune, params.clean)}
+            selected = tasks.selected(params.finetune, params.clean)
+            tests = {t: tasks.load_split(clean_dir, t, params.clean, "test") for t in selected}
+            members = validation = None
+            if "ensemble" in cfg.variants:
+                members = ensemble_members(cfg.ensemble, root, Path(work) / "ensemble")
+                compress.check_members(model_dir, members)  # before anything is built
+                validation = {t: tasks.load_split(clean_dir, t, params.clean, "validation") for t in selected}
             reference = need(root / params.evaluate.reference_profile, "evaluate")
-            rows = measure_variants(params, model_dir, Path(work), tests, reference)
+            rows = measure_variants(params, model_dir, Path(work), tests, reference, members, validation)
             served = _served(cfg, rows)
             shutil.copytree(next(r for r in rows if r["variant"] == served)["dir"], out / "model")  # export first
             # the selected checkpoint's validation accuracy, shared by every variant built from it
@@ -155,7 +184,7 @@ def _register(params: Params, rows: list[dict], served: str, run, val_acc: float
     versions = {}
     for r in rows:
         figures = {k: r[k] for k in ("accuracy", "f1_macro", "accuracy_drop", "latency_b1_ms", "latency_b32_ms",
-                                     "size_mb") if k in r} | {"val_accuracy": val_acc}
+                                     "size_mb") if k in r} | {"val_accuracy": r.get("val_accuracy", val_acc)}
         mlflow.log_metrics({f"variant.{r['variant']}.{k}": v for k, v in figures.items()})
         mlflow.set_tag(f"deploy.variant.{r['variant']}", r["status"] + (f": {r['reason']}" if "reason" in r else ""))
         if r["status"] == "passed":
@@ -167,6 +196,7 @@ def _register(params: Params, rows: list[dict], served: str, run, val_acc: float
         result["serve_variant_refused"] = cfg.serve_variant
         print(f"deploy: deploy.serve_variant {cfg.serve_variant} was not registered (see its row); serving {served}")
     served_row = next(r for r in rows if r["variant"] == served)
+    val_acc = served_row.get("val_accuracy", val_acc)  # the ensemble's own; every other variant's is the model's
     result.update(promote(client, cfg.model_name, cfg.alias, versions[served], val_acc, key="val_accuracy"))
     mlflow.set_tags({"deploy.gate": "passed", "deploy.version": versions[served], "deploy.served_variant": served,
                      "deploy.promoted": str(result["promoted"])})

@@ -155,6 +155,7 @@ def finetune(params: Params, root: Path, run) -> None:
         summary["sampling"] = cfg.sampling
     if teacher is not None:
         summary["teacher"] = teacher.source
+        summary["teacher_variant"] = teacher.predictor.variant if teacher.predictor is not None else "fp32"
     for name, out_dir, weights, random_init, single in variants:
         done = checkpoints.load_finished(ckpt, name)
         if done is None:
