@@ -423,9 +423,29 @@ class Augment(Section):
     """Augmented copies added per training example (0 = off); validation and test are never augmented."""
     probability: float = Field(gt=0, le=1)
     """Share of an example's words each operation touches (deleted, swapped or inserted; at least one)."""
-    ops: list[Literal["delete", "swap", "insert"]] = Field(min_length=1)
+    ops: list[Literal["delete", "swap", "insert", "contextual", "neighbour", "backtranslate"]] = Field(min_length=1)
     """Operations drawn from per copy: random deletion, random swap, random insertion of a word from the
-    training split's vocabulary (no downloaded resources)."""
+    training split's vocabulary (no downloaded resources); `contextual`: words replaced by the masked LM's top
+    predictions in their context (augment.model, which needs an MLM head); `neighbour`: words replaced by their
+    nearest tokens in augment.model's input-embedding space (any encoder or decoder). `backtranslate` is refused:
+    it needs a translation model, and none can be had offline."""
+    model: str | None
+    """contextual / neighbour: pretrained (the pretrain stage's model, e.g. MiniLM after continued MLM
+    pretraining), package:NAME or a local model dir."""
+    top_k: int = Field(ge=1)
+    """contextual / neighbour: a replacement is drawn (seeded) from the word's top_k candidates."""
+
+    @model_validator(mode="after")
+    def _model_ops(self) -> "Augment":
+        if "backtranslate" in self.ops:
+            raise ValueError("ops: backtranslate needs a translation model, and none can be had offline (no Hugging "
+                             "Face hub); use contextual or neighbour")
+        needs = [op for op in self.ops if op in ("contextual", "neighbour")]
+        if needs and not self.model:
+            raise ValueError(f"model: augment.ops {needs} need augment.model (pretrained, package:NAME or a model dir)")
+        if self.model == "scratch":
+            raise ValueError("model: scratch has no learned words to propose; pretrained, package:NAME or a model dir")
+        return self
 
 
 class Finetune(Section):

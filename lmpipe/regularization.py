@@ -6,7 +6,9 @@ Label smoothing and early stopping are Trainer's own (label_smoothing_factor, Ea
 lmpipe/training.py). What Trainer lacks lives here:
 - `dropout_overrides`: one dropout probability for every dropout setting the model's config has;
 - `augment`: seeded random deletion / swap / insertion of in-vocabulary words (Wei & Zou 2019, EDA, without
-  its WordNet synonyms, which would need a download), applied to the training split only;
+  its WordNet synonyms, which would need a download), and model-based replacement of words: contextual (a
+  masked LM's top predictions in the sentence, Kobayashi 2018) or neighbour (nearest tokens in a model's
+  input-embedding space, synonyms from the encoder's own vocabulary); the training split only;
 - `EmbeddingAdversary`: FGM (Miyato et al. 2017) and PGD (Madry et al. 2018, on embeddings as in FreeLB)
   perturbations of the word embeddings' output, used by FinetuneTrainer.training_step;
 - `rdrop_loss` / `check_rdrop`: R-Drop (Liang et al. 2021), two dropout passes of one batch pulled together by
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import random
+from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from transformers import PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PretrainedConfig
 
 from lmpipe.config import Adversarial, Augment
-from lmpipe.errors import ConfigError
+from lmpipe.errors import ConfigError, DataError
+from lmpipe.modeling import checkpoint_objective
 
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "summary_last_dropout",
@@ -66,21 +70,126 @@ def _augment_one(words: list[str], op: str, p: float, vocabulary: list[str], rng
     return out
 
 
-def augment(df: pd.DataFrame, cfg: Augment, seed: int) -> pd.DataFrame:
+MODEL_OPS = ("contextual", "neighbour")
+
+
+def augment(df: pd.DataFrame, cfg: Augment, seed: int, model_dir: Path | None = None, batch_size: int = 64
+            ) -> pd.DataFrame:
     """The training split with cfg.copies augmented copies of each example appended (labels kept), seeded.
-    Inserted words come from the split's own vocabulary (whitespace words). copies 0 returns `df` itself."""
+    Inserted words come from the split's own vocabulary (whitespace words); contextual and neighbour draw
+    replacements from the model in `model_dir` (augment.model resolved), run in batches of `batch_size`.
+    copies 0 returns `df` itself."""
     if cfg.copies == 0 or df.empty:
         return df
     rng = random.Random(seed)
     vocabulary = sorted({w for text in df["text"] for w in text.split()})
-    rows = []
+    rows: list[dict] = []
+    pending: dict[str, list[tuple[int, list[str], list[int], random.Random]]] = {op: [] for op in MODEL_OPS}
     for text, label in zip(df["text"], df["label"]):
         words = text.split()
         for _ in range(cfg.copies):
             op = rng.choice(cfg.ops)
-            rows.append({"text": " ".join(_augment_one(words, op, cfg.probability, vocabulary, rng)) if words
-                         else text, "label": label})
+            if op in MODEL_OPS and words:  # filled in below, all of an op's copies in batches
+                n = max(1, round(cfg.probability * len(words)))
+                pending[op].append((len(rows), words, sorted(rng.sample(range(len(words)), n)),
+                                    random.Random(rng.getrandbits(64))))
+                rows.append({"text": text, "label": label})
+            else:
+                rows.append({"text": " ".join(_augment_one(words, op, cfg.probability, vocabulary, rng)) if words
+                             else text, "label": label})
+    if any(pending.values()):
+        replacer = WordReplacer(model_dir, contextual=bool(pending["contextual"]), top_k=cfg.top_k)
+        for op, items in pending.items():
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                for (row, *_), words in zip(chunk, replacer.replace(op, [c[1:] for c in chunk])):
+                    rows[row]["text"] = " ".join(words)
     return pd.concat([df[["text", "label"]], pd.DataFrame(rows)], ignore_index=True)
+
+
+class WordReplacer:
+    """Replacement words from a model: `contextual`, the masked LM's top_k predictions at each chosen word
+    masked in its sentence; `neighbour`, the top_k tokens nearest the word by cosine of the input embeddings
+    (a word that is not one token of the model's vocabulary stays). Candidates are whole alphabetic words of
+    the vocabulary (no subword pieces, no special tokens), never the word itself; each copy draws from them with
+    its own seeded generator, and the model runs in eval mode, so the result is reproducible."""
+
+    def __init__(self, model_dir: Path | None, contextual: bool, top_k: int) -> None:
+        if model_dir is None:
+            raise ConfigError("finetune.augment.model: contextual / neighbour need a model")
+        self.top_k = top_k
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if contextual:
+            config = AutoConfig.from_pretrained(model_dir)
+            if checkpoint_objective(config) != "mlm" or self.tokenizer.mask_token is None:
+                raise DataError(f"finetune.augment.model: {model_dir} ({type(config).__name__}) is not a masked LM: "
+                                "contextual needs a masked LM (use neighbour, or an encoder after pretrain.objective "
+                                "mlm)")
+            self.model, info = AutoModelForMaskedLM.from_pretrained(model_dir, output_loading_info=True)
+            head = [k for k in info["missing_keys"] if "embeddings" not in k and "encoder" not in k]
+            if head:
+                raise DataError(f"finetune.augment.model: {model_dir} has no trained masked-LM head (missing "
+                                f"{head[0]}, ...): contextual needs one (use neighbour, or pretrained after "
+                                "pretrain.objective mlm)")
+        else:
+            self.model = AutoModel.from_pretrained(model_dir)
+        self.model.eval()
+        width = self.model.get_input_embeddings().weight.shape[0]  # the model's vocabulary (>= the tokenizer's)
+        vocab = self.tokenizer.convert_ids_to_tokens(list(range(min(len(self.tokenizer), width))))
+        special = set(self.tokenizer.all_special_ids)
+        words = [self.tokenizer.convert_tokens_to_string([t]).strip() for t in vocab]
+        alpha = [i for i, w in enumerate(words) if i not in special and w.isalpha()]
+        # a candidate is a whole word: written alone in a text, it is this one token (not a word-inner piece)
+        alone = {form: self.tokenizer([form + words[i] for i in alpha], add_special_tokens=False)["input_ids"]
+                 for form in ("", " ")}
+        self.word_of = {i: words[i] for k, i in enumerate(alpha) if [i] in (alone[""][k], alone[" "][k])}
+        self.eligible = torch.zeros(width, dtype=torch.bool)
+        self.eligible[list(self.word_of)] = True
+        self._neighbours: dict[int, list[int]] = {}
+
+    def replace(self, op: str, items: list[tuple[list[str], list[int], random.Random]]) -> list[list[str]]:
+        return self._contextual(items) if op == "contextual" else [self._neighbour(*item) for item in items]
+
+    def _draw(self, candidates: list[int], word: str, rng: random.Random) -> str:
+        names = [self.word_of[c] for c in candidates if self.word_of[c].lower() != word.lower()][:self.top_k]
+        return rng.choice(names) if names else word
+
+    def _token(self, word: str) -> int | None:
+        for form in (word, " " + word):  # WordPiece: the word; byte-level BPE: the word after a space
+            ids = self.tokenizer(form, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] in self.word_of:
+                return ids[0]
+        return None
+
+    @torch.inference_mode()
+    def _neighbour(self, words: list[str], positions: list[int], rng: random.Random) -> list[str]:
+        out = list(words)
+        for i in positions:
+            token = self._token(words[i])
+            if token is None:
+                continue
+            if token not in self._neighbours:
+                emb = self.model.get_input_embeddings().weight
+                sims = F.cosine_similarity(emb[token][None, :], emb, dim=-1).masked_fill(~self.eligible, -2.0)
+                self._neighbours[token] = sims.topk(self.top_k + 1).indices.tolist()
+            out[i] = self._draw(self._neighbours[token], words[i], rng)
+        return out
+
+    @torch.inference_mode()
+    def _contextual(self, items: list[tuple[list[str], list[int], random.Random]]) -> list[list[str]]:
+        mask = self.tokenizer.mask_token
+        texts = [" ".join(mask if i in set(positions) else w for i, w in enumerate(words))
+                 for words, positions, _ in items]
+        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        logits = self.model(**enc).logits.masked_fill(~self.eligible, float("-inf"))
+        out = []
+        for b, (words, positions, rng) in enumerate(items):
+            slots = (enc["input_ids"][b] == self.tokenizer.mask_token_id).nonzero().flatten().tolist()
+            new = list(words)
+            for i, slot in zip(positions, slots):  # a mask cut off by truncation keeps its word
+                new[i] = self._draw(logits[b, slot].topk(self.top_k + 1).indices.tolist(), words[i], rng)
+            out.append(new)
+        return out
 
 
 # -- adversarial training -----------------------------------------------------------------------------------

@@ -22,20 +22,20 @@ def _df() -> pd.DataFrame:
 
 
 def test_augment_appends_seeded_copies_with_the_labels_kept():
-    cfg = Augment(copies=2, probability=0.3, ops=["delete", "swap", "insert"])
+    cfg = Augment(copies=2, probability=0.3, ops=["delete", "swap", "insert"], model=None, top_k=5)
     out = augment(_df(), cfg, seed=0)
     assert len(out) == len(TEXTS) * 3
     assert out["text"].iloc[:4].tolist() == TEXTS  # the originals first, untouched
     assert out["label"].tolist() == [1, 0, 1, 0] + [1, 1, 0, 0, 1, 1, 0, 0]
     assert augment(_df(), cfg, seed=0).equals(out)  # seeded
     assert not augment(_df(), cfg, seed=1).equals(out)
-    assert augment(_df(), Augment(copies=0, probability=0.3, ops=["swap"]), seed=0) is not None
-    assert len(augment(_df(), Augment(copies=0, probability=0.3, ops=["swap"]), seed=0)) == len(TEXTS)
+    assert augment(_df(), Augment(copies=0, probability=0.3, ops=["swap"], model=None, top_k=5), seed=0) is not None
+    assert len(augment(_df(), Augment(copies=0, probability=0.3, ops=["swap"], model=None, top_k=5), seed=0)) == len(TEXTS)
 
 
 @pytest.mark.parametrize("op", ["delete", "swap", "insert"])
 def test_each_augmentation_does_what_it_says(op):
-    out = augment(_df(), Augment(copies=3, probability=0.3, ops=[op]), seed=0)
+    out = augment(_df(), Augment(copies=3, probability=0.3, ops=[op], model=None, top_k=5), seed=0)
     vocabulary = {w for t in TEXTS for w in t.split()}
     originals = [t.split() for t in TEXTS for _ in range(3)]
     changed = 0
@@ -52,6 +52,89 @@ def test_each_augmentation_does_what_it_says(op):
             it = iter(new)
             assert all(w in it for w in words)
     assert changed >= 9  # of 12 copies: the operations really change the text
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm(tmp_path_factory):
+    """A 1-layer BERT masked LM (random weights, seed 0) with a WordPiece vocabulary holding every word of TEXTS
+    whole, and the same encoder saved without its MLM head."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.train_from_iterator(TEXTS * 3 + ["good bad fine great awful movie story plot"],
+                            trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+    tok = BertTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    base = tmp_path_factory.mktemp("mlm")
+    BertForMaskedLM(config).save_pretrained(base / "mlm")
+    BertModel(config).save_pretrained(base / "encoder")
+    for d in ("mlm", "encoder"):
+        tok.save_pretrained(base / d)
+    return base
+
+
+def _replaced(out: pd.DataFrame, copies: int):
+    """(original words, augmented words, positions that changed) of each augmented copy."""
+    for k, text in enumerate(out["text"].iloc[len(TEXTS):]):
+        words, new = TEXTS[k // copies].split(), text.split()
+        assert len(new) == len(words)  # replaced in place, never added or dropped
+        yield words, new, [i for i, (a, b) in enumerate(zip(words, new)) if a != b]
+
+
+@pytest.mark.parametrize("op", ["contextual", "neighbour"])
+def test_model_augmentation_replaces_words_with_the_models_own_candidates(tiny_mlm, op):
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    cfg = Augment(copies=3, probability=0.3, ops=[op], model="m", top_k=3)
+    out = augment(_df(), cfg, seed=0, model_dir=tiny_mlm / "mlm")
+    assert out["label"].tolist()[4:] == [1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert augment(_df(), cfg, seed=0, model_dir=tiny_mlm / "mlm").equals(out)  # seeded
+    assert not augment(_df(), cfg, seed=1, model_dir=tiny_mlm / "mlm").equals(out)
+    tok = AutoTokenizer.from_pretrained(tiny_mlm / "mlm")
+    vocab = tok.convert_ids_to_tokens(list(range(len(tok))))
+    changed = 0
+    for words, new, at in _replaced(out, 3):
+        assert len(at) <= max(1, round(0.3 * len(words)))
+        changed += bool(at)
+        if op == "contextual":  # each new word is among the top 3 (+ the word itself) at its mask in context
+            model = AutoModelForMaskedLM.from_pretrained(tiny_mlm / "mlm").eval()
+            masked = " ".join("[MASK]" if i in at else w for i, w in enumerate(words))
+            enc = tok(masked, return_tensors="pt")
+            with torch.no_grad():
+                logits = model(**enc).logits[0]
+            slots = (enc["input_ids"][0] == tok.mask_token_id).nonzero().flatten().tolist()
+            for i, slot in zip(at, slots):
+                ranked = [vocab[j] for j in logits[slot].argsort(descending=True).tolist() if vocab[j].isalpha()]
+                assert new[i] in [w for w in ranked if w != words[i]][:3], (words[i], new[i])
+        else:  # each new word is among the 3 tokens nearest the old one by cosine of the input embeddings
+            emb = AutoModel.from_pretrained(tiny_mlm / "mlm").get_input_embeddings().weight.detach()
+            for i in at:
+                sims = torch.nn.functional.cosine_similarity(emb[vocab.index(words[i])][None], emb, dim=-1)
+                ranked = [vocab[j] for j in sims.argsort(descending=True).tolist()
+                          if vocab[j].isalpha() and vocab[j] != words[i]]
+                assert new[i] in ranked[:3], (words[i], new[i])
+    assert changed >= 10  # of 12 copies
+
+
+def test_contextual_needs_a_trained_mlm_head_and_a_model_at_all(tiny_mlm):
+    from lmpipe.errors import ConfigError, DataError
+
+    cfg = Augment(copies=1, probability=0.3, ops=["contextual"], model="m", top_k=3)
+    with pytest.raises(DataError, match="has no trained masked-LM head .*contextual needs one"):
+        augment(_df(), cfg, seed=0, model_dir=tiny_mlm / "encoder")
+    assert len(augment(_df(), cfg.model_copy(update={"ops": ["neighbour"]}), 0, tiny_mlm / "encoder")) == 8
+    with pytest.raises(ValueError, match="need augment.model"):
+        Augment(copies=1, probability=0.3, ops=["swap", "neighbour"], model=None, top_k=3)
+    with pytest.raises(ValueError, match="backtranslate needs a translation model"):
+        Augment(copies=1, probability=0.3, ops=["backtranslate"], model="m", top_k=3)
+    with pytest.raises(ConfigError):
+        augment(_df(), cfg, seed=0, model_dir=None)
 
 
 def test_dropout_override_covers_every_dropout_setting_of_the_config():

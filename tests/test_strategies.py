@@ -331,6 +331,14 @@ def _other_labels_teacher(work: Path) -> str:
     (["finetune.strategy=distill", "finetune.distill.teacher=models:/nope@champion"],
      "finetune.distill.teacher: cannot load models:/nope@champion"),
     (["finetune.augment.ops=[]"], "finetune.augment.ops: List should have at least 1 item"),
+    (["finetune.augment.copies=1", "finetune.augment.ops=[swap, contextual]"],
+     "finetune.augment.model: augment.ops ['contextual'] need augment.model (pretrained, package:NAME or a model dir)"),
+    (["finetune.augment.copies=1", "finetune.augment.ops=[neighbour]", "finetune.augment.model=nowhere"],
+     "finetune.augment.model: nowhere: "),
+    (["finetune.augment.copies=1", "finetune.augment.ops=[contextual]", "finetune.augment.model=pretrained"],
+     "(LlamaConfig) is not a masked LM: contextual needs a masked LM"),
+    (["finetune.augment.ops=[backtranslate]"],
+     "finetune.augment.ops: backtranslate needs a translation model, and none can be had offline"),
     (["finetune.adversarial.method=free"], "finetune.adversarial.method: Input should be 'none', 'fgm' or 'pgd'"),
 ])
 def test_bad_strategy_input_is_one_line_and_writes_nothing(work, sets, expected):
@@ -391,6 +399,34 @@ def test_adversarial_training_logs_a_higher_loss_on_perturbed_embeddings(work, m
     clean = {m.step: m.value for m in client.get_metric_history(got["mlflow_run_id"], "classifier.train_loss")}
     assert adversarial and set(adversarial) == set(clean)
     assert sum(adversarial.values()) > sum(clean.values())
+
+
+def test_neighbour_augmentation_swaps_words_for_the_pretrained_models_nearest_tokens(work):
+    import pandas as pd
+
+    n = len(pd.read_parquet(work / "data" / "clean" / "labeled_train.parquet"))
+    got = _finetune(work, "finetune.augment.copies=1", "finetune.augment.ops=[neighbour]",
+                    "finetune.augment.model=pretrained", "finetune.augment.top_k=3")
+    assert (got["train_examples"], got["augmented_examples"]) == (2 * n, n)
+    table = json.loads(_artifact(work, got["mlflow_run_id"], "augment_samples.json").read_text())
+    rows = [dict(zip(table["columns"], r)) for r in table["data"]]
+    assert len(rows) == min(n, 50)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "models" / "pretrain")
+
+    def one_token(word: str) -> bool:
+        return any(len(tok(f, add_special_tokens=False)["input_ids"]) == 1 for f in (word, " " + word))
+
+    changed = 0
+    for r in rows:
+        before, after = r["original"].split(), r["augmented"].split()
+        assert len(before) == len(after)  # words replaced in place
+        for old, new in zip(before, after):
+            if old != new:  # only a word that is one token of the vocabulary has neighbours; its is one, too
+                changed += 1
+                assert one_token(old) and one_token(new) and new.isalpha(), (old, new)
+    assert changed >= 5, rows[:5]  # a 300-token vocabulary: most words are several tokens and stay
 
 
 def test_augmentation_adds_copies_of_the_training_split_only(work):

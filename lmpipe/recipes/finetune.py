@@ -54,7 +54,7 @@ from lmpipe.modeling import (
     resolve_model_ref,
 )
 from lmpipe.names import missing
-from lmpipe.regularization import augment, dropout_overrides
+from lmpipe.regularization import MODEL_OPS, augment, dropout_overrides
 from lmpipe.stage import seed_everything
 from lmpipe.training import encode_labeled
 from lmpipe.training import finetune as train_classifier
@@ -119,7 +119,9 @@ def finetune(params: Params, root: Path, run) -> None:
     dev = device(params.common)
     teacher = strategies.load_teacher(cfg, list(layout.labels[0]), root, dev) if cfg.strategy == "distill" else None
 
-    data = _task_data(params, clean_dir, task_names, layout)
+    words = cfg.augment.copies and set(cfg.augment.ops) & set(MODEL_OPS)  # contextual / neighbour: their model
+    augmenter = resolve_init(cfg.augment.model, root, params.pretrain.out_dir, "finetune.augment.model") if words else None
+    data = _task_data(params, clean_dir, task_names, layout, augmenter)
     train_df, val_df = data["train"], data["validation"]
     examples = sum(data["sizes"].values()) if layout.multi else len(train_df)  # multi: train_df is the schedule
     mlflow.log_metrics({"train_examples": examples, "augmented_examples": data["added"]})
@@ -280,7 +282,11 @@ def finetune_generator(params: Params, root: Path, run) -> None:
     checkpoints.release(ckpt)
 
 
-def _task_data(params: Params, clean_dir: Path, task_names: list[str], layout) -> dict:
+AUGMENT_SAMPLES = 50
+"""Augmented training examples (with their originals) logged to MLflow as a table."""
+
+
+def _task_data(params: Params, clean_dir: Path, task_names: list[str], layout, augmenter: Path | None = None) -> dict:
     """The training and validation examples. One task: its splits as they are (augmented). Several: every
     task's validation split with global labels, and the training examples in the order of the multi-task
     batch schedule (lmpipe.tasks.schedule), so Trainer reads them sequentially."""
@@ -296,8 +302,13 @@ def _task_data(params: Params, clean_dir: Path, task_names: list[str], layout) -
                                                      name=f"labeled_{split}{suffix}", targets="label"), context=context)
         # text augmentation: the training split only, seeded; validation stays as it is
         n = len(train_df)
-        train_df = augment(train_df, cfg.augment, seed)
+        train_df = augment(train_df, cfg.augment, seed, augmenter, params.evaluate.batch_size)
         added += len(train_df) - n
+        if len(train_df) > n:  # what augmentation made of the first examples, on the run page
+            made = train_df.iloc[n:n + AUGMENT_SAMPLES]
+            mlflow.log_table({"original": [train_df["text"].iloc[(k - n) // cfg.augment.copies] for k in made.index],
+                              "augmented": made["text"].tolist(), "label": made["label"].tolist()},
+                             f"augment_samples{suffix}.json")
         own[t], sizes[t] = {"train": train_df.reset_index(drop=True), "validation": val_df}, len(train_df)
     if not layout.multi:
         t = task_names[0]
