@@ -108,6 +108,9 @@ def _finetune_key(params: Params, root: Path) -> dict[str, Any]:
             key["teacher md5"] = _model_files_md5(path)
     elif teacher:
         key["teacher version"] = _registry_version(teacher, root)
+    if cfg.augment.copies and {"contextual", "neighbour"} & set(cfg.augment.ops):  # the words it proposes
+        key["augment model md5"] = _model_files_md5(resolve_init(cfg.augment.model, root, params.pretrain.out_dir,
+                                                                 "finetune.augment.model"))
     return key
 
 

@@ -627,6 +627,11 @@ class Deploy(Section):
         if "ensemble" in self.variants and not self.ensemble:
             raise ValueError("ensemble: deploy.variants names ensemble but deploy.ensemble lists no other model "
                              "(fine-tuned model dirs or models:/NAME/VERSION)")
+        if twice := sorted({m for m in self.ensemble if self.ensemble.count(m) > 1}):
+            raise ValueError(f"ensemble: {twice[0]} is listed twice")
+        if own := [m for m in self.ensemble if m == f"models:/{self.model_name}@{self.alias}"]:
+            raise ValueError(f"ensemble: {own[0]} moves to each deploy's served version (an ensemble, once one is "
+                             f"promoted); name a version: models:/{self.model_name}/N")
         return self
 
 

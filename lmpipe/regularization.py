@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 
 from lmpipe.config import Adversarial, Augment
 from lmpipe.errors import ConfigError, DataError
-from lmpipe.modeling import checkpoint_objective
+from lmpipe.modeling import checkpoint_objective, stored_max_length
 
 DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attention_dropout",
                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "summary_last_dropout",
@@ -145,13 +145,16 @@ class WordReplacer:
         self.word_of = {i: words[i] for k, i in enumerate(alpha) if [i] in (alone[""][k], alone[" "][k])}
         self.eligible = torch.zeros(width, dtype=torch.bool)
         self.eligible[list(self.word_of)] = True
+        self.k = min(top_k + 1, len(self.word_of))  # candidates asked of the model: the word itself may be one
+        self.max_length = stored_max_length(self.tokenizer, self.model.config)
         self._neighbours: dict[int, list[int]] = {}
 
     def replace(self, op: str, items: list[tuple[list[str], list[int], random.Random]]) -> list[list[str]]:
         return self._contextual(items) if op == "contextual" else [self._neighbour(*item) for item in items]
 
     def _draw(self, candidates: list[int], word: str, rng: random.Random) -> str:
-        names = [self.word_of[c] for c in candidates if self.word_of[c].lower() != word.lower()][:self.top_k]
+        names = [self.word_of[c] for c in candidates
+                 if c in self.word_of and self.word_of[c].lower() != word.lower()][:self.top_k]
         return rng.choice(names) if names else word
 
     def _token(self, word: str) -> int | None:
@@ -171,7 +174,7 @@ class WordReplacer:
             if token not in self._neighbours:
                 emb = self.model.get_input_embeddings().weight
                 sims = F.cosine_similarity(emb[token][None, :], emb, dim=-1).masked_fill(~self.eligible, -2.0)
-                self._neighbours[token] = sims.topk(self.top_k + 1).indices.tolist()
+                self._neighbours[token] = sims.topk(self.k).indices.tolist()
             out[i] = self._draw(self._neighbours[token], words[i], rng)
         return out
 
@@ -180,14 +183,16 @@ class WordReplacer:
         mask = self.tokenizer.mask_token
         texts = [" ".join(mask if i in set(positions) else w for i, w in enumerate(words))
                  for words, positions, _ in items]
-        enc = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        logits = self.model(**enc).logits.masked_fill(~self.eligible, float("-inf"))
-        out = []
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        where = enc["input_ids"] == self.tokenizer.mask_token_id
+        logits = self.model(**enc).logits[where]  # (masks, V): the masked slots only, in reading order
+        ranked = logits.masked_fill_(~self.eligible, float("-inf")).topk(self.k).indices.tolist()
+        out, slot = [], 0
         for b, (words, positions, rng) in enumerate(items):
-            slots = (enc["input_ids"][b] == self.tokenizer.mask_token_id).nonzero().flatten().tolist()
             new = list(words)
-            for i, slot in zip(positions, slots):  # a mask cut off by truncation keeps its word
-                new[i] = self._draw(logits[b, slot].topk(self.top_k + 1).indices.tolist(), words[i], rng)
+            for i in positions[:int(where[b].sum())]:  # a mask cut off by truncation keeps its word
+                new[i] = self._draw(ranked[slot], words[i], rng)
+                slot += 1
             out.append(new)
         return out
 

@@ -67,8 +67,11 @@ class Teacher:
     alpha: float
     source: str
     """What finetune.distill.teacher named (a dir or a models:/ URI)."""
+    variant: str = "fp32"
+    """The teacher's deploy variant (lmpipe/compress.py)."""
     predictor: Any = None
-    """lmpipe.compress.Classifier of a non-fp32 teacher (its soft labels are computed before training)."""
+    """lmpipe.compress.Classifier of a non-fp32 teacher, until its soft labels are computed (with_teacher_inputs
+    lets it go: the models are not needed during training)."""
 
     def loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha)
@@ -385,7 +388,7 @@ def load_teacher(cfg: Finetune, labels: list[str], root: Path, device: str) -> T
 
             clf = compress.load(path, device)
             _same_labels([str(clf.id2label[i]) for i in sorted(clf.id2label)], labels, ref)
-            return Teacher(None, None, clf.max_length, cfg.distill.temperature, cfg.distill.alpha, ref, clf)
+            return Teacher(None, None, clf.max_length, cfg.distill.temperature, cfg.distill.alpha, ref, clf.variant, clf)
         model = load_finetuned(path)
         tokenizer = load_tokenizer(path)
     id2label = model.config.id2label
@@ -407,6 +410,7 @@ def with_teacher_inputs(dataset, texts: list[str], teacher: Teacher, batch_size:
     instead: its log-probabilities of each text (column teacher_log_probs), computed here once."""
     if teacher.predictor is not None:
         probs = teacher.predictor.predict_proba(texts, batch_size)
+        teacher.predictor = None  # every member's memory back before training starts
         return dataset.add_column("teacher_log_probs", np.log(np.clip(probs, 1e-12, None)).tolist())
     enc = teacher.tokenizer(texts, truncation=True, max_length=teacher.max_length)
     for key, values in enc.items():

@@ -103,9 +103,10 @@ def _score(clf, splits: dict[str, pd.DataFrame], batch_size: int) -> dict:
                        {t: df["label"].to_numpy() for t, df in splits.items()}, clf.layout)
 
 
-def ensemble_members(refs: list[str], root: Path, work: Path) -> dict[str, Path]:
+def ensemble_members(refs: list[str], root: Path, work: Path, own: Path) -> dict[str, Path]:
     """deploy.ensemble -> {what it named: the model directory}: a directory (relative to `root`) as it is, a
-    registered version downloaded under `work`. Each must be a model directory; else one line naming it."""
+    registered version downloaded under `work`. Each must be a model directory other than `own` (the fine-tuned
+    model, a member already); else one line naming it."""
     out = {}
     for i, ref in enumerate(refs):
         if ref.startswith("models:/"):
@@ -115,6 +116,9 @@ def ensemble_members(refs: list[str], root: Path, work: Path) -> dict[str, Path]
             path = path if path.is_absolute() else root / path
             if not (path / "config.json").is_file():
                 raise DataError(f"deploy.ensemble: {ref} is not a fine-tuned model dir (no {path / 'config.json'})")
+            if path.resolve() == own.resolve():
+                raise DataError(f"deploy.ensemble: {ref} is the fine-tuned model itself, which is always the first "
+                                "member")
             out[ref] = path
     return out
 
@@ -151,7 +155,7 @@ def deploy(params: Params, root: Path, run) -> None:
             tests = {t: tasks.load_split(clean_dir, t, params.clean, "test") for t in selected}
             members = validation = None
             if "ensemble" in cfg.variants:
-                members = ensemble_members(cfg.ensemble, root, Path(work) / "ensemble")
+                members = ensemble_members(cfg.ensemble, root, Path(work) / "ensemble-sources", model_dir)
                 compress.check_members(model_dir, members)  # before anything is built
                 validation = {t: tasks.load_split(clean_dir, t, params.clean, "validation") for t in selected}
             reference = need(root / params.evaluate.reference_profile, "evaluate")

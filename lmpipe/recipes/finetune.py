@@ -157,7 +157,7 @@ def finetune(params: Params, root: Path, run) -> None:
         summary["sampling"] = cfg.sampling
     if teacher is not None:
         summary["teacher"] = teacher.source
-        summary["teacher_variant"] = teacher.predictor.variant if teacher.predictor is not None else "fp32"
+        summary["teacher_variant"] = teacher.variant
     for name, out_dir, weights, random_init, single in variants:
         done = checkpoints.load_finished(ckpt, name)
         if done is None:
