@@ -527,6 +527,9 @@ class Finetune(Section):
     reproduce): the schedule still plans for max_steps. null = no cap."""
     eval_every: int = Field(ge=1)
     """Validation accuracy every N steps; the best checkpoint is kept."""
+    seed: int | None
+    """Fine-tuning's own seed (head init, data order, augmentation); null = common.seed. The splits keep
+    common.seed, so models that differ only here (an ensemble's members) were selected on one validation split."""
     tasks: list[str] | None
     """Tasks trained (clean.labeled's name and clean.tasks' names); null = clean.labeled only. With several:
     one shared encoder, one head per task (lmpipe/tasks.py), the best checkpoint by the mean of the per-task

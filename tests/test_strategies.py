@@ -429,6 +429,23 @@ def test_neighbour_augmentation_swaps_words_for_the_pretrained_models_nearest_to
     assert changed >= 5, rows[:5]  # a 300-token vocabulary: most words are several tokens and stay
 
 
+def test_finetune_seed_varies_the_model_and_keeps_the_split(work):
+    """finetune.seed: null is common.seed; another value trains another model on the same splits (what an
+    ensemble's members vary, so every member was selected on one validation split)."""
+    import yaml
+
+    common = yaml.safe_load((work / "params.yaml").read_text())["common"]["seed"]
+    default = _finetune(work)
+    weights = _weights(work / "models" / "finetune")
+    split = (work / "data" / "clean" / "labeled_validation.parquet").read_bytes()
+    same = _finetune(work, f"finetune.seed={common}")
+    assert same["classifier"]["val_loss"] == default["classifier"]["val_loss"]
+    assert all(torch.equal(v, weights[k]) for k, v in _weights(work / "models" / "finetune").items())
+    other = _finetune(work, f"finetune.seed={common + 1}")
+    assert other["classifier"]["val_loss"] != default["classifier"]["val_loss"]
+    assert (work / "data" / "clean" / "labeled_validation.parquet").read_bytes() == split
+
+
 def test_augmentation_adds_copies_of_the_training_split_only(work):
     import pandas as pd
 

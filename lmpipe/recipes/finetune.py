@@ -95,8 +95,13 @@ def _log_adapter(name: str, model_dir: Path) -> None:
         mlflow.log_artifact(str(f), f"{name}_adapter")
 
 
+def finetune_seed(params: Params) -> int:
+    """finetune.seed, else common.seed (the splits always take common.seed)."""
+    return params.finetune.seed if params.finetune.seed is not None else params.common.seed
+
+
 def finetune(params: Params, root: Path, run) -> None:
-    cfg, seed = params.finetune, params.common.seed
+    cfg, seed = params.finetune, finetune_seed(params)
     if cfg.head == "lm":
         return finetune_generator(params, root, run)
     clean_dir = root / params.clean.out_dir
@@ -212,7 +217,7 @@ def _mark_untrained(params: Params, root: Path) -> None:
 def finetune_generator(params: Params, root: Path, run) -> None:
     """finetune.head lm: the causal LM fine-tuned on conversations (the selected tasks' instruction versions and
     clean.sft.sources), and with finetune.scratch_baseline its random-init twin with the same budget."""
-    cfg, seed = params.finetune, params.common.seed
+    cfg, seed = params.finetune, finetune_seed(params)
     clean_dir = root / params.clean.out_dir
     # 1) the model it starts from and its tokenizer with a chat template, checked before anything is written
     source = resolve_init(cfg.init, root, params.pretrain.out_dir)
@@ -290,7 +295,7 @@ def _task_data(params: Params, clean_dir: Path, task_names: list[str], layout, a
     """The training and validation examples. One task: its splits as they are (augmented). Several: every
     task's validation split with global labels, and the training examples in the order of the multi-task
     batch schedule (lmpipe.tasks.schedule), so Trainer reads them sequentially."""
-    cfg, seed = params.finetune, params.common.seed
+    cfg, seed = params.finetune, finetune_seed(params)
     own, sizes, added = {}, {}, 0
     for t in task_names:
         train_df = tasks.load_split(clean_dir, t, params.clean, "train")
