@@ -339,6 +339,8 @@ def test_the_ensemble_variant_averages_its_members_registers_serves_and_teaches(
     assert res.returncode == 0, res.stderr[-3000:]
     ft = json.loads((wd / "metrics" / "finetune.json").read_text())
     assert ft["teacher"] == f"models:/lmpipe-sst2/{version}" and ft["teacher_variant"] == "ensemble"
+    run = client.get_run(ft["mlflow_run_id"])
+    assert run.data.metrics["teacher_soft_labels_s"] >= 0
 
 
 @pytest.mark.parametrize("members,line", [

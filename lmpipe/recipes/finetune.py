@@ -30,6 +30,7 @@ loss/accuracy curves and the training and validation splits are logged to MLflow
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -133,7 +134,12 @@ def finetune(params: Params, root: Path, run) -> None:
     train = encode_labeled(tokenizer, train_df["text"].tolist(), train_df["label"].tolist(), cfg.max_length)
     val = encode_labeled(tokenizer, val_df["text"].tolist(), val_df["label"].tolist(), cfg.max_length)
     if teacher is not None:
+        started = time.perf_counter()
         train = strategies.with_teacher_inputs(train, train_df["text"].tolist(), teacher)
+        if teacher.variant != "fp32":  # its soft labels, computed here once: part of the training time
+            mlflow.log_metric("teacher_soft_labels_s", round(time.perf_counter() - started, 1))
+            print(f"finetune: the {teacher.variant} teacher's soft labels for {len(train)} texts in "
+                  f"{time.perf_counter() - started:.0f} s")
 
     # one checkpoint folder for the whole stage, keyed by everything that makes it resumable: a retry
     # (Prefect, or a re-run after a crash) resumes it; another configuration's unfinished run is refused
