@@ -88,20 +88,25 @@ def test_bad_serve_variant_is_one_line(tmp_path):
     assert not (tmp_path / "metrics").exists()
 
 
-@pytest.fixture(scope="module")
-def three_deploys(tmp_path_factory):
-    """A workdir whose finetune -> evaluate -> deploy ran three times with more and more fine-tuning steps:
-    three versions, each better than the last, each promoted to champion."""
+def _workdir(base: Path) -> tuple[Path, dict]:
+    """A work dir under `base` with tiny params (a classifier that learns the tiny task) and tiny data beside it;
+    the environment its stages run with (the data folder, a SQLite MLflow store in the work dir)."""
     from helpers import write_tiny_data
 
-    base = tmp_path_factory.mktemp("rollback")
     data = write_tiny_data(base / "data")
     wd = base / "work"
     wd.mkdir()
     raw = tiny_params()
     raw["finetune"].update(learning_rate=0.005, scratch_baseline=False)
     (wd / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+    return wd, {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+
+
+@pytest.fixture(scope="module")
+def three_deploys(tmp_path_factory):
+    """A workdir whose finetune -> evaluate -> deploy ran three times with more and more fine-tuning steps:
+    three versions, each better than the last, each promoted to champion."""
+    wd, env = _workdir(tmp_path_factory.mktemp("rollback"))
     for stage in ("clean", "tokenize", "pretrain"):
         res = run_module(f"stages.{stage}", wd, env=env)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -266,16 +271,7 @@ def ensemble_work(tmp_path_factory):
     own fine-tuned model (30 steps) evaluated: deploy can ensemble all three."""
     import shutil
 
-    from helpers import write_tiny_data
-
-    base = tmp_path_factory.mktemp("ensemble")
-    data = write_tiny_data(base / "data")
-    wd = base / "work"
-    wd.mkdir()
-    raw = tiny_params()
-    raw["finetune"].update(learning_rate=0.005, scratch_baseline=False)
-    (wd / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {"LMPIPE_DATA_DIR": str(data), "MLFLOW_TRACKING_URI": f"sqlite:///{wd / 'mlflow.db'}"}
+    wd, env = _workdir(tmp_path_factory.mktemp("ensemble"))
 
     def stages(*names: str, steps: int, extra: tuple[str, ...] = ()):
         for stage in names:
