@@ -221,8 +221,8 @@ def _embedding_report(params: Params, root: Path, encoder_dir: Path, dev: str) -
         before = AutoModel.from_pretrained(resolve_model_ref(params.pretrain.init, root, "pretrain.init"))
     docs = read_parquet(clean_dir / "corpus_validation.parquet", "clean")["text"].tolist()
     held = objectives.sentence_sample(docs, HELD_OUT, seed)
-    perturbed = augment(pd.DataFrame({"text": held, "label": 0}), Augment(copies=1, probability=0.1, ops=["delete"]),
-                        seed)["text"].tolist()[len(held):]
+    deletion = Augment(copies=1, probability=0.1, ops=["delete"], model=None, top_k=1)
+    perturbed = augment(pd.DataFrame({"text": held, "label": 0}), deletion, seed)["text"].tolist()[len(held):]
     train = read_parquet(clean_dir / "labeled_train.parquet", "clean")
     train = train.sample(n=min(PROBE_TRAIN, len(train)), random_state=seed)
     test = read_parquet(clean_dir / "labeled_test.parquet", "clean")
