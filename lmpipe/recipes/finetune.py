@@ -137,9 +137,9 @@ def finetune(params: Params, root: Path, run) -> None:
         started = time.perf_counter()
         train = strategies.with_teacher_inputs(train, train_df["text"].tolist(), teacher)
         if teacher.variant != "fp32":  # its soft labels, computed here once: part of the training time
-            mlflow.log_metric("teacher_soft_labels_s", round(time.perf_counter() - started, 1))
-            print(f"finetune: the {teacher.variant} teacher's soft labels for {len(train)} texts in "
-                  f"{time.perf_counter() - started:.0f} s")
+            took = time.perf_counter() - started
+            mlflow.log_metric("teacher_soft_labels_s", round(took, 1))
+            print(f"finetune: the {teacher.variant} teacher's soft labels for {len(train)} texts in {took:.0f} s")
 
     # one checkpoint folder for the whole stage, keyed by everything that makes it resumable: a retry
     # (Prefect, or a re-run after a crash) resumes it; another configuration's unfinished run is refused
