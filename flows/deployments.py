@@ -3,9 +3,12 @@
     python -m flows.deployments                       # workers run the flow from this checkout
     python -m flows.deployments --workspace /srv/lmpipe  # ... or from another checkout (same path on every worker)
 
-Idempotent: re-running updates the `cpu` and `gpu` process pools (gpu defaults LMPIPE_DEVICE=cuda,
-CUDA_VISIBLE_DEVICES=0) and re-applies the deployments `lmpipe-pipeline/nightly` (cron, pool gpu),
-`lmpipe-pipeline/on-demand` and `lmpipe-sweep/on-demand` (no schedule, pool cpu) with `prefect deploy --all`. No image is
+    python -m flows.deployments --workspace worker    # ... or each worker from its own $LMPIPE_WORKSPACE
+
+Idempotent: re-running updates the `cpu` and `gpu` process pools (env LMPIPE_POOL=<pool>; gpu LMPIPE_DEVICE=cuda,
+every GPU visible) and re-applies the deployments `lmpipe-pipeline/nightly` (cron, pool gpu),
+`lmpipe-pipeline/on-demand` and `lmpipe-sweep/on-demand` (no schedule, pool cpu), and `lmpipe-stage/cpu`,
+`lmpipe-stage/gpu` (one stage handed to that pool: lmpipe.placement) with `prefect deploy --all`. No image is
 built or pushed: the pull step is `set_working_directory` to the workspace. The API is
 PREFECT_API_URL (env or active Prefect profile); it must point at a running server.
 """
@@ -27,14 +30,23 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
+from lmpipe.names import POOL_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "prefect.yaml"
-FLOWS = {"flows/pipeline.py:pipeline": "lmpipe-pipeline", "flows/sweep.py:sweep": "lmpipe-sweep"}
+FLOWS = {"flows/pipeline.py:pipeline": "lmpipe-pipeline", "flows/sweep.py:sweep": "lmpipe-sweep",
+         "flows/stage.py:stage": "lmpipe-stage"}
 """prefect.yaml entrypoint -> the flow's name (deployments are `<flow name>/<deployment name>`)."""
 POOLS: dict[str, dict[str, str]] = {
-    "cpu": {"LMPIPE_DEVICE": "cpu"},
-    "gpu": {"LMPIPE_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0"},
+    "cpu": {"LMPIPE_DEVICE": "cpu", POOL_ENV: "cpu"},
+    "gpu": {"LMPIPE_DEVICE": "cuda", POOL_ENV: "gpu"},
 }
+"""Each pool's env defaults. No CUDA_VISIBLE_DEVICES: a gpu worker's runs see every GPU of its host
+(`pretrain.nproc_per_node: auto`); a deployment or run chooses a subset with the job variable
+env.CUDA_VISIBLE_DEVICES."""
+WORKER = "worker"
+"""--workspace worker: each worker runs the flows from its own checkout, $LMPIPE_WORKSPACE in its environment
+(hosts whose checkouts live at different paths: lmpipe.placement)."""
 
 
 class DeployError(RuntimeError):
@@ -97,9 +109,13 @@ def _last_line(text: str) -> str:
     return (errors or lines or ["no output"])[-1].strip("│ ")
 
 
-def run_prefect_deploy(workspace: Path, url: str) -> None:
-    """`prefect deploy --all` of prefect.yaml, the pull step resolved to `workspace` at deploy time."""
-    env = {**os.environ, "LMPIPE_WORKSPACE": str(workspace), "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false"}
+def run_prefect_deploy(workspace: Path | None, url: str) -> None:
+    """`prefect deploy --all` of prefect.yaml, the pull step resolved to `workspace` at deploy time (None: left as
+    `{{ $LMPIPE_WORKSPACE }}`, which each worker resolves from its own environment at run time)."""
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_CLI_PROMPT": "false"}
+    env.pop("LMPIPE_WORKSPACE", None)
+    if workspace is not None:
+        env["LMPIPE_WORKSPACE"] = str(workspace)
     cmd = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all",
            "--prefect-file", str(PREFECT_FILE)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -118,10 +134,11 @@ def describe(client, full: str) -> str:
     return f"deployment {full}: {dep.id} (pool {dep.work_pool_name}, {sched})"
 
 
-def deploy(workspace: Path) -> list[str]:
+def deploy(workspace: Path | None) -> list[str]:
     if not PREFECT_FILE.is_file():
         raise DeployError(f"{PREFECT_FILE} not found")
-    if not (workspace / "flows" / "pipeline.py").is_file() or not (workspace / "dvc.yaml").is_file():
+    if workspace is not None and (not (workspace / "flows" / "pipeline.py").is_file()
+                                  or not (workspace / "dvc.yaml").is_file()):
         raise DeployError(f"--workspace: {workspace} is not an lmpipe checkout (needs flows/pipeline.py and dvc.yaml)")
     deployments = yaml.safe_load(PREFECT_FILE.read_text())["deployments"]
     unknown = [d["entrypoint"] for d in deployments if d["entrypoint"] not in FLOWS]
@@ -141,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", default=os.environ.get("LMPIPE_WORKSPACE") or str(ROOT),
-                        help="repo checkout the workers run the flow from (default: env LMPIPE_WORKSPACE, else this repo)")
+                        help="repo checkout the workers run the flow from (default: env LMPIPE_WORKSPACE, else this "
+                             f"repo); `{WORKER}`: each worker's own $LMPIPE_WORKSPACE")
     args = parser.parse_args(argv)
+    workspace = None if args.workspace == WORKER else Path(args.workspace).expanduser().resolve()
     try:
-        for line in deploy(Path(args.workspace).expanduser().resolve()):
+        for line in deploy(workspace):
             print(line, flush=True)
     except DeployError as e:
         print(f"lmpipe: error: {e}", file=sys.stderr)

@@ -42,7 +42,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED  # noqa: E402
 
-from lmpipe import experiments  # noqa: E402
+from lmpipe import experiments, placement  # noqa: E402
 from lmpipe.errors import ConfigError, LmpipeError  # noqa: E402
 from lmpipe.experiments import prepare, resolve_profile  # noqa: E402
 from lmpipe.names import DVC  # noqa: E402
@@ -82,12 +82,16 @@ def _metrics_run_id(workspace: Path, stage: str) -> str | None:
 
 
 @task(name="dvc-stage", retries=1, retry_delay_seconds=2, task_run_name="{stage}")
-def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upstream: bool = False) -> dict[str, Any]:
+def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upstream: bool = False,
+              share: bool = False) -> dict[str, Any]:
     """Run one DVC stage (`dvc repro --single-item`), relay its output, report ran vs cached.
-    upstream=True also reproduces the stages it depends on (a fresh experiment worktree has no outputs)."""
+    upstream=True also reproduces the stages it depends on (a fresh experiment worktree has no outputs).
+    share=True (stages placed on other hosts, lmpipe.placement): inputs missing here come from the DVC remote,
+    and the outputs and run cache go to it."""
     logger = get_run_logger()
     ws = Path(workspace)
-    cmd = [*DVC, "repro", *([] if upstream else ["--single-item"]), stage] + (["--force"] if force else [])
+    cmd = [*DVC, "repro", *([] if upstream else ["--single-item"]), *(["--pull"] if share else []), stage] + \
+        (["--force"] if force else [])
     t0 = time.perf_counter()
     # its own session: the flow decides when the stage stops (see stop_stage), whoever signals the flow
     proc = subprocess.Popen(cmd, cwd=ws, env={**os.environ, **env}, stdout=subprocess.PIPE,
@@ -114,9 +118,61 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upst
         raise StageFailed(message)
     for ln in kept:
         logger.info(ln)
+    if share:
+        placement.push(ws, stage, env={**os.environ, **env})
     ran = f"Running stage '{stage}'" in output
     return {"stage": stage, "ran": ran, "cached": not ran, "seconds": round(time.perf_counter() - t0, 2),
             "mlflow_run_id": _metrics_run_id(ws, stage)}
+
+
+@task(name="placed-stage", retries=1, retry_delay_seconds=2, task_run_name="{stage}@{pool}")
+def placed_stage(stage: str, pool: str, workspace: str, force: bool, env: dict[str, str], timeout_s: float,
+                 key: str) -> dict[str, Any]:
+    """Run one stage on a worker of `pool` (a run of the deployment lmpipe-stage/<pool>, flows/stage.py), wait
+    for it, then take its dvc.lock entry into this checkout and pull its outputs. A retry of this task reuses
+    `key`, so the other host resumes the stage from the checkpoint the stopped try left there."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    ws = Path(workspace)
+    name = f"lmpipe-stage/{pool}"
+    t0 = time.perf_counter()
+    if not force and placement.up_to_date(ws, stage):
+        run_id = _metrics_run_id(ws, stage)
+        logger.info(f"{stage}: up to date here; not handed to pool {pool}")
+        return {"stage": stage, "ran": False, "cached": True, "seconds": round(time.perf_counter() - t0, 2),
+                "mlflow_run_id": run_id, "pool": pool, "where": placement.where(_run_facts(run_id))}
+    logger.info(f"{stage}: handed to pool {pool} ({name}); waiting up to {timeout_s:g} s for a worker of pool {pool}")
+    try:
+        child = run_deployment(name, timeout=timeout_s, flow_run_name=f"{stage}@{pool}", parameters={
+            "stage": stage, "commit": placement.commit(ws), "params_yaml": (ws / "params.yaml").read_text(),
+            "lock_yaml": placement.read_lock(ws), "key": key, "env": env, "force": force})
+    except ValueError as e:  # no such deployment: run `python -m flows.deployments` (registers one per pool)
+        raise StageFailed(f"{stage}: cannot hand it to pool {pool}: {e}") from None
+    state = child.state
+    if state is None or not state.is_final():
+        raise StageFailed(f"{stage}: pool {pool} did not run it within {timeout_s:g} s (flow run {child.name} is "
+                          f"{state.name if state else 'unknown'}): start a worker there: prefect worker start "
+                          f"--pool {pool}")
+    if not state.is_completed():
+        raise StageFailed(f"{stage}: failed on pool {pool} (flow run {child.name}): {state.message}")
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[placement.REPORT_KEY.format(stage=stage)])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
+    if not artifacts:
+        raise StageFailed(f"{stage}: flow run {child.name} on pool {pool} left no report")
+    report = placement.read_report(artifacts[0].data)
+    placement.set_lock_entry(ws, stage, report["lock"])
+    placement.pull(ws, stage, env={**os.environ, **env})
+    run_id = _metrics_run_id(ws, stage)
+    where = placement.where({**report["facts"], **_run_facts(run_id)})  # the stage process's own facts first
+    logger.info(f"{stage}: {'ran' if report['result']['ran'] else 'cached'} on {where}; outputs pulled here")
+    return {"stage": stage, "ran": report["result"]["ran"], "cached": not report["result"]["ran"],
+            "seconds": round(time.perf_counter() - t0, 2), "mlflow_run_id": run_id, "pool": pool, "where": where,
+            "flow_run": child.name}
 
 
 STOP_GRACE_S = 8.0  # a stage told to stop gets this long before SIGKILL (a checkpoint save in flight)
@@ -198,6 +254,19 @@ def _session_ephemeral_api() -> None:
     server.start()
 
 
+def _run_facts(run_id: str | None) -> dict[str, str]:
+    """The hardware tags (host.*) of a stage's MLflow run; {} when there is none."""
+    if not run_id:
+        return {}
+    import mlflow
+
+    try:
+        tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - the report loses a cell, the run stands
+        return {}
+    return {k: v for k, v in tags.items() if k.startswith("host.")}
+
+
 def check_services(root: Path) -> None:
     """The Prefect API (PREFECT_API_URL, when set) and the MLflow server (an http MLFLOW_TRACKING_URI) answer;
     else ServiceError, one line, before anything starts."""
@@ -215,9 +284,10 @@ def report_markdown(results: list[dict[str, Any]], metrics: dict, parent_run_id:
         lines += [f"DVC experiment: `{exp_name}`", ""]
     if parent_run_id:
         lines += [f"MLflow parent run: `{parent_run_id}`", ""]
-    lines += ["| stage | status | seconds | MLflow run |", "|---|---|---|---|"]
+    lines += ["| stage | status | seconds | where | MLflow run |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'cached'} | {r['seconds']} | `{r['mlflow_run_id']}` |")
+        lines.append(f"| {r['stage']} | {'ran' if r['ran'] else 'cached'} | {r['seconds']} | {r.get('where', '')} | "
+                     f"`{r['mlflow_run_id']}` |")
     if metrics:
 
         lines += ["", "| metric | value |", "|---|---|"]
@@ -273,12 +343,22 @@ def _run_stages(ws, params, stages: list[str] | None, force: bool, retries: int)
     wt, parent, is_exp = ws.path, ws.run, ws.name is not None
     env = {k: ws.env[k] for k in (PARENT_ENV, TAGS_ENV, "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "PATH")}
     results: list[dict[str, Any]] = []
-    wanted = stages or stage_names(wt)
-    for i, stage in enumerate([s for s in stage_names(wt) if s in wanted]):
-        res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
-                                                      upstream=is_exp and i == 0 and bool(stages))
+    wanted = [s for s in stage_names(wt) if s in (stages or stage_names(wt))]
+    elsewhere = placement.placed(params, wanted)
+    placement.check(wt, elsewhere)
+    for i, stage in enumerate(wanted):
+        if stage in elsewhere:
+            res = placed_stage.with_options(retries=retries)(
+                stage, elsewhere[stage], str(wt), force, env, params.placement.stage_timeout_s,
+                f"{flow_run.get_id() or 'local'}-{stage}")
+        else:
+            res = dvc_stage.with_options(retries=retries)(stage, str(wt), force, env,
+                                                          upstream=is_exp and i == 0 and bool(stages),
+                                                          share=bool(elsewhere))
+            res["where"] = placement.where(_run_facts(res["mlflow_run_id"]))
         results.append(res)
         parent.tag(f"stage.{stage}", "ran" if res["ran"] else "cached")
+        parent.tag(f"stage.{stage}.where", res["where"])
         if res["mlflow_run_id"]:
             parent.tag(f"stage.{stage}.run_id", res["mlflow_run_id"])
     metrics = {}

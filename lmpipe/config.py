@@ -9,10 +9,10 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmpipe.chat import template_issues
-from lmpipe.names import Head, Objective, Optimizer, Sampler, Scheduler, Strategy, Variant
+from lmpipe.names import STAGES, Head, Objective, Optimizer, Sampler, Scheduler, Strategy, Variant
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 
@@ -647,6 +647,27 @@ class Monitor(Section):
     """A warning is logged when a feature's PSI rises above this (0.25: a major shift by the usual rule)."""
 
 
+class Placement(Section):
+    pools: dict[str, str | None] = {}
+    """Stage -> the Prefect work pool whose workers run it (`lmpipe.placement`). A stage not named, or null, runs
+    wherever the flow runs: an empty map is one host. Not a DVC param of any stage: moving a stage to other
+    hardware does not change what it computes."""
+    stage_timeout_s: float = Field(default=21600, gt=0)
+    """How long the flow waits for another pool's worker to run one stage (queued included) before it fails the
+    stage, naming the pool it waited for."""
+
+    @field_validator("pools")
+    @classmethod
+    def _stages(cls, pools: dict[str, str | None]) -> dict[str, str | None]:
+        unknown = sorted(set(pools) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
+        bad = [f"{k}: {v!r}" for k, v in pools.items() if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", v)]
+        if bad:
+            raise ValueError(f"pool names are letters, digits, '.', '_', '-' ({', '.join(bad)})")
+        return pools
+
+
 class Serve(Section):
     host: str
     """Interface `lmpipe serve` binds; a non-loopback host needs a token (or --allow-unauthenticated)."""
@@ -721,6 +742,7 @@ class Params(Section):
     deploy: Deploy
     serve: Serve
     services: Services
+    placement: Placement = Placement()
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":

@@ -36,7 +36,7 @@ from lmpipe import datasource
 from lmpipe.config import Params
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.lineage import PipelineRun
-from lmpipe.names import DVC
+from lmpipe.names import DVC, WORKTREES
 from lmpipe.params import flatten, load_raw, merge, validate
 from lmpipe.params_file import update_params_file
 from lmpipe.tracking import PARENT_ENV, git_info, setup, tracking_uri
@@ -71,14 +71,17 @@ def prepare(root: Path, overrides: dict[str, Any] | None, profile: Path | None) 
     return raw, validate(raw, "params.yaml" + (f" + {profile.name}" if profile else "") + (" + overrides" if overrides else ""))
 
 
-def create(root: Path, name: str) -> Path:
-    """A detached worktree of HEAD that shares the checkout's DVC cache and data link."""
-    wt = root / ".lmpipe" / "worktrees" / name
+def create(root: Path, name: str, rev: str = "HEAD", folder: str = WORKTREES) -> Path:
+    """A detached worktree of `rev` under `folder` that shares the checkout's DVC cache, remotes and data link."""
+    wt = root / folder / name
     wt.parent.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(wt), "HEAD"], cwd=root,
+    res = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(wt), rev], cwd=root,
                          capture_output=True, text=True)
     if res.returncode != 0:
         raise LmpipeError(f"git worktree add {wt}: {_last_line(res.stderr, str(res.returncode))} (is HEAD committed?)")
+    local = root / ".dvc" / "config.local"  # this checkout's remotes (placement pushes to the default one)
+    if local.is_file():
+        shutil.copy2(local, wt / ".dvc" / "config.local")
     subprocess.run([*DVC, "config", "--local", "cache.dir", str(root / ".dvc" / "cache")], cwd=wt, check=True,
                    capture_output=True)
     datasource.link(wt, datasource.data_dir(root))

@@ -70,6 +70,12 @@ the MLflow compare view (sorted before dotted names) and `lmpipe compare`."""
 LMPIPE_DIR = ".lmpipe"
 """lmpipe's own state inside a checkout (git-ignored): experiment worktrees, services, locks."""
 WORKTREES = f"{LMPIPE_DIR}/worktrees"
+PLACED = f"{LMPIPE_DIR}/placed"
+"""Worktrees of stages this host runs for a flow run started elsewhere (flows/stage.py), one per flow run and
+stage: a stage stopped half-way resumes from its checkpoint there."""
+POOL_ENV = "LMPIPE_POOL"
+"""The Prefect work pool a worker serves (set by the pool's job template, flows/deployments.py): the flow runs a
+stage in place when params `placement.pools` names this pool for it."""
 DVC = [sys.executable, "-m", "dvc"]
 """The dvc of this interpreter, whatever PATH a worker has."""
 

@@ -27,6 +27,7 @@ from filelock import FileLock
 
 from lmpipe.config import Params
 from lmpipe.errors import ServiceError
+from lmpipe.host import hardware
 from lmpipe.params import flatten
 # Imported inside functions (start-up cost, docs/results.md#start-up): requests, mlflow and dvc's internals where
 # used: tracking_uri() is on the light CLI path.
@@ -189,7 +190,8 @@ def stage_run(stage: str, params: Params, root: Path, run_id: str | None = None)
     import mlflow
 
     setup(root, params.common.experiment)
-    tags = {"lmpipe.stage": stage, **git_info(root), **dvc_lineage(stage, root), **extra_tags()}
+    tags = {"lmpipe.stage": stage, **git_info(root), **dvc_lineage(stage, root), **hardware(params.common.device),
+            "host.workspace": str(root), **extra_tags()}
     if os.environ.get("DVC_EXP_NAME"):  # `dvc exp run` names the experiment this run belongs to
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     parent = os.environ.get(PARENT_ENV)

@@ -907,3 +907,82 @@ def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: li
     shot = shots / "mlflow-sweep-sorted.png"
     driver.save_screenshot(str(shot))
     return {"rows": want, "screenshot": shot}
+
+
+# -- a real Prefect server and workers (tests/test_deployments.py, test_placement.py, test_services.py) --------
+def prefect_env(home: Path, api: str | None = None, **extra) -> dict:
+    """clean_env without any PREFECT_ setting of this machine: PREFECT_HOME `home`, the API `api`."""
+    env = {k: v for k, v in clean_env(**extra).items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_CLI_PROMPT="false")
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    """A background process in a session of its own, its output into `log`."""
+    with open(log, "w") as fh:  # the child keeps its own handle
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    """End a process this test started, and its process group (a server's or worker's children)."""
+    if proc is None or proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else "(no log)"
+
+
+@contextlib.contextmanager
+def prefect_server(folder: Path, timeout: float = 180):
+    """`prefect server start` on a free loopback port with its database and home under `folder`; yields
+    (api url, PREFECT_HOME) once /health answers; stopped on exit."""
+    home = folder / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = folder / "server.log"
+    env = prefect_env(home, PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{folder / 'prefect.db'}")
+    server = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                   folder, env, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, f"prefect server exited:\n{tail(log)}"
+            assert time.monotonic() < deadline, f"prefect server not healthy in {timeout:g} s:\n{tail(log)}"
+            time.sleep(1)
+        yield api, home
+    finally:
+        stop(server)
+
+
+def wait_final(client, flow_run_id, timeout: float, *workers: tuple[subprocess.Popen, Path]):
+    """The flow run's final state; fails when a worker exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.read_flow_run(flow_run_id).state
+        if state is not None and state.is_final():
+            return state
+        for proc, log in workers:
+            assert proc.poll() is None, f"worker exited:\n{tail(log)}"
+        logs = "\n".join(tail(log) for _, log in workers)
+        assert time.monotonic() < deadline, f"flow run still {state.name if state else None}:\n{logs}"
+        time.sleep(3)

@@ -4,9 +4,7 @@ in the workspace's MLflow store and DVC experiments. All traffic stays on 127.0.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -14,49 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
-from helpers import ROOT, SHARED_DATA, STAGES, clean_env, free_port, make_repo, sh
+from helpers import ROOT, SHARED_DATA, STAGES, make_repo, prefect_env, prefect_server, sh, start, stop, tail
 
 RUN_TIMEOUT = 720  # seconds for the smoke pipeline through the worker (2 shared CPU cores)
 SWEEP = {"profile": "smoke", "fixed": {"finetune.max_steps": 4, "finetune.eval_every": 2},
          "space": {"finetune.learning_rate": {"type": "categorical", "choices": [0.001, 0.0001]}},
          "sampler": "grid", "objective": "val_accuracy", "direction": "maximize"}
-
-
-def _prefect_env(home: Path, api: str | None = None, **extra) -> dict:
-    env = {k: v for k, v in clean_env(**extra).items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               PREFECT_CLI_PROMPT="false")
-    if api:
-        env["PREFECT_API_URL"] = api
-    return env
-
-
-def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "w") as fh:  # the child keeps its own handle
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """End a process this test started, and its process group (the server's / worker's children)."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.is_file() else "(no log)"
 
 
 @pytest.mark.slow
@@ -71,94 +34,76 @@ def test_deployments_and_process_worker(tmp_path):
     (dest / "sweeps" / "tiny.yaml").write_text(yaml.safe_dump(SWEEP, sort_keys=False))
     repo = make_repo(dest, None)
 
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
-    server = worker = None
-    try:
-        server_env = _prefect_env(home, PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}")
-        server = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                        tmp_path, server_env, server_log)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, f"prefect server exited:\n{_tail(server_log)}"
-            assert time.monotonic() < deadline, f"prefect server not healthy in 180 s:\n{_tail(server_log)}"
-            time.sleep(1)
+    worker_log = tmp_path / "worker.log"
+    worker = None
+    with prefect_server(tmp_path) as (api, home):
+        try:
+            # register pools + deployments (twice: idempotent)
+            for _ in range(2):
+                res = subprocess.run([sys.executable, "-m", "flows.deployments", "--workspace", str(repo)], cwd=repo,
+                                     env=prefect_env(home, api), capture_output=True, text=True, timeout=300)
+                assert res.returncode == 0, f"flows.deployments failed:\n{res.stdout}\n{res.stderr}"
+            lines = res.stdout.splitlines()
+            assert len(lines) == 7, res.stdout
+            assert any(ln.startswith("work pool gpu:") for ln in lines)
+            assert any(ln.startswith("deployment lmpipe-pipeline/nightly:") and "0 2 * * *" in ln for ln in lines)
 
-        # register pools + deployments (twice: idempotent)
-        for _ in range(2):
-            res = subprocess.run([sys.executable, "-m", "flows.deployments", "--workspace", str(repo)], cwd=repo,
-                                 env=_prefect_env(home, api), capture_output=True, text=True, timeout=300)
-            assert res.returncode == 0, f"flows.deployments failed:\n{res.stdout}\n{res.stderr}"
-        lines = res.stdout.splitlines()
-        assert len(lines) == 5, res.stdout
-        assert any(ln.startswith("work pool gpu:") for ln in lines)
-        assert any(ln.startswith("deployment lmpipe-pipeline/nightly:") and "0 2 * * *" in ln for ln in lines)
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+            with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+                cpu, gpu = client.read_work_pool("cpu"), client.read_work_pool("gpu")
+                assert cpu.type == gpu.type == "process"
+                assert gpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cuda"
+                assert cpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cpu"
 
-        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            cpu, gpu = client.read_work_pool("cpu"), client.read_work_pool("gpu")
-            assert cpu.type == gpu.type == "process"
-            assert gpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cuda"
-            assert cpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cpu"
+                nightly = client.read_deployment_by_name("lmpipe-pipeline/nightly")
+                assert nightly.work_pool_name == "gpu"
+                assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+                assert nightly.job_variables["env"] == {"LMPIPE_DEVICE": "cuda", "LMPIPE_POOL": "gpu"}  # every GPU visible
+                on_demand = client.read_deployment_by_name("lmpipe-pipeline/on-demand")
+                assert on_demand.work_pool_name == "cpu" and not on_demand.schedules
+                assert on_demand.job_variables["env"] == {"LMPIPE_DEVICE": "cpu", "LMPIPE_POOL": "cpu"}
+                sweep_dep = client.read_deployment_by_name("lmpipe-sweep/on-demand")
+                assert sweep_dep.work_pool_name == "cpu" and not sweep_dep.schedules
+                for dep in (nightly, on_demand, sweep_dep):  # local checkout, nothing cloned or built
+                    assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
 
-            nightly = client.read_deployment_by_name("lmpipe-pipeline/nightly")
-            assert nightly.work_pool_name == "gpu"
-            assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
-            assert nightly.job_variables["env"] == {"LMPIPE_DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": "0"}
-            on_demand = client.read_deployment_by_name("lmpipe-pipeline/on-demand")
-            assert on_demand.work_pool_name == "cpu" and not on_demand.schedules
-            assert on_demand.job_variables["env"] == {"LMPIPE_DEVICE": "cpu"}
-            sweep_dep = client.read_deployment_by_name("lmpipe-sweep/on-demand")
-            assert sweep_dep.work_pool_name == "cpu" and not sweep_dep.schedules
-            for dep in (nightly, on_demand, sweep_dep):  # local checkout, nothing cloned or built
-                assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(repo)}}]
+                flow_run = client.create_flow_run_from_deployment(
+                    on_demand.id, parameters={"profile": "smoke", "workspace": str(repo)})
 
-            flow_run = client.create_flow_run_from_deployment(
-                on_demand.id, parameters={"profile": "smoke", "workspace": str(repo)})
+                worker_env = prefect_env(home, api, LMPIPE_DATA_DIR=str(SHARED_DATA), LMPIPE_WORKSPACE=str(repo),
+                                          PREFECT_WORKER_QUERY_SECONDS="2")
+                worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "1",
+                                 "--name", "test-worker"], repo, worker_env, worker_log)
+                deadline = time.monotonic() + RUN_TIMEOUT
+                while True:
+                    state = client.read_flow_run(flow_run.id).state
+                    if state is not None and state.is_final():
+                        break
+                    assert worker.poll() is None, f"worker exited:\n{tail(worker_log)}"
+                    assert time.monotonic() < deadline, f"flow run still {state.name if state else None}:\n{tail(worker_log)}"
+                    time.sleep(5)
+                assert state.is_completed(), f"flow run {state.name}: {state.message}\n{tail(worker_log)}"
+                run_name = client.read_flow_run(flow_run.id).name
 
-            worker_env = _prefect_env(home, api, LMPIPE_DATA_DIR=str(SHARED_DATA), LMPIPE_WORKSPACE=str(repo),
-                                      PREFECT_WORKER_QUERY_SECONDS="2")
-            worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "1",
-                             "--name", "test-worker"], repo, worker_env, worker_log)
-            deadline = time.monotonic() + RUN_TIMEOUT
-            while True:
-                state = client.read_flow_run(flow_run.id).state
-                if state is not None and state.is_final():
-                    break
-                assert worker.poll() is None, f"worker exited:\n{_tail(worker_log)}"
-                assert time.monotonic() < deadline, f"flow run still {state.name if state else None}:\n{_tail(worker_log)}"
-                time.sleep(5)
-            assert state.is_completed(), f"flow run {state.name}: {state.message}\n{_tail(worker_log)}"
-            run_name = client.read_flow_run(flow_run.id).name
-
-            # the sweep deployment, as `prefect deployment run 'lmpipe-sweep/on-demand' -p sweep=tiny` creates it
-            sweep_run = client.create_flow_run_from_deployment(sweep_dep.id, parameters={"sweep": "tiny"})
-            deadline = time.monotonic() + RUN_TIMEOUT
-            while not (state := client.read_flow_run(sweep_run.id).state) or not state.is_final():
-                assert worker.poll() is None, f"worker exited:\n{_tail(worker_log)}"
-                assert time.monotonic() < deadline, f"sweep flow run still {state.name if state else None}"
-                time.sleep(5)
-            assert state.is_completed(), f"sweep flow run {state.name}: {state.message}\n{_tail(worker_log)}"
-        # docs/prefect.md's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
-        ls = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "ls", "--flow-name",
-                             "lmpipe-pipeline"], cwd=repo, env={**_prefect_env(home, api), "COLUMNS": "250"},  # no truncated cells
-                            capture_output=True,
-                            text=True, timeout=120)
-        assert ls.returncode == 0, ls.stdout + ls.stderr
-        assert run_name in ls.stdout and "COMPLETED" in ls.stdout, ls.stdout
-    finally:
-        _stop(worker)
-        _stop(server)
+                # the sweep deployment, as `prefect deployment run 'lmpipe-sweep/on-demand' -p sweep=tiny` creates it
+                sweep_run = client.create_flow_run_from_deployment(sweep_dep.id, parameters={"sweep": "tiny"})
+                deadline = time.monotonic() + RUN_TIMEOUT
+                while not (state := client.read_flow_run(sweep_run.id).state) or not state.is_final():
+                    assert worker.poll() is None, f"worker exited:\n{tail(worker_log)}"
+                    assert time.monotonic() < deadline, f"sweep flow run still {state.name if state else None}"
+                    time.sleep(5)
+                assert state.is_completed(), f"sweep flow run {state.name}: {state.message}\n{tail(worker_log)}"
+            # docs/prefect.md's command, as a user types it (no client-side patch: prefect 3.9.1 + fastapi < 0.151)
+            ls = subprocess.run([str(Path(sys.executable).parent / "prefect"), "flow-run", "ls", "--flow-name",
+                                 "lmpipe-pipeline"], cwd=repo, env={**prefect_env(home, api), "COLUMNS": "250"},  # no truncated cells
+                                capture_output=True,
+                                text=True, timeout=120)
+            assert ls.returncode == 0, ls.stdout + ls.stderr
+            assert run_name in ls.stdout and "COMPLETED" in ls.stdout, ls.stdout
+        finally:
+            stop(worker)
 
     # MLflow: the execution's pipeline run carries the deployment, the six stage runs hang under it
     with sqlite3.connect(repo / "mlflow.db") as db:
