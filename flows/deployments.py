@@ -31,6 +31,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
 
 from lmpipe.names import POOL_ENV
+from lmpipe.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "prefect.yaml"
@@ -103,6 +104,41 @@ def ensure_pools(client) -> list[str]:
     return lines
 
 
+ZOMBIES = "lmpipe: crash silent flow runs"
+"""The automation that marks a flow run Crashed once its heartbeats stop (a worker host died): the pipeline flow
+then retries the stage it had handed out, and the stage resumes from its checkpoint (lmpipe.placement)."""
+
+
+def ensure_zombie_automation(silent_after_s: float) -> str:
+    """Create or update ZOMBIES (Prefect's documented zombie detection): after a flow run's heartbeat, expect
+    another event from it within `silent_after_s`, else set it Crashed. Flow runs beat every 180 s by default
+    (PREFECT_FLOWS_HEARTBEAT_FREQUENCY), so `silent_after_s` must be longer than that."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    wanted = Automation(
+        name=ZOMBIES, description="lmpipe (flows/deployments.py): a flow run whose heartbeats stopped is Crashed",
+        trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.*"},
+                             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=timedelta(seconds=silent_after_s)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {silent_after_s:g} s: its worker's host is gone")])
+    try:
+        existing = Automation.read(name=ZOMBIES)
+    except ValueError:  # not there yet
+        existing = None
+    if existing is not None:
+        existing.delete()  # replaced whole: its window follows params
+    wanted.create()
+    return f"automation {ZOMBIES!r}: {'updated' if existing else 'created'} (Crashed after {silent_after_s:g} s silent)"
+
+
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not set(ln.strip()) <= set("─│╭╮╰╯ ")]
     errors = [ln for ln in lines if "error" in ln.lower()]
@@ -149,6 +185,7 @@ def deploy(workspace: Path | None) -> list[str]:
     with get_client(sync_client=True) as client:
         check_api(client, url)
         lines = ensure_pools(client)
+        lines.append(ensure_zombie_automation(load_params(ROOT / "params.yaml").placement.silent_after_s))
         run_prefect_deploy(workspace, url)
         lines += [describe(client, name) for name in names]
     return lines

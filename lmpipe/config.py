@@ -282,6 +282,9 @@ class Pretrain(Section):
     """Blocks per device per micro-batch."""
     gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches per optimizer step."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about
+    a third more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py)."""
     weight_decay: float = Field(ge=0)
     """AdamW weight decay."""
     adam_beta1: float = Field(ge=0, lt=1)
@@ -500,6 +503,9 @@ class Finetune(Section):
     length padded to their longest, so a step costs what its tokens cost; evaluation too)."""
     gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches of batch_size per optimizer step (a larger batch in the same memory)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about
+    a third more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py)."""
     rdrop_alpha: float = Field(ge=0)
     """R-Drop (classifier head): each batch runs twice with different dropout masks and the loss adds
     alpha x the symmetric KL between the two predictions (lmpipe/regularization.py); 0 = off. Needs dropout
@@ -655,6 +661,10 @@ class Placement(Section):
     stage_timeout_s: float = Field(default=21600, gt=0)
     """How long the flow waits for another pool's worker to run one stage (queued included) before it fails the
     stage, naming the pool it waited for."""
+    silent_after_s: float = Field(default=600, ge=60)
+    """A flow run with no heartbeat for this long is marked Crashed (a Prefect automation `python -m
+    flows.deployments` registers): a stage whose host died is then handed out again and resumes from its last
+    checkpoint. Longer than the flow runs' heartbeat (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default)."""
 
     @field_validator("pools")
     @classmethod

@@ -107,6 +107,22 @@ def _scheduler_kwargs(scheduler: str, min_lr_ratio: float = 0.0) -> dict[str, An
     return {"min_lr_rate": min_lr_ratio} if scheduler == "cosine_with_min_lr" else {}
 
 
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+"""torch's non-reentrant activation checkpointing: works when the inputs need no gradient (a frozen embedding
+under LoRA or head-only training) and restores dropout's RNG, so a step computes what it would without it."""
+
+
+def check_gradient_checkpointing(model: PreTrainedModel, enabled: bool, field: str) -> None:
+    """ConfigError, one line, when `field` asks for gradient checkpointing of a model that has none."""
+    if enabled and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{field}: {type(model).__name__} does not support gradient checkpointing (set it false)")
+
+
+def checkpointing_used(trainer: Trainer) -> float:
+    """1.0 when the trained model recomputed its activations (what Trainer set up, read from the model)."""
+    return float(bool(getattr(trainer.model, "is_gradient_checkpointing", False)))
+
+
 def pretrain_arguments(cfg: Pretrain, ckpt_dir: Path, device: str, seed: int,
                        **extra: Any) -> tuple[TrainingArguments, Path | None]:
     """The one place the `pretrain` section becomes Trainer's arguments (every pretraining objective): steps,
@@ -118,6 +134,7 @@ def pretrain_arguments(cfg: Pretrain, ckpt_dir: Path, device: str, seed: int,
     args = TrainingArguments(
         output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, warmup_steps=cfg.warmup_steps, optim=cfg.optimizer,
         lr_scheduler_type=cfg.lr_scheduler, lr_scheduler_kwargs=_scheduler_kwargs(cfg.lr_scheduler, cfg.min_lr_ratio),
@@ -228,6 +245,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                                                                 mlm_probability=cfg.mlm_probability)
     block = train_blocks.shape[1]
     # 2) Trainer owns optimizer, schedule, accumulation, clipping, precision, compile and checkpoints
+    check_gradient_checkpointing(model, cfg.gradient_checkpointing, "pretrain.gradient_checkpointing")
     args, cache = pretrain_arguments(cfg, ckpt_dir, device, seed, fsdp=cfg.fsdp)
     logger = MlflowCallback(tokens_per_step=cfg.batch_size * cfg.gradient_accumulation_steps * block
                             * max(1, args.world_size))
@@ -251,6 +269,8 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train_b
                * logger.tokens_per_step / max(seconds, 1e-9),
                "train_tokens_per_s": timer.tokens_per_s(logger.tokens_per_step),
                "parameters": int(sum(p.numel() for p in model.parameters())),
+               "gradient_checkpointing": checkpointing_used(trainer),
+               "fsdp": float(bool(getattr(trainer, "is_fsdp_enabled", False))),  # Accelerate sharded the model
                "train_examples": len(train_ds), "val_blocks": len(val_full), "final_eval_seconds": final_eval_seconds,
                # the training loop's wall time spent in periodic evaluation, checkpoint saves, MLflow logging
                **{f"loop_share_{k}": v / max(seconds, 1e-9) for k, v in loop.items()}}
@@ -462,6 +482,7 @@ def finetune_arguments(cfg: Finetune, ckpt_dir: Path, device: str, seed: int, st
         output_dir=str(ckpt_dir), max_steps=stopped_at or cfg.max_steps, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 64),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS,
         optim=cfg.optimizer, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         # Trainer reads a float < 1 as a share of the steps, an int as steps
         warmup_steps=cfg.warmup_ratio if cfg.warmup_steps is None else cfg.warmup_steps,
@@ -490,6 +511,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
     # an interrupted run that early stopping had already ended at its newest checkpoint: resume to that step
     # (no more training), so a crash after training changes neither the steps nor the best model
     stopped_at = _early_stopped_at(resume, cfg.patience)
+    check_gradient_checkpointing(model, cfg.gradient_checkpointing, "finetune.gradient_checkpointing")
     args = finetune_arguments(cfg, ckpt_dir, device, seed, stopped_at, best="accuracy",
                               remove_unused_columns=teacher is None)  # distill: keep the teacher_* columns
     logger, timer, record, cap = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord(), _time_cap(cfg)
@@ -522,7 +544,7 @@ def finetune(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train, 
                "val_loss": best["eval_loss"], "train_seconds": seconds, "steps": steps,
                # early stopping ended it before its budget
                "stopped_early": float(stopped_at is not None or steps < trainer.state.max_steps),
-               "stopped_by_time_cap": float(cap is not None and cap.hit),
+               "stopped_by_time_cap": float(cap is not None and cap.hit), "gradient_checkpointing": checkpointing_used(trainer),
                # steady state (evaluations and checkpoint saves left out); the whole run's rate without them
                "steps_per_s": (len(timer.durations) / sum(timer.durations)) if timer.durations
                else trained / max(seconds, 1e-9)}
@@ -543,6 +565,7 @@ def finetune_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trai
     resume = resume_point(ckpt_dir, f"finetune[{prefix.rstrip('.')}]", cfg.max_steps)
     stopped_at = _early_stopped_at(resume, cfg.patience)
     # prediction_loss_only: evaluation keeps no (B, T, vocab) logits, only the loss
+    check_gradient_checkpointing(model, cfg.gradient_checkpointing, "finetune.gradient_checkpointing")
     args = finetune_arguments(cfg, ckpt_dir, device, seed, stopped_at, best="loss", prediction_loss_only=True)
     logger, timer, record, cap = MlflowCallback(prefix=prefix), StepTimer(skip=1), OptimizerRecord(), _time_cap(cfg)
     callbacks: list[TrainerCallback] = [logger, timer, record] + ([cap] if cap else [])
@@ -559,6 +582,7 @@ def finetune_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, trai
     steps = int(trainer.state.global_step)
     trained = steps - (checkpoint_step(resume) if resume else 0)
     metrics = {"val_loss": best["eval_loss"], "val_response_perplexity": perplexity(best["eval_loss"]),
+               "gradient_checkpointing": checkpointing_used(trainer),
                "train_seconds": seconds, "steps": steps,
                "stopped_early": float(stopped_at is not None or steps < trainer.state.max_steps),
                "stopped_by_time_cap": float(cap is not None and cap.hit),

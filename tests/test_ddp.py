@@ -50,3 +50,17 @@ def test_ddp_two_processes_match_single_process_on_same_global_batch(workdir: Pa
     table = logged_table(runs[0].info.run_id)
     prompts = json.loads((workdir / "metrics" / "pretrain_samples.json").read_text())["samples"]
     assert table["step"].tolist() == [20] * len(prompts) + [40] * len(prompts) and len(prompts) == 2
+
+
+
+def test_fsdp_on_a_cpu_is_refused_in_one_line_before_any_process_starts(workdir: Path):
+    """Trainer/Accelerate shard only on CUDA devices: on two CPU processes `pretrain.fsdp` ran plain DDP (measured:
+    Trainer.is_fsdp_enabled stayed False), so the stage refuses it rather than train something else."""
+    prepare_workdir(workdir, lambda r: r["pretrain"].update(sample_prompts=[]))
+    res = run_module("stages.pretrain", workdir, "--set", "pretrain.nproc_per_node=2",
+                     "--set", "pretrain.fsdp=full_shard auto_wrap", env={"LMPIPE_DEVICE": "cpu"})
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "pretrain: error: pretrain.fsdp: 'full_shard auto_wrap' needs CUDA devices (Trainer/Accelerate shard on GPUs "
+        "only); on a CPU set pretrain.fsdp='' (nproc_per_node > 1 runs DDP)"]
+    assert "torch.distributed.run" not in res.stdout

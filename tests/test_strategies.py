@@ -390,6 +390,17 @@ def test_optimizer_schedule_sampler_accumulation_and_rdrop_reach_the_trainer(wor
     assert (params["finetune.rdrop_alpha"], params["finetune.gradient_accumulation_steps"]) == ("1.0", "2")
 
 
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_gradient_checkpointing_recomputes_activations_and_trains_the_same_model(work, strategy):
+    # dropout on: the recomputed forward must draw the same masks (torch restores the RNG state)
+    common = (f"finetune.strategy={strategy}", "finetune.dropout=0.1", "finetune.max_steps=4", "finetune.eval_every=2")
+    plain = _finetune(work, *common)
+    shutil.rmtree(work / "checkpoints" / "finetune")  # a second run from scratch, not a resume of the first
+    recomputed = _finetune(work, *common, "finetune.gradient_checkpointing=true")
+    assert (plain["classifier"]["gradient_checkpointing"], recomputed["classifier"]["gradient_checkpointing"]) == (0, 1)
+    assert recomputed["classifier"]["val_loss"] == pytest.approx(plain["classifier"]["val_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["fgm", "pgd"])
 def test_adversarial_training_logs_a_higher_loss_on_perturbed_embeddings(work, method):
     got = _finetune(work, f"finetune.adversarial.method={method}", "finetune.adversarial.epsilon=0.5",

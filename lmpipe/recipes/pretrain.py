@@ -153,7 +153,12 @@ def _corpus(clean_dir: Path, split: str) -> list[str]:
 
 
 def processes(params: Params) -> int:
-    """How many training processes pretrain.nproc_per_node asks for; more than one runs DDP under torchrun."""
+    """How many training processes pretrain.nproc_per_node asks for; more than one runs DDP under torchrun.
+    pretrain.fsdp on a CPU is refused here, before any process starts: Trainer/Accelerate shard only on CUDA
+    devices, and on a CPU the processes would run plain DDP instead of what was asked."""
+    if params.pretrain.fsdp and device(params.common) != "cuda":
+        raise ConfigError(f"pretrain.fsdp: {params.pretrain.fsdp!r} needs CUDA devices (Trainer/Accelerate shard on GPUs "
+                          "only); on a CPU set pretrain.fsdp='' (nproc_per_node > 1 runs DDP)")
     n = params.pretrain.nproc_per_node
     if n == "auto":
         n = torch.cuda.device_count() or os.cpu_count() or 1
