@@ -911,10 +911,10 @@ def sweep_sorted_in_ui(driver, base: str, experiment_id: str, parent, trials: li
 
 # -- a real Prefect server and workers (tests/test_deployments.py, test_placement.py, test_services.py) --------
 def prefect_env(home: Path, api: str | None = None, **extra) -> dict:
-    """clean_env without any PREFECT_ setting of this machine: PREFECT_HOME `home`, the API `api`."""
-    env = {k: v for k, v in clean_env(**extra).items() if not k.startswith("PREFECT_")}
+    """clean_env without any PREFECT_ setting of this machine: PREFECT_HOME `home`, the API `api`, then `extra`."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               PREFECT_CLI_PROMPT="false")
+               PREFECT_CLI_PROMPT="false", **extra)
     if api:
         env["PREFECT_API_URL"] = api
     return env

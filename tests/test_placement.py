@@ -136,7 +136,8 @@ def test_stages_run_on_their_pools_through_a_dvc_remote(tmp_path, tiny_data):
         assert tags["host.device"] == "cpu" and tags["host.cpu"] and tags["host.torch"]
         assert tags["prefect.flow_run_id"] == str(first.id)  # the flow run that started it, on either host
     # the stopped pretrain went on from its checkpoint on B, in the same MLflow run
-    assert runs["pretrain"][0].data.tags.get("pretrain.resumed_from", "").startswith("checkpoint-")
+    resumed = Path(runs["pretrain"][0].data.tags.get("pretrain.resumed_from", ""))
+    assert resumed.name.startswith("checkpoint-") and resumed.is_relative_to(host_b / ".lmpipe" / "placed"), resumed
     # A's dvc.lock names B's outputs; A's workspace has them and the remote has everything (its run cache too)
     lock = yaml.safe_load((host_a / "dvc.lock").read_text())["stages"]
     assert list(lock) == STAGES
