@@ -69,7 +69,8 @@ def check(wt: Path, where: dict[str, str]) -> None:
     if not where:
         return
     sent = ", ".join(f"{s} -> {p}" for s, p in where.items())
-    if not _dvc(wt, "remote", "default").strip():
+    default = subprocess.run([*DVC, "remote", "default"], cwd=wt, capture_output=True, text=True)
+    if default.returncode != 0 or not default.stdout.strip():  # dvc exits 251 with "No default remote set"
         raise ConfigError(f"placement.pools sends {sent}: outputs travel through a DVC remote and {wt} has no "
                           "default one (dvc remote add -d <name> <url>, on every host)")
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS], cwd=wt,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import STAGES, make_repo, mlflow_runs, sh, tiny_generative_params, tiny_params
+from helpers import ROOT, STAGES, make_repo, mlflow_runs, sh, tiny_generative_params, tiny_params
 
 
 def _runs(repo: Path):
@@ -192,3 +193,32 @@ def test_minilm_profile_end_to_end_through_dvc_exp_run_then_the_flow(tmp_path, h
     flow = pipeline(profile="minilm-sst2", overrides=small, workspace=str(repo))
     assert all(r["cached"] for r in flow["stages"]), flow["stages"]
     assert flow["metrics"]["original_baseline"] == ev["original_baseline"]
+
+
+def test_placement_without_a_dvc_remote_or_with_uncommitted_code_is_refused_before_any_stage(
+        tmp_path, tiny_data, harness, flow_env):
+    """params placement.pools hands stages to another host, whose outputs travel through the DVC remote and whose
+    code comes from git: without a default remote, or with uncommitted code, the flow stops in one line first."""
+    from flows.pipeline import pipeline
+
+    params = tiny_params()
+    params["placement"] = {"pools": {"pretrain": "gpu"}}
+    repo = make_repo(tmp_path / "repo", params, tiny_data)
+    state = pipeline(workspace=str(repo), retries=0, return_state=True)
+    assert state.is_failed()
+    assert state.message.endswith("placement.pools sends pretrain -> gpu: outputs travel through a DVC remote and "
+                                  f"{repo} has no default one (dvc remote add -d <name> <url>, on every host)"), state.message
+    sh(repo, "dvc", "remote", "add", "--local", "-d", "shared", str(tmp_path / "remote"))
+    (repo / "lmpipe" / "names.py").write_text((repo / "lmpipe" / "names.py").read_text() + "\n# edited\n")
+    state = pipeline(workspace=str(repo), retries=0, return_state=True)
+    assert state.is_failed() and state.message.endswith(
+        f"another host runs the committed code, and {repo} has uncommitted changes in lmpipe/names.py: commit first")
+    assert not [r for r in _runs(repo) if r.data.tags.get("lmpipe.stage")]  # no stage started
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device here (torch "), res.stdout

@@ -399,6 +399,12 @@ def test_gradient_checkpointing_recomputes_activations_and_trains_the_same_model
     recomputed = _finetune(work, *common, "finetune.gradient_checkpointing=true")
     assert (plain["classifier"]["gradient_checkpointing"], recomputed["classifier"]["gradient_checkpointing"]) == (0, 1)
     assert recomputed["classifier"]["val_loss"] == pytest.approx(plain["classifier"]["val_loss"], rel=1e-5)
+    # every stage run records the hardware it ran on (lmpipe.host.hardware), so speeds compare in the UI
+    tags = _client(work).get_run(recomputed["mlflow_run_id"]).data.tags
+    from lmpipe.host import cpu_model
+
+    assert (tags["host.device"], tags["host.cpu"], tags["host.torch"]) == ("cpu", cpu_model(), torch.__version__)
+    assert tags["host.workspace"] == str(work) and int(tags["host.cpu_cores"]) >= 1
 
 
 @pytest.mark.parametrize("method", ["fgm", "pgd"])
