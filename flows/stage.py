@@ -36,8 +36,9 @@ def stage(stage: str, commit: str, params_yaml: str, lock_yaml: str | None, key:
     root = Path(os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
     wt = placement.worktree(root, key, commit)
     placement.write_inputs(wt, params_yaml, lock_yaml)
-    stage_env = {**experiments.env(root), **{k: v for k, v in env.items() if k in PASSED_ENV}}
-    stage_env = {k: v for k, v in stage_env.items() if k in (*PASSED_ENV, "HF_HUB_OFFLINE", "PATH")}
+    own = experiments.env(root)  # this host's PATH and offline setting; the rest is the flow's
+    stage_env = {"HF_HUB_OFFLINE": own["HF_HUB_OFFLINE"], "PATH": own["PATH"],
+                 **{k: env[k] for k in PASSED_ENV if k in env}}
     result = dvc_stage.with_options(retries=0)(stage, str(wt), force, stage_env, share=True)
     facts = {**hardware(), "host.workspace": str(root), "prefect.flow_run_id": str(flow_run.get_id() or "")}
     create_markdown_artifact(key=placement.REPORT_KEY.format(stage=stage),

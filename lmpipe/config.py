@@ -282,7 +282,7 @@ class Pretrain(Section):
     """Blocks per device per micro-batch."""
     gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches per optimizer step."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool
     """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about
     a third more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py)."""
     weight_decay: float = Field(ge=0)
@@ -503,7 +503,7 @@ class Finetune(Section):
     length padded to their longest, so a step costs what its tokens cost; evaluation too)."""
     gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches of batch_size per optimizer step (a larger batch in the same memory)."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool
     """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about
     a third more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py)."""
     rdrop_alpha: float = Field(ge=0)
@@ -654,14 +654,14 @@ class Monitor(Section):
 
 
 class Placement(Section):
-    pools: dict[str, str | None] = {}
+    pools: dict[str, str | None]
     """Stage -> the Prefect work pool whose workers run it (`lmpipe.placement`). A stage not named, or null, runs
     wherever the flow runs: an empty map is one host. Not a DVC param of any stage: moving a stage to other
     hardware does not change what it computes."""
-    stage_timeout_s: float = Field(default=21600, gt=0)
+    stage_timeout_s: float = Field(gt=0)
     """How long the flow waits for another pool's worker to run one stage (queued included) before it fails the
     stage, naming the pool it waited for."""
-    silent_after_s: float = Field(default=600, ge=60)
+    silent_after_s: float = Field(ge=60)
     """A flow run with no heartbeat for this long is marked Crashed (a Prefect automation `python -m
     flows.deployments` registers): a stage whose host died is then handed out again and resumes from its last
     checkpoint. Longer than the flow runs' heartbeat (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default)."""
@@ -752,7 +752,7 @@ class Params(Section):
     deploy: Deploy
     serve: Serve
     services: Services
-    placement: Placement = Placement()
+    placement: Placement
 
     @model_validator(mode="after")
     def _cross(self) -> "Params":

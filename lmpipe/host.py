@@ -42,7 +42,7 @@ def cpu_flags() -> list[str]:
 def hardware(choice: str = "auto") -> dict[str, str]:
     """The facts that make two runs' speeds comparable: host, device kind/name/count/memory (CUDA and cuDNN
     versions on a GPU; CPU model, ISA flags and cores on a CPU), torch and transformers versions, and the
-    Prefect pool the run came from. Keys are MLflow tag names. A process that has not imported torch (clean,
+    Prefect pool and worker the run came from. Keys are MLflow tag names. A process that has not imported torch (clean,
     tokenize: they start without it) is a CPU run and does not import it for this. `choice`: common.device
     (env LMPIPE_DEVICE wins, as for the stages themselves)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -59,6 +59,7 @@ def hardware(choice: str = "auto") -> dict[str, str]:
             return "none"
 
     facts = {"host.name": socket.gethostname(), "host.pool": os.environ.get(POOL_ENV, ""),
+             "host.worker": os.environ.get("PREFECT__WORKER_NAME", ""),  # set by a Prefect worker for its runs
              "host.device": "cuda" if on_gpu else "cpu", "host.torch": installed("torch"),
              "host.transformers": installed("transformers"), "host.cpu": cpu_model(),
              "host.cpu_flags": " ".join(cpu_flags()) or "none",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -161,7 +160,6 @@ def remove(root: Path, wt: Path) -> None:
     from lmpipe import experiments
 
     experiments.remove(root, wt)
-    shutil.rmtree(wt, ignore_errors=True)
 
 
 def report(stage: str, result: dict[str, Any], entry: dict[str, Any], facts: dict[str, str]) -> str:
@@ -182,7 +180,7 @@ def read_report(markdown: str) -> dict[str, Any]:
 
 
 def where(facts: dict[str, str]) -> str:
-    """One cell of the flow's report: pool, host, device."""
+    """One cell of the flow's report: pool, worker, host, device."""
     device = facts.get("host.gpu") or facts.get("host.cpu", "")
-    return (f"pool {facts.get('host.pool') or '-'} · {facts.get('host.name', '?')} "
+    return (f"pool {facts.get('host.pool') or '-'} · worker {facts.get('host.worker') or '-'} · {facts.get('host.name', '?')} "
             f"({facts.get('host.workspace', '')}) · {facts.get('host.device', '?')} {device}").strip()

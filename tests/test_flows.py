@@ -202,7 +202,7 @@ def test_placement_without_a_dvc_remote_or_with_uncommitted_code_is_refused_befo
     from flows.pipeline import pipeline
 
     params = tiny_params()
-    params["placement"] = {"pools": {"pretrain": "gpu"}}
+    params["placement"]["pools"] = {"pretrain": "gpu"}
     repo = make_repo(tmp_path / "repo", params, tiny_data)
     state = pipeline(workspace=str(repo), retries=0, return_state=True)
     assert state.is_failed()

@@ -131,7 +131,7 @@ def test_stages_run_on_their_pools_through_a_dvc_remote(tmp_path, tiny_data):
     for stage, (run,) in runs.items():
         tags = run.data.tags
         host, pool = (host_b, "gpu") if stage in ON_GPU else (host_a, "cpu")
-        assert tags["host.pool"] == pool, (stage, tags)
+        assert (tags["host.pool"], tags["host.worker"]) == (pool, f"host-{pool}"), (stage, tags)
         assert tags["host.workspace"].startswith(str(host)), (stage, tags["host.workspace"])
         assert tags["host.device"] == "cpu" and tags["host.cpu"] and tags["host.torch"]
         assert tags["prefect.flow_run_id"] == str(first.id)  # the flow run that started it, on either host
@@ -150,4 +150,4 @@ def test_stages_run_on_their_pools_through_a_dvc_remote(tmp_path, tiny_data):
     assert not (host_b / "dvc.lock").exists()
     # the flow's report names where each stage ran
     rows = [ln for ln in report[-1].data.splitlines() if ln.startswith("| pretrain |")]
-    assert rows and "pool gpu" in rows[0] and str(host_b) in rows[0], report[-1].data
+    assert rows and "pool gpu · worker host-gpu" in rows[0] and str(host_b) in rows[0], report[-1].data
