@@ -2,6 +2,7 @@
 
     lmpipe serve [--host 127.0.0.1] [--port 8000] [--model-uri models:/lmpipe-sst2@champion] [--token-file F]
     lmpipe monitor --url http://127.0.0.1:8000 [--token T]              # live drift (PSI per feature) of a server
+    lmpipe alerts [--check]                                             # Prometheus rules from params (ops/prometheus)
     lmpipe smoke [--profile profiles/smoke.yaml] [--set KEY=VALUE ...]   # whole pipeline as a DVC experiment
     lmpipe rollback [--model NAME] [--to VERSION] [--reason TEXT]       # champion back to the previous holder
     lmpipe lineage models:/lmpipe-sst2@champion                         # commit, data hash, stage runs
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p_svc.add_argument("--params", default="params.yaml")
     p_svc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="params override, e.g. --set services.mlflow_port=5001")
+    p_alerts = sub.add_parser("alerts", help="write ops/prometheus/alerts.yml from params.yaml's serve section")
+    p_alerts.add_argument("--params", default="params.yaml")
+    p_alerts.add_argument("--check", action="store_true", help="exit 1 when the file differs from what params give")
     args = parser.parse_args(argv)
     root = repo_root()
     # each command imports what it runs, in its branch: `lmpipe validate` answers in about a second, while the
@@ -234,6 +238,16 @@ def main(argv: list[str] | None = None) -> int:
             res = rollback(_tracking(root), name, alias, args.to, args.reason)
             print(f"{name}@{alias}: v{res['from']} -> v{res['to']} ({res['entry']['why']}; by {res['entry']['by']} "
                   f"at {res['entry']['at']})")
+            return 0
+        if args.cmd == "alerts":
+            from lmpipe.serving.alerts import write
+
+            path, same = write(load_params(args.params).serve, root, check=args.check)
+            if args.check and not same:
+                print(f"lmpipe: error: {path} differs from what {args.params} gives: run `lmpipe alerts`",
+                      file=sys.stderr)
+                return 1
+            print(f"{path}: {'up to date' if same else 'written'}")
             return 0
         if args.cmd == "monitor":
             from lmpipe.monitoring import fetch_report, format_report

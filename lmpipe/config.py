@@ -653,6 +653,19 @@ class Monitor(Section):
     """A warning is logged when a feature's PSI rises above this (0.25: a major shift by the usual rule)."""
 
 
+class Alerts(Section):
+    p99_latency_s: float = Field(gt=0)
+    """LmpipeLatencyHigh: a route's p99 request latency above this."""
+    error_share: float = Field(gt=0, lt=1)
+    """LmpipeErrors: the share of requests answered 5xx above this."""
+    saturation_share: float = Field(gt=0, lt=1)
+    """LmpipeSaturated: the share answered 503 (queue full, waited too long) or 504 (inference too slow) above this."""
+    quiet_minutes: float = Field(gt=0)
+    """LmpipeNoTraffic: no /predict, /embed or /generate request for this long."""
+    window_minutes: int = Field(ge=1)
+    """Rates and quantiles are taken over this window, and a condition must hold this long before it fires."""
+
+
 class Placement(Section):
     pools: dict[str, str | None]
     """Stage -> the Prefect work pool whose workers run it (`lmpipe.placement`). A stage not named, or null, runs
@@ -721,6 +734,9 @@ class Serve(Section):
     core to the HTTP event loop: on 2 shared cores a small model's forward pass was 4x slower on 2 threads."""
     monitor: Monitor
     """Drift monitoring of live traffic against the model's drift_reference.json."""
+    alerts: Alerts
+    """Thresholds of the Prometheus alert rules `lmpipe alerts` writes (ops/prometheus/alerts.yml); drift's is
+    monitor.psi_alert."""
 
 
 class Services(Section):

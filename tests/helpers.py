@@ -452,29 +452,34 @@ SWEEP = {"fixed": {"finetune.scratch_baseline": False},
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def ensure_chromium() -> tuple[str, str]:
-    """Paths of chromium and chromedriver; apt-get installs them when missing (root only), else skip."""
-    found = shutil.which("chromium"), shutil.which("chromedriver")
+def ensure_debian(binaries: tuple[str, ...], packages: tuple[str, ...]) -> tuple[str, ...]:
+    """Paths of `binaries`; apt-get installs `packages` when one is missing (root only), else skip."""
+    found = tuple(shutil.which(b) for b in binaries)
     if all(found):
         return found  # type: ignore[return-value]
+    wanted = " ".join(packages)
     if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip("chromium/chromedriver are missing and cannot be installed here "
-                    "(needs root and apt-get: apt-get install chromium chromium-driver)")
+        pytest.skip(f"{', '.join(binaries)} missing and cannot be installed here (needs root: apt-get install {wanted})")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=600"]  # wait for another apt instead of failing
     for cmd in (["apt-get", *lock, "update", "-q"],
-                ["apt-get", *lock, "install", "-y", "-q", "chromium", "chromium-driver"]):
+                ["apt-get", *lock, "install", "-y", "-q", *packages]):
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"chromium could not be installed: {' '.join(cmd)} timed out")
+            pytest.skip(f"{wanted} could not be installed: {' '.join(cmd)} timed out")
         if res.returncode != 0:
-            pytest.skip(f"chromium could not be installed: {' '.join(cmd)} exited {res.returncode}: "
+            pytest.skip(f"{wanted} could not be installed: {' '.join(cmd)} exited {res.returncode}: "
                         f"{(res.stderr or res.stdout).strip()[-500:]}")
-    found = shutil.which("chromium"), shutil.which("chromedriver")
+    found = tuple(shutil.which(b) for b in binaries)
     if not all(found):
-        pytest.skip("apt-get install chromium chromium-driver succeeded but the binaries are not on PATH")
+        pytest.skip(f"apt-get install {wanted} succeeded but {', '.join(binaries)} are not on PATH")
     return found  # type: ignore[return-value]
+
+
+def ensure_chromium() -> tuple[str, str]:
+    """Paths of chromium and chromedriver (apt-get installs them when missing, as root)."""
+    return ensure_debian(("chromium", "chromedriver"), ("chromium", "chromium-driver"))  # type: ignore[return-value]
 
 
 def two_executions(base: Path) -> Path:

@@ -192,6 +192,10 @@ def test_hot_reload_follows_the_alias_without_dropping_requests(tmp_path: Path, 
     setup(tmp_path, "serving-test")
     v1 = _register(tiny_classifier(tmp_path / "v1"), "tiny-sst2")
     v2 = _register(tiny_classifier(tmp_path / "v2", flip=True), "tiny-sst2")  # same weights, labels swapped
+    broken = tiny_classifier(tmp_path / "v3")
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()
+    v3 = _register(broken, "tiny-sst2")  # a version that cannot load
     client = mlflow.MlflowClient(uri)
     client.set_registered_model_alias("tiny-sst2", "champion", v1)
     client.set_model_version_tag("tiny-sst2", v2, "variant", "fp32-flipped")
@@ -231,6 +235,16 @@ def test_hot_reload_follows_the_alias_without_dropping_requests(tmp_path: Path, 
         text = _metrics(srv)
         assert metric(text, "lmpipe_model_reloads_total") >= 2
         assert f'version="{v1}"' in next(line for line in text.splitlines() if line.startswith("lmpipe_model_info{"))
+        assert metric(text, "lmpipe_model_reload_failures_total") == 0
+        # a version that fails to load: still v1, each failed load counted (the alert LmpipeReloadFailed reads it)
+        client.set_registered_model_alias("tiny-sst2", "champion", v3)
+        r = requests.post(f"{srv.url}/admin/reload", headers=AUTH, timeout=60)
+        assert r.status_code == 502, r.text
+        failed = metric(_metrics(srv), "lmpipe_model_reload_failures_total")
+        assert failed in (1, 2)  # this call's load, and the poller's if it got to v3 first
+        time.sleep(2.5)  # the poller (every second) does not load a version that failed again
+        assert requests.get(f"{srv.url}/health", timeout=10).json()["version"] == v1
+        assert metric(_metrics(srv), "lmpipe_model_reload_failures_total") == failed
 
 
 def test_a_model_logged_before_the_model_package_moved_still_loads(tmp_path: Path, model_dir: Path):

@@ -274,7 +274,7 @@ def create_app(model, model_uri: str | None = None, cfg: Serve | None = None, to
         return out
 
     prepare(served)
-    holder = reload.Holder(served, client, cfg.reload_interval_s, prepare)
+    holder = reload.Holder(served, client, cfg.reload_interval_s, prepare, on_failure=metrics.reload_failures.inc)
     batcher = Batcher(run, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_queue, cfg.request_timeout_s,
                       cfg.inference_timeout_s, on_batch=metrics.batch_size.observe, on_queue=metrics.queue_texts.set)
     generating = Generating(cfg.max_batch_size, cfg.max_wait_ms, cfg.stream_interval_ms, cfg.max_queue,

@@ -35,6 +35,8 @@ class Metrics:
                                     buckets=CONFIDENCE_BUCKETS, registry=r)
         self.model = Info("lmpipe_model", "The served model: name, version, variant, uri", registry=r)
         self.reloads = Counter("lmpipe_model_reloads", "Swaps to a new model version", registry=r)
+        self.reload_failures = Counter("lmpipe_model_reload_failures", "New model versions that failed to load "
+                                       "(the previous one stays served)", registry=r)
         self.generated_tokens = Counter("lmpipe_generated_tokens", "New tokens generated for /generate requests",
                                         registry=r)
         self.generations = Counter("lmpipe_generations", "Finished /generate requests by how they ended: eos, "

@@ -71,9 +71,9 @@ def load(uri: str, client=None) -> Served:
 class Holder:
     """The current model, and (for an alias URI) the poller that moves it along with the alias."""
 
-    def __init__(self, served: Served, client, interval_s: float, on_swap) -> None:
+    def __init__(self, served: Served, client, interval_s: float, on_swap, on_failure=lambda: None) -> None:
         self.current = served
-        self.client, self.interval_s, self.on_swap = client, interval_s, on_swap
+        self.client, self.interval_s, self.on_swap, self.on_failure = client, interval_s, on_swap, on_failure
         ref = parse_model_uri(served.uri)
         self.alias = ref if ref is not None and ref.alias is not None else None
         self._lock = threading.Lock()
@@ -111,6 +111,7 @@ class Holder:
             try:
                 new = load(old.uri, self.client)  # resolves the alias again and loads that version in full
             except Exception as e:
+                self.on_failure()  # each failed load (the poller tries a version once; /admin/reload each time asked)
                 self._failed = str(mv.version)
                 log.warning("reload: %s v%s failed to load, still serving v%s (%s: %s)", old.name, mv.version,
                             old.version, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
