@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lmpipe.chat import template_issues
-from lmpipe.names import STAGES, Head, Objective, Optimizer, Sampler, Scheduler, Strategy, Variant
+from lmpipe.names import STAGES, Head, MaskKind, Objective, Optimizer, Sampler, Scheduler, Strategy, Variant
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
 
@@ -156,6 +156,10 @@ class Clean(Section):
     tasks: dict[str, Task]
     """More named classification tasks for multi-task fine-tuning (finetune.tasks); each one's splits are
     clean.out_dir/tasks/<name>/labeled_*.parquet."""
+    mask: list[MaskKind]
+    """Personal data replaced by `<kind>` placeholders in every corpus document, labelled text and conversation
+    before anything else (lmpipe/masking.py): email, url, ip, card, phone; [] masks nothing. Counted per kind in
+    clean.metrics (`mask`)."""
     min_chars: int = Field(ge=1)
     """Drop documents shorter than this after normalisation (characters)."""
     max_chars: int = Field(ge=1)

@@ -66,6 +66,10 @@ HEADLINE = {"accuracy": ("classifier", "accuracy"), "f1_macro": ("classifier", "
 """The figures people compare, under plain names -> where they are in evaluate.metrics (section, key). They lead
 the MLflow compare view (sorted before dotted names) and `lmpipe compare`."""
 
+# -- personal data the clean stage can mask (lmpipe/masking.py) -------------------------------------------------
+MaskKind = Literal["email", "url", "ip", "card", "phone"]
+"""clean.mask's kinds, in the order lmpipe.masking matches them; each becomes the placeholder `<kind>`."""
+
 # -- folders and commands --------------------------------------------------------------------------------------
 LMPIPE_DIR = ".lmpipe"
 """lmpipe's own state inside a checkout (git-ignored): experiment worktrees, services, locks."""

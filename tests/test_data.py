@@ -102,3 +102,31 @@ def test_tail_split_cuts_across_documents_in_order():
     docs = ["aaaa", "bbbb", "cc"]  # 10 characters: the last 30% is "bcc"
     assert tail_split(docs, 0.3) == (["aaaa", "bbb"], ["b", "cc"])
     assert tail_split(docs, 0.2) == (["aaaa", "bbbb"], ["cc"])
+
+
+def test_clean_mask_replaces_personal_data_everywhere_and_counts_each_kind(workdir: Path, tiny_data: Path):
+    pii = ("mail jane.doe@example.org or see https://example.com/x?id=7 from 10.0.0.12 , card 4111 1111 1111 1111 , "
+           "call +44 20 7946 0958 .")
+    with open(tiny_data / "corpus" / "text.txt", "a", encoding="utf-8") as f:
+        f.write(f"an excellent film , {pii}\n")
+    with open(tiny_data / "task" / "train.tsv", "a", encoding="utf-8") as f:
+        f.write(f"a wonderful film , {pii}\t1\n")
+    _edit_params(workdir, lambda r: r["clean"].update(mask=["email", "url", "ip", "card", "phone"]))
+    res = run_module("stages.clean", workdir)
+    assert res.returncode == 0, res.stderr
+    out = workdir / "data" / "clean"
+    texts = [t for name in ("corpus_train", "corpus_validation", "labeled_train", "labeled_validation", "labeled_test")
+             for t in pd.read_parquet(out / f"{name}.parquet")["text"]]
+    joined = "\n".join(texts)
+    for secret in ("jane.doe", "example.com", "10.0.0.12", "4111", "7946"):
+        assert secret not in joined, secret
+    masked = "mail <email> or see <url> from <ip> , card <card> , call <phone> ."
+    assert sum(masked in t for t in texts) == 2  # the corpus line and the labelled row
+    stats = yaml.safe_load((workdir / "metrics" / "clean.json").read_text())
+    assert stats["mask"] == {"email": 2, "url": 2, "ip": 2, "card": 2, "phone": 2}
+    # off by default: the same data unmasked, and no mask section
+    _edit_params(workdir, lambda r: r["clean"].update(mask=[]))
+    assert run_module("stages.clean", workdir).returncode == 0
+    assert "mask" not in yaml.safe_load((workdir / "metrics" / "clean.json").read_text())
+    assert "jane.doe@example.org" in "\n".join(pd.read_parquet(out / "labeled_train.parquet")["text"].tolist() +
+                                              pd.read_parquet(out / "labeled_validation.parquet")["text"].tolist())

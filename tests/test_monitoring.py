@@ -137,3 +137,26 @@ def test_monitor_refuses_bad_input_in_one_line(drift_server: Server, tmp_path: P
     lines = res.stderr.strip().splitlines()
     assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("lmpipe: error: "), res.stderr
     assert expected in lines[0], lines
+
+
+def test_request_texts_never_reach_the_servers_logs_files_or_drift_report(drift_server: Server):
+    """The drift window keeps features (label, confidence, length, OOV rate), not texts; nothing the server writes
+    (its log, any file under its folder, /drift, /metrics) carries a request's text, refused requests included."""
+    srv, marker = drift_server, "zqxv7marker"
+    cwd = srv.cwd
+    before = time.time()
+    texts = [f"{marker} number {i} was a gem of a film" for i in range(12)]
+    _send(srv, texts)
+    for body in ({"texts": [marker * 100_000]}, {"texts": [marker, ""]}, {"text": marker}):  # 413/422: refused
+        r = requests.post(f"{srv.url}/predict", json=body, headers=AUTH, timeout=60)
+        assert r.status_code in (413, 422), r.text
+        assert marker not in r.text  # the error names the field, not the text
+    r = requests.post(f"{srv.url}/embed", json={"texts": texts[:2]}, headers=AUTH, timeout=60)
+    assert r.status_code in (200, 409), r.text
+    _wait(srv, lambda rep: rep["window"] >= 12, "window not filled")
+    assert marker not in json.dumps(_drift(srv))
+    assert marker not in requests.get(f"{srv.url}/metrics", headers=AUTH, timeout=10).text
+    written = [p for p in cwd.rglob("*") if p.is_file() and p.stat().st_mtime >= before - 1]
+    assert srv.log in written  # the server's own output is among what was checked
+    for path in written:
+        assert marker.encode() not in path.read_bytes(), path

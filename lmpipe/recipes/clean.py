@@ -18,6 +18,7 @@ from lmpipe.config import Params
 from lmpipe.datasource import data_dir
 from lmpipe.errors import DataError
 from lmpipe.io import atomic_dir, write_json
+from lmpipe.masking import Masker
 from lmpipe.tasks import task_dir
 from lmpipe.metric_log import log_metrics_bounded
 
@@ -27,11 +28,14 @@ def clean(params: Params, root: Path, run) -> None:
 
     cfg, seed = params.clean, params.common.seed
     ddir = data_dir(root)
+    mask = Masker(cfg.mask)  # personal data -> <kind> placeholders, before anything else sees the text
 
-    # 1) corpus: read every source, normalise/filter/dedup together, split by document
+    # 1) corpus: read every source, mask, normalise/filter/dedup together, split by document
     raw_docs: list[str] = []
     for src in cfg.corpus:
         raw_docs.extend(data.read_texts(src, ddir))
+    if mask:
+        raw_docs = [mask(d) for d in raw_docs]
     docs, corpus_stats = data.clean_documents(raw_docs, cfg.min_chars, cfg.max_chars, cfg.keep_newlines)
     if len(docs) < (1 if cfg.split == "tail" else 2):  # tail cuts one document in two
         raise DataError(
@@ -51,10 +55,10 @@ def clean(params: Params, root: Path, run) -> None:
     corpus_stats.update(train=len(train_docs), validation=len(val_docs))
 
     # 2) labelled tasks: train file -> train/validation (and test without a test file), test file kept whole
-    tasks = {cfg.labeled.name: _labeled_task(cfg.labeled, None, ddir, cfg.max_chars, seed, "clean.labeled")}
+    tasks = {cfg.labeled.name: _labeled_task(cfg.labeled, None, ddir, cfg.max_chars, seed, "clean.labeled", mask)}
     for name, task in cfg.tasks.items():
         tasks[name] = _labeled_task(task, task.test_fraction, ddir, cfg.max_chars, seed,
-                                     f"clean.tasks.{name}")
+                                     f"clean.tasks.{name}", mask)
 
     # 3) instruction data: your conversations (cleaned, deduplicated, split seeded) and each templated task's
     #    splits as conversations (the same examples the classifier trains and is tested on)
@@ -63,6 +67,8 @@ def clean(params: Params, root: Path, run) -> None:
         convs: list = []
         for src in cfg.sft.sources:
             convs.extend(conversations.read_source(src, ddir))
+        if mask:
+            convs = [[{**turn, "content": mask(turn["content"])} for turn in conv] for conv in convs]
         kept, sft_stats[conversations.SOURCES] = conversations.clean_conversations(convs, cfg.max_chars)
         sft_splits[conversations.SOURCES] = conversations.split_conversations(
             kept, cfg.sft.validation_fraction, cfg.sft.test_fraction, seed)
@@ -101,6 +107,9 @@ def clean(params: Params, root: Path, run) -> None:
     }
     if sft_stats:
         stats["sft"] = sft_stats
+    if mask:
+        stats["mask"] = dict(mask.counts)
+        log_metrics_bounded({f"mask.{k}": v for k, v in mask.counts.items()})
     write_json(root / cfg.metrics, stats)
     log_metrics_bounded({f"corpus.{k}": v for k, v in corpus_stats.items()})
     log_metrics_bounded({f"labeled.train.{k}": v for k, v in stats["labeled"]["train"].items()})
@@ -113,14 +122,19 @@ def clean(params: Params, root: Path, run) -> None:
           f"labelled {len(tr_idx)} train / {len(va_idx)} validation / {len(test_df)} test, {len(vocab)} classes")
 
 
-def _labeled_task(task, test_fraction: float | None, ddir: Path, max_chars: int, seed: int, where: str) -> dict:
+def _labeled_task(task, test_fraction: float | None, ddir: Path, max_chars: int, seed: int, where: str,
+                  mask: Masker) -> dict:
     """One task's splits: labels mapped to 0..K-1 by the train file's vocabulary; the test split is the test
-    file, or a seeded test_fraction of the train file held out before the validation split is taken."""
-    train_df, vocab, train_stats = data.clean_labeled(
-        data.read_labeled(task.train, ddir), None, 1, max_chars, task.train.path)
+    file, or a seeded test_fraction of the train file held out before the validation split is taken. Texts are
+    masked first (`mask`, when it names kinds)."""
+
+    def read(src):
+        df = data.read_labeled(src, ddir)
+        return df.assign(text=[mask(t) for t in df["text"]]) if mask else df
+
+    train_df, vocab, train_stats = data.clean_labeled(read(task.train), None, 1, max_chars, task.train.path)
     if task.test is not None:
-        test_df, _, test_stats = data.clean_labeled(
-            data.read_labeled(task.test, ddir), vocab, 1, max_chars, task.test.path)
+        test_df, _, test_stats = data.clean_labeled(read(task.test), vocab, 1, max_chars, task.test.path)
     else:
         rest, held = data.split_indices(len(train_df), test_fraction, seed)
         test_df, train_df = train_df.iloc[held].reset_index(drop=True), train_df.iloc[rest].reset_index(drop=True)
