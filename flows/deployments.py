@@ -20,14 +20,20 @@ import copy
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, get_current_settings
 from prefect.workers.process import ProcessWorker
 
 from lmpipe.names import POOL_ENV
@@ -110,21 +116,21 @@ then retries the stage it had handed out, and the stage resumes from its checkpo
 
 
 def ensure_zombie_automation(silent_after_s: float) -> str:
-    """Create or update ZOMBIES (Prefect's documented zombie detection): after a flow run's heartbeat, expect
-    another event from it within `silent_after_s`, else set it Crashed. Flow runs beat every 180 s by default
-    (PREFECT_FLOWS_HEARTBEAT_FREQUENCY), so `silent_after_s` must be longer than that."""
-    from datetime import timedelta
-
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
+    """Create or update ZOMBIES (Prefect's documented zombie detection, scoped to flow runs tagged `lmpipe`, which
+    every deployment of prefect.yaml gives its runs): after a flow run's heartbeat, expect another event from it
+    within `silent_after_s`, else set it Crashed. Flow runs beat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds
+    (180 by default), so `silent_after_s` must be longer: checked here against this process's setting, which the
+    workers should share."""
+    beat = get_current_settings().flows.heartbeat_frequency
+    if beat is None or silent_after_s <= beat:
+        raise DeployError(f"placement.silent_after_s: {silent_after_s:g} s must exceed the flow runs' heartbeat "
+                          f"(PREFECT_FLOWS_HEARTBEAT_FREQUENCY={beat}), or healthy runs would be marked Crashed")
     wanted = Automation(
-        name=ZOMBIES, description="lmpipe (flows/deployments.py): a flow run whose heartbeats stopped is Crashed",
+        name=ZOMBIES, description="lmpipe (flows/deployments.py): an lmpipe flow run whose heartbeats stopped is Crashed",
         trigger=EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.*"},
                              match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                             match_related=ResourceSpecification({"prefect.resource.id": "prefect.tag.lmpipe",
+                                                                  "prefect.resource.role": "tag"}),
                              for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
                              within=timedelta(seconds=silent_after_s)),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
@@ -133,9 +139,11 @@ def ensure_zombie_automation(silent_after_s: float) -> str:
         existing = Automation.read(name=ZOMBIES)
     except ValueError:  # not there yet
         existing = None
-    if existing is not None:
-        existing.delete()  # replaced whole: its window follows params
-    wanted.create()
+    if existing is None:
+        wanted.create()
+    else:  # in place: there is never a moment without it
+        wanted.id = existing.id
+        wanted.update()
     return f"automation {ZOMBIES!r}: {'updated' if existing else 'created'} (Crashed after {silent_after_s:g} s silent)"
 
 

@@ -39,6 +39,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from filelock import FileLock  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.exceptions import ObjectNotFound  # noqa: E402
+from prefect.states import Cancelled  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED  # noqa: E402
 
@@ -125,16 +135,18 @@ def dvc_stage(stage: str, workspace: str, force: bool, env: dict[str, str], upst
             "mlflow_run_id": _metrics_run_id(ws, stage)}
 
 
+POLL_S = 2.0
+"""How often the flow looks at a placed stage's flow run."""
+
+
 @task(name="placed-stage", retries=1, retry_delay_seconds=2, task_run_name="{stage}@{pool}")
 def placed_stage(stage: str, pool: str, workspace: str, force: bool, env: dict[str, str], timeout_s: float,
                  key: str) -> dict[str, Any]:
     """Run one stage on a worker of `pool` (a run of the deployment lmpipe-stage/<pool>, flows/stage.py), wait
-    for it, then take its dvc.lock entry into this checkout and pull its outputs. A retry of this task reuses
-    `key`, so the other host resumes the stage from the checkpoint the stopped try left there."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-    from prefect.deployments import run_deployment
-
+    for it, then take its dvc.lock entry into this checkout and pull its outputs. `timeout_s` bounds the wait for
+    a worker to start it (a stage that runs is waited for as long as it runs); a run that did not start in time is
+    cancelled, so it never runs later for nobody. A retry of this task reuses `key`, so a retry that lands on the
+    same host resumes the stage from the checkpoint the stopped try left there."""
     logger = get_run_logger()
     ws = Path(workspace)
     name = f"lmpipe-stage/{pool}"
@@ -144,21 +156,26 @@ def placed_stage(stage: str, pool: str, workspace: str, force: bool, env: dict[s
         logger.info(f"{stage}: up to date here; not handed to pool {pool}")
         return {"stage": stage, "ran": False, "cached": True, "seconds": round(time.perf_counter() - t0, 2),
                 "mlflow_run_id": run_id, "pool": pool, "where": placement.where(_run_facts(run_id))}
-    logger.info(f"{stage}: handed to pool {pool} ({name}); waiting up to {timeout_s:g} s for a worker of pool {pool}")
-    try:
-        child = run_deployment(name, timeout=timeout_s, flow_run_name=f"{stage}@{pool}", parameters={
-            "stage": stage, "commit": placement.commit(ws), "params_yaml": (ws / "params.yaml").read_text(),
-            "lock_yaml": placement.read_lock(ws), "key": key, "env": env, "force": force})
-    except ValueError as e:  # no such deployment: run `python -m flows.deployments` (registers one per pool)
-        raise StageFailed(f"{stage}: cannot hand it to pool {pool}: {e}") from None
-    state = child.state
-    if state is None or not state.is_final():
-        raise StageFailed(f"{stage}: pool {pool} did not run it within {timeout_s:g} s (flow run {child.name} is "
-                          f"{state.name if state else 'unknown'}): start a worker there: prefect worker start "
-                          f"--pool {pool}")
-    if not state.is_completed():
-        raise StageFailed(f"{stage}: failed on pool {pool} (flow run {child.name}): {state.message}")
+    logger.info(f"{stage}: handed to pool {pool} ({name}); waiting up to {timeout_s:g} s for a worker of pool {pool} "
+                "to start it")
+    child = run_deployment(name, timeout=0, flow_run_name=f"{stage}@{pool}", tags=["lmpipe", "stage"], parameters={
+        "stage": stage, "commit": placement.commit(ws), "params_yaml": (ws / "params.yaml").read_text(),
+        "lock_yaml": placement.read_lock(ws), "key": key, "env": env, "force": force})
+    deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(child.id).state
+            if state is not None and state.is_final():
+                break
+            if (state is None or state.is_scheduled() or state.is_pending()) and time.monotonic() > deadline:
+                client.set_flow_run_state(child.id, Cancelled(message=f"no worker of pool {pool} started it in "
+                                                                      f"{timeout_s:g} s"), force=True)
+                raise StageFailed(f"{stage}: no worker of pool {pool} started it within {timeout_s:g} s (flow run "
+                                  f"{child.name} was {state.name if state else 'unknown'}, now cancelled): start one "
+                                  f"there: prefect worker start --pool {pool}")
+            time.sleep(POLL_S)
+        if not state.is_completed():
+            raise StageFailed(f"{stage}: {state.name.lower()} on pool {pool} (flow run {child.name}): {state.message}")
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[placement.REPORT_KEY.format(stage=stage)])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[child.id])))
@@ -173,6 +190,19 @@ def placed_stage(stage: str, pool: str, workspace: str, force: bool, env: dict[s
     return {"stage": stage, "ran": report["result"]["ran"], "cached": not report["result"]["ran"],
             "seconds": round(time.perf_counter() - t0, 2), "mlflow_run_id": run_id, "pool": pool, "where": where,
             "flow_run": child.name}
+
+
+def check_deployments(pools: set[str]) -> None:
+    """Every pool a stage is handed to has its deployment lmpipe-stage/<pool>: else ConfigError, one line, before
+    any stage runs (a pool name's typo, deployments never registered, no Prefect server)."""
+    with get_client(sync_client=True) as client:
+        for pool in sorted(pools):
+            try:
+                client.read_deployment_by_name(f"lmpipe-stage/{pool}")
+            except ObjectNotFound:
+                raise ConfigError(f"placement.pools names pool {pool!r}, which has no deployment lmpipe-stage/{pool}: "
+                                  "add the pool to flows/deployments.py POOLS and prefect.yaml, then run "
+                                  "`python -m flows.deployments`") from None
 
 
 STOP_GRACE_S = 8.0  # a stage told to stop gets this long before SIGKILL (a checkpoint save in flight)
@@ -346,6 +376,7 @@ def _run_stages(ws, params, stages: list[str] | None, force: bool, retries: int)
     wanted = [s for s in stage_names(wt) if s in (stages or stage_names(wt))]
     elsewhere = placement.placed(params, wanted)
     placement.check(wt, elsewhere)
+    check_deployments(set(elsewhere.values()))
     for i, stage in enumerate(wanted):
         if stage in elsewhere:
             res = placed_stage.with_options(retries=retries)(

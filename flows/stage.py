@@ -34,13 +34,17 @@ def stage(stage: str, commit: str, params_yaml: str, lock_yaml: str | None, key:
           force: bool = False) -> dict[str, Any]:
     """Run `stage` here at `commit` with the flow's params.yaml and dvc.lock; push its outputs; report."""
     root = Path(os.environ.get("LMPIPE_WORKSPACE") or ROOT).resolve()
+    placement.check_store(env.get("MLFLOW_TRACKING_URI"))
     wt = placement.worktree(root, key, commit)
     placement.write_inputs(wt, params_yaml, lock_yaml)
     own = experiments.env(root)  # this host's PATH and offline setting; the rest is the flow's
     stage_env = {"HF_HUB_OFFLINE": own["HF_HUB_OFFLINE"], "PATH": own["PATH"],
                  **{k: env[k] for k in PASSED_ENV if k in env}}
     result = dvc_stage.with_options(retries=0)(stage, str(wt), force, stage_env, share=True)
-    facts = {**hardware(), "host.workspace": str(root), "prefect.flow_run_id": str(flow_run.get_id() or "")}
+    # where it ran; the device facts are the stage process's own (its MLflow run's host.* tags): this process
+    # never imports torch
+    facts = {k: v for k, v in hardware().items() if k in ("host.name", "host.pool", "host.worker")}
+    facts.update({"host.workspace": str(wt), "prefect.flow_run_id": str(flow_run.get_id() or "")})
     create_markdown_artifact(key=placement.REPORT_KEY.format(stage=stage),
                              markdown=placement.report(stage, result, placement.lock_entry(wt, stage), facts),
                              description=f"{stage} on {facts['host.name']}: its dvc.lock entry and hardware")

@@ -287,8 +287,8 @@ class Pretrain(Section):
     gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches per optimizer step."""
     gradient_checkpointing: bool
-    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about
-    a third more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py)."""
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for
+    more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py measures both)."""
     weight_decay: float = Field(ge=0)
     """AdamW weight decay."""
     adam_beta1: float = Field(ge=0, lt=1)
@@ -508,8 +508,8 @@ class Finetune(Section):
     gradient_accumulation_steps: int = Field(ge=1)
     """Micro-batches of batch_size per optimizer step (a larger batch in the same memory)."""
     gradient_checkpointing: bool
-    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for about
-    a third more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py)."""
+    """Recompute each layer's activations in the backward pass instead of keeping them: less memory for
+    more compute per step (Trainer's own option; benchmarks/checkpointing_memory.py measures both)."""
     rdrop_alpha: float = Field(ge=0)
     """R-Drop (classifier head): each batch runs twice with different dropout masks and the loss adds
     alpha x the symmetric KL between the two predictions (lmpipe/regularization.py); 0 = off. Needs dropout

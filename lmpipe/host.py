@@ -10,7 +10,10 @@ import os
 import platform
 import socket
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from lmpipe.names import POOL_ENV
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "sve", "asimd")
 """The CPU flags that decide how fast torch's CPU kernels run (bf16 autocast pays only with avx512_bf16/AMX)."""
@@ -45,10 +48,6 @@ def hardware(choice: str = "auto") -> dict[str, str]:
     Prefect pool and worker the run came from. Keys are MLflow tag names. A process that has not imported torch (clean,
     tokenize: they start without it) is a CPU run and does not import it for this. `choice`: common.device
     (env LMPIPE_DEVICE wins, as for the stages themselves)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from lmpipe.names import POOL_ENV
-
     torch = sys.modules.get("torch")
     on_gpu = torch is not None and torch.cuda.is_available() and (os.environ.get("LMPIPE_DEVICE") or choice) != "cpu"
 

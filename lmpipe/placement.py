@@ -26,13 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dvc.utils.serialize import loads_yaml, modify_yaml
 
+from lmpipe import experiments
 from lmpipe.config import Params
 from lmpipe.errors import ConfigError, LmpipeError
 from lmpipe.names import DVC, PLACED, POOL_ENV, STAGES
 
-CODE_PATHS = ("dvc.yaml", "lmpipe", "stages", "pyproject.toml")
+CODE_PATHS = ("dvc.yaml", "lmpipe", "stages", "flows", "pyproject.toml")
 """What another host takes from git rather than from the flow: uncommitted edits here would not reach it."""
+READY = ".lmpipe-placed-ready"
+"""Written last when a placed stage's worktree is made: only such a worktree is reused by a retry."""
 REPORT_KEY = "lmpipe-placed-{stage}"
 """The artifact a placed stage's run leaves for the flow (Prefect artifact keys: lowercase, digits, dashes)."""
 
@@ -80,6 +84,18 @@ def check(wt: Path, where: dict[str, str]) -> None:
                           f"uncommitted changes in {', '.join(dirty[:3])}{' ...' if len(dirty) > 3 else ''}: commit first")
 
 
+def check_store(uri: str | None) -> None:
+    """The flow's MLflow store is one this host reaches: a server, or (hosts on one machine) a file store whose
+    folder exists here. Else ConfigError, one line, before the stage runs (its run would land in a file nobody
+    reads)."""
+    if not uri or uri.startswith(("http://", "https://", "databricks")):
+        return
+    path = Path(uri.split(":///", 1)[1] if ":///" in uri else uri.removeprefix("file:"))
+    if not path.parent.is_dir():
+        raise ConfigError(f"MLFLOW_TRACKING_URI {uri}: the flow's MLflow store is a file on its host, not here; "
+                          "stages on other hosts need a tracking server (lmpipe services up; MLFLOW_TRACKING_URI=http://...)")
+
+
 def commit(wt: Path) -> str:
     res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=wt, capture_output=True, text=True)
     if res.returncode != 0:
@@ -90,17 +106,23 @@ def commit(wt: Path) -> str:
 def worktree(root: Path, key: str, rev: str) -> Path:
     """This host's worktree for one placed stage of one flow run: created at `rev`, or the one a stopped try left
     (its checkpoints are how the stage resumes). Shares the checkout's DVC cache, remotes and data link."""
-    from lmpipe import experiments
-
     if not re.fullmatch(r"[\w.-]+", key):
         raise ConfigError(f"placement: worktree key {key!r} is not a plain name")
     if subprocess.run(["git", "cat-file", "-e", f"{rev}^{{commit}}"], cwd=root, capture_output=True).returncode:
         raise ConfigError(f"placement: {root} does not have commit {rev[:12]} that the flow runs: git fetch there")
     wt = root / PLACED / key
-    if wt.is_dir() and subprocess.run(["git", "rev-parse", "HEAD"], cwd=wt, capture_output=True,
-                                      text=True).stdout.strip() == rev:
-        return wt
-    return experiments.create(root, key, rev=rev, folder=PLACED)
+    if wt.exists():
+        if (wt / READY).is_file() and _git(wt, "rev-parse", "--show-toplevel") == str(wt.resolve()) \
+                and _git(wt, "rev-parse", "HEAD") == rev:
+            return wt  # a stopped try's worktree: its checkpoints are where the stage resumes from
+        experiments.remove(root, wt)  # half made or half removed: made again (it holds nothing to resume)
+    wt = experiments.create(root, key, rev=rev, folder=PLACED)
+    (wt / READY).write_text(rev + "\n")
+    return wt
+
+
+def _git(wt: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=wt, capture_output=True, text=True).stdout.strip()
 
 
 def write_inputs(wt: Path, params_yaml: str, lock_yaml: str | None) -> None:
@@ -119,7 +141,8 @@ def read_lock(wt: Path) -> str | None:
 
 
 def lock_entry(wt: Path, stage: str) -> dict[str, Any]:
-    lock = yaml.safe_load(read_lock(wt) or "{}") or {}
+    """`stage`'s entry of wt/dvc.lock, read as DVC reads it (YAML 1.2)."""
+    lock = loads_yaml(read_lock(wt) or "{}") or {}
     entry = lock.get("stages", {}).get(stage)
     if entry is None:
         raise LmpipeError(f"placement: {wt}/dvc.lock has no entry for {stage} after it ran")
@@ -127,17 +150,20 @@ def lock_entry(wt: Path, stage: str) -> dict[str, Any]:
 
 
 def set_lock_entry(wt: Path, stage: str, entry: dict[str, Any]) -> None:
-    """Write another host's dvc.lock entry for `stage` into this checkout's dvc.lock (in pipeline order, as DVC
-    writes it), atomically."""
-    from lmpipe.io import atomic_path
-
-    lock = yaml.safe_load(read_lock(wt) or "{}") or {}
-    lock.setdefault("schema", "2.0")
-    stages = {**lock.get("stages", {}), stage: entry}
-    order = {s: i for i, s in enumerate(yaml.safe_load((wt / "dvc.yaml").read_text())["stages"])}
-    lock["stages"] = dict(sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order))))
-    with atomic_path(wt / "dvc.lock") as tmp:
-        tmp.write_text(yaml.safe_dump(lock, sort_keys=False))
+    """Write another host's dvc.lock entry for `stage` into this checkout's dvc.lock with DVC's own YAML round trip
+    (the other entries and their formatting stay as DVC wrote them; a new entry goes in pipeline order)."""
+    path = wt / "dvc.lock"
+    if not path.is_file():
+        path.write_text("schema: '2.0'\nstages: {}\n")
+    order = list(yaml.safe_load((wt / "dvc.yaml").read_text())["stages"])
+    with modify_yaml(str(path)) as lock:
+        stages = lock.setdefault("stages", {})
+        stages[stage] = entry
+        ranked = sorted(stages, key=lambda s: order.index(s) if s in order else len(order))
+        if list(stages) != ranked:
+            reordered = {name: stages[name] for name in ranked}
+            stages.clear()
+            stages.update(reordered)
 
 
 def up_to_date(wt: Path, stage: str) -> bool:
@@ -157,8 +183,6 @@ def push(wt: Path, stage: str, env: dict[str, str] | None = None) -> None:
 
 
 def remove(root: Path, wt: Path) -> None:
-    from lmpipe import experiments
-
     experiments.remove(root, wt)
 
 
@@ -168,8 +192,8 @@ def report(stage: str, result: dict[str, Any], entry: dict[str, Any], facts: dic
     lines = [f"# {stage}: {'ran' if result['ran'] else 'cached'} in {result['seconds']} s", "",
              "| fact | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()]
-    payload = {"result": result, "facts": facts, "lock": entry}
-    return "\n".join(lines + ["", "```json", json.dumps(payload, sort_keys=True), "```", ""])
+    payload = {"result": result, "facts": facts, "lock": entry}  # key order kept: it is dvc.lock's
+    return "\n".join(lines + ["", "```json", json.dumps(payload), "```", ""])
 
 
 def read_report(markdown: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def test_deployments_and_process_worker(tmp_path):
                                      env=prefect_env(home, api), capture_output=True, text=True, timeout=300)
                 assert res.returncode == 0, f"flows.deployments failed:\n{res.stdout}\n{res.stderr}"
             lines = res.stdout.splitlines()
-            assert len(lines) == 7, res.stdout
+            assert len(lines) == 8, res.stdout  # 2 pools, the heartbeat automation, 5 deployments
             assert any(ln.startswith("work pool gpu:") for ln in lines)
             assert any(ln.startswith("deployment lmpipe-pipeline/nightly:") and "0 2 * * *" in ln for ln in lines)
 
@@ -52,6 +52,9 @@ def test_deployments_and_process_worker(tmp_path):
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+                # registered twice, one automation, its window from params.yaml (placement.silent_after_s)
+                zombies = [a for a in client.read_automations() if a.name == "lmpipe: crash silent flow runs"]
+                assert len(zombies) == 1 and zombies[0].trigger.within.total_seconds() == 600, zombies
                 cpu, gpu = client.read_work_pool("cpu"), client.read_work_pool("gpu")
                 assert cpu.type == gpu.type == "process"
                 assert gpu.base_job_template["variables"]["properties"]["env"]["default"]["LMPIPE_DEVICE"] == "cuda"

@@ -80,7 +80,8 @@ def test_stages_run_on_their_pools_through_a_dvc_remote(tmp_path, tiny_data):
     with prefect_server(tmp_path) as (api, home):
         try:
             res = subprocess.run([sys.executable, "-m", "flows.deployments", "--workspace", "worker"], cwd=host_a,
-                                 env=prefect_env(home, api), capture_output=True, text=True, timeout=300)
+                                 env=prefect_env(home, api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30"),
+                                 capture_output=True, text=True, timeout=300)
             assert res.returncode == 0, res.stdout + res.stderr
             assert "deployment lmpipe-stage/gpu" in res.stdout, res.stdout
 
