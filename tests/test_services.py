@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from helpers import ROOT, clean_env
+from helpers import ROOT, clean_env, start, stop
 
 FREE_PORTS = ["--set", "services.postgres_port=0", "--set", "services.mlflow_port=0",
               "--set", "services.prefect_port=0"]
@@ -155,27 +155,6 @@ def test_port_in_use_is_one_line(state_dir: Path):
     assert len(err) == 1 and f"services.postgres_port: 127.0.0.1:{port} is in use" in err[0], res.stderr
 
 
-def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "w") as fh:  # the child keeps its own handle
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    """End a process this test started, and its process group (the worker's flow-run children)."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.mark.slow
 def test_two_hosts_share_services_and_a_dvc_remote(tmp_path: Path, tiny_data: Path, state_dir: Path):
     """Host A runs the pipeline and pushes; host B (a separate clone with its own DVC cache) pulls and has
@@ -247,7 +226,7 @@ def test_two_hosts_share_services_and_a_dvc_remote(tmp_path: Path, tiny_data: Pa
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout).group(1)
 
     worker_log = tmp_path / "worker-b.log"
-    worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "1",
+    worker = start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "1",
                      "--name", "host-b"], b,
                     clean_env(**prefect_env, MLFLOW_TRACKING_URI=uri, PREFECT_WORKER_QUERY_SECONDS="2"), worker_log)
     try:
@@ -263,7 +242,7 @@ def test_two_hosts_share_services_and_a_dvc_remote(tmp_path: Path, tiny_data: Pa
             assert state.is_completed(), f"{state.name}: {state.message}\n{worker_log.read_text()[-4000:]}"
             assert pc.read_flow_run(flow_run_id).work_pool_name == "cpu"
     finally:
-        _stop(worker)
+        stop(worker)
     assert "host-b" in worker_log.read_text()
 
     # the worker's execution on B is in the same server: a pipeline run of that flow run, every stage
