@@ -5,7 +5,6 @@ those services and one DVC remote."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
