@@ -44,7 +44,7 @@ from lmpipe.tracking import PARENT_ENV, git_info, setup, tracking_uri
 # imports this module, and a bad profile or sweep file is reported before they load.
 
 
-def _last_line(text: str, fallback: str) -> str:
+def error_line(text: str, fallback: str) -> str:
     """DVC's own error line (the last `ERROR:` line; DVC ends with a support footer), else the last line."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("ERROR")]
@@ -78,7 +78,7 @@ def create(root: Path, name: str, rev: str = "HEAD", folder: str = WORKTREES) ->
     res = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(wt), rev], cwd=root,
                          capture_output=True, text=True)
     if res.returncode != 0:
-        raise LmpipeError(f"git worktree add {wt}: {_last_line(res.stderr, str(res.returncode))} (is HEAD committed?)")
+        raise LmpipeError(f"git worktree add {wt}: {error_line(res.stderr, str(res.returncode))} (is HEAD committed?)")
     local = root / ".dvc" / "config.local"  # this checkout's remotes (placement pushes to the default one)
     if local.is_file():
         shutil.copy2(local, wt / ".dvc" / "config.local")
@@ -111,7 +111,7 @@ def save(wt: Path, name: str, run_env: dict[str, str]) -> None:
         res = subprocess.run([*DVC, "exp", "save", "-n", name, "--force"], cwd=wt, capture_output=True, text=True,
                              env=run_env)
     if res.returncode != 0:
-        raise LmpipeError(f"dvc exp save: {_last_line(res.stderr or res.stdout, str(res.returncode))}")
+        raise LmpipeError(f"dvc exp save: {error_line(res.stderr or res.stdout, str(res.returncode))}")
 
 
 def remove(root: Path, wt: Path) -> None:

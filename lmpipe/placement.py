@@ -60,9 +60,8 @@ def placed(params: Params, stages: list[str] | None = None) -> dict[str, str]:
 def _dvc(wt: Path, *args: str, env: dict[str, str] | None = None) -> str:
     res = subprocess.run([*DVC, *args], cwd=wt, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        lines = [ln.strip() for ln in (res.stderr + "\n" + res.stdout).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("ERROR")]
-        raise LmpipeError(f"dvc {args[0]}: {(errors or lines or [str(res.returncode)])[-1]}")
+        line = experiments.error_line(res.stderr + "\n" + res.stdout, str(res.returncode))
+        raise LmpipeError(f"dvc {args[0]}: {line}")
     return res.stdout
 
 
